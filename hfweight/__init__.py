@@ -1,0 +1,23 @@
+"""hfweight: weight what LLM training learns from — per token, per sample, per domain and per reward — in the
+Hugging Face trainers you already use."""
+
+from .config import WeightedTrainingArguments, WeightingArguments
+from .registry import (
+    register_mixture,
+    register_reward_weighting,
+    register_sample_weighting,
+    register_token_weighting,
+)
+from .trainer import WeightedTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WeightedTrainer",
+    "WeightedTrainingArguments",
+    "WeightingArguments",
+    "register_mixture",
+    "register_reward_weighting",
+    "register_sample_weighting",
+    "register_token_weighting",
+]

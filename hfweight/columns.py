@@ -1,0 +1,290 @@
+"""Weight and domain columns: validation with errors that name the row, and collation next to the model inputs.
+
+The columns (DESIGN.md): ``domain`` (str or int; the name is configurable), ``sample_weight`` (float per row),
+``token_weights`` (floats aligned with ``input_ids``) and ``ref_logps`` (reference log-probabilities aligned with
+``input_ids``; entry ``j`` scores token ``j`` given the tokens before it, entry 0 is unused).
+
+Two layers of checks:
+
+- :func:`validate_dataset` scans a map-style ``datasets.Dataset`` once, with Arrow compute (fast on millions of rows),
+  before training starts, so an error names the dataset row and the fix.
+- :class:`WeightingCollator` re-checks each batch cheaply, which is what catches bad rows of a streaming dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN
+
+# Keys under which the collator hands weighting data to the trainer; stripped before the model's forward.
+BATCH_PREFIX = "hfw_"
+BATCH_SAMPLE_WEIGHT = "hfw_sample_weight"
+BATCH_TOKEN_WEIGHTS = "hfw_token_weights"
+BATCH_REF_LOGPS = "hfw_ref_logps"
+BATCH_DOMAIN = "hfw_domain"
+
+
+class WeightColumnError(ValueError):
+    """A weight or domain column is missing, misaligned or holds a bad value."""
+
+
+@dataclass
+class ColumnSpec:
+    """Which columns the configured strategies read, and how strictly."""
+
+    sample_weight: bool = False
+    token_weights: bool = False
+    ref_logps: bool = False
+    domain: bool = False
+    domain_column: str = "domain"
+    allow_negative: bool = False
+    required: set[str] = field(default_factory=set)
+    """Columns that must be present (the others are used when present)."""
+    required_by: dict[str, str] = field(default_factory=dict)
+    """For error messages: which setting requires each required column."""
+
+    @property
+    def names(self) -> list[str]:
+        out = []
+        if self.sample_weight:
+            out.append(SAMPLE_WEIGHT_COLUMN)
+        if self.token_weights:
+            out.append(TOKEN_WEIGHTS_COLUMN)
+        if self.ref_logps:
+            out.append(REF_LOGPS_COLUMN)
+        if self.domain:
+            out.append(self.domain_column)
+        return out
+
+
+# ---- dataset-level validation ---------------------------------------------------------------------------------------
+
+
+def _first_row(mask: pa.Array | np.ndarray) -> int | None:
+    """Index of the first True in a boolean array, or None."""
+    arr = mask.to_numpy(zero_copy_only=False) if isinstance(mask, pa.Array) else mask
+    arr = np.asarray(arr, dtype=bool)
+    hits = np.flatnonzero(arr)
+    return int(hits[0]) if hits.size else None
+
+
+def _check_values(values: np.ndarray, column: str, allow_negative: bool, upper: float | None = None) -> tuple[int, str]:
+    """Return (first bad position, reason) among float values, or (-1, "")."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        return i, f"{values[i]} (NaN or inf)"
+    if not allow_negative:
+        neg = values < 0
+        if neg.any():
+            i = int(np.flatnonzero(neg)[0])
+            return i, f"{values[i]} (negative; pass allow_negative_weights=True to opt in)"
+    if upper is not None:
+        high = values > upper
+        if high.any():
+            i = int(np.flatnonzero(high)[0])
+            return i, f"{values[i]} (a log-probability must be ≤ 0)"
+    return -1, ""
+
+
+def _flat_floats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten a list<float> column; return (values, the row of each value)."""
+    arr = column.combine_chunks()
+    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.float64)
+    parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+    return values, parents
+
+
+def validate_dataset(dataset: Any, spec: ColumnSpec, input_column: str = "input_ids", batch_size: int = 65536) -> None:
+    """Scan the weight/domain columns of a map-style ``datasets.Dataset`` and raise on the first bad row.
+
+    Errors (:class:`WeightColumnError`) name the column, the dataset row and what would fix it. Streaming datasets are
+    checked batch by batch by the collator instead.
+    """
+    columns = set(dataset.column_names)
+    for name in sorted(spec.required):
+        if name not in columns:
+            raise WeightColumnError(
+                f"Column {name!r} is required by {spec.required_by.get(name, 'the weighting config')} but the training "
+                f"dataset has only {sorted(columns)}. Add the column, or change the setting."
+            )
+    checked = [name for name in spec.names if name in columns]
+    if not checked:
+        return
+    need_lengths = any(n in columns for n in (TOKEN_WEIGHTS_COLUMN, REF_LOGPS_COLUMN))
+    if need_lengths and input_column not in columns:
+        raise WeightColumnError(
+            f"Per-token columns are aligned with {input_column!r}, which the training dataset lacks; tokenize it first "
+            "(the SFT trainer does this for you)."
+        )
+    read = checked + ([input_column] if need_lengths else [])
+    offset = 0
+    for table in dataset.select_columns(read).with_format("arrow").iter(batch_size=batch_size):
+        for name in checked:
+            column = table[name]
+            nulls = _first_row(column.is_null().combine_chunks())
+            if nulls is not None:
+                raise WeightColumnError(
+                    f"Column {name!r} is missing a value (null) at row {offset + nulls}; give every row a value."
+                )
+            if name == spec.domain_column:
+                continue
+            if name == SAMPLE_WEIGHT_COLUMN:
+                values = column.combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
+                i, why = _check_values(values, name, spec.allow_negative)
+                if i >= 0:
+                    raise WeightColumnError(
+                        f"Column {name!r} has the value {why} at row {offset + i}; sample weights must be finite and "
+                        "≥ 0. Fix or drop that row."
+                    )
+                continue
+            # token_weights / ref_logps: one value per input token
+            lengths = pc.list_value_length(column.combine_chunks()).to_numpy(zero_copy_only=False)
+            expected = pc.list_value_length(table[input_column].combine_chunks()).to_numpy(zero_copy_only=False)
+            mismatch = _first_row(lengths != expected)
+            if mismatch is not None:
+                raise WeightColumnError(
+                    f"Column {name!r} has {lengths[mismatch]} entries but {input_column!r} has {expected[mismatch]} at "
+                    f"row {offset + mismatch}; per-token columns must align one-to-one with {input_column!r}."
+                )
+            values, parents = _flat_floats(column)
+            if name == REF_LOGPS_COLUMN:
+                i, why = _check_values(values, name, allow_negative=True, upper=1e-4)
+            else:
+                i, why = _check_values(values, name, spec.allow_negative)
+            if i >= 0:
+                raise WeightColumnError(
+                    f"Column {name!r} has the value {why} at row {offset + int(parents[i])}; fix or drop that row."
+                )
+        offset += table.num_rows
+
+
+# ---- domains ------------------------------------------------------------------------------------------------------
+
+
+def discover_domains(dataset: Any, column: str) -> tuple[list, torch.Tensor]:
+    """Sorted distinct domain values of a map-style dataset and their row counts.
+
+    Returns:
+        ``(values, counts)``: values as they appear in the column (str or int), sorted; counts as a float64 tensor.
+    """
+    table = dataset.select_columns([column]).with_format("arrow")[:]
+    counts = pc.value_counts(table[column].combine_chunks())
+    values = counts.field("values").to_pylist()
+    sizes = counts.field("counts").to_pylist()
+    order = sorted(range(len(values)), key=lambda i: (str(type(values[i])), values[i]))
+    return [values[i] for i in order], torch.tensor([sizes[i] for i in order], dtype=torch.float64)
+
+
+# ---- collation ----------------------------------------------------------------------------------------------------
+
+
+def _row_offsets(batch: dict, lengths: Sequence[int]) -> list[int]:
+    """Where each row's tokens start in the padded batch: 0 for right padding, T - L for left padding."""
+    width = batch["input_ids"].shape[1]
+    mask = batch.get("attention_mask")
+    offsets = []
+    for i, length in enumerate(lengths):
+        if length > width:
+            raise WeightColumnError(
+                f"Row {i} of this batch has {length} tokens but the collated batch is {width} wide: the collator "
+                "truncated it, so per-token weights would misalign. Truncate the dataset before training instead."
+            )
+        left_padded = mask is not None and length < width and int(mask[i, 0]) == 0
+        offsets.append(width - length if left_padded else 0)
+    return offsets
+
+
+def _check_tensor(values: torch.Tensor, column: str, allow_negative: bool, upper: float | None = None) -> None:
+    bad = ~torch.isfinite(values)
+    reason = "NaN or inf"
+    if not bad.any() and not allow_negative:
+        bad, reason = values < 0, "negative (pass allow_negative_weights=True to opt in)"
+    if not bad.any() and upper is not None:
+        bad, reason = values > upper, "above 0 (a log-probability must be ≤ 0)"
+    if bad.any():
+        row = int(bad.nonzero()[0][0])
+        raise WeightColumnError(f"Column {column!r} holds a value that is {reason} in row {row} of the current batch.")
+
+
+class WeightingCollator:
+    """Wraps the trainer's collator: strips the weight/domain columns from each feature, collates the rest with the
+    wrapped collator, then adds the columns back as tensors under ``hfw_*`` keys, aligned with the padded batch.
+
+    Args:
+        inner: The collator being wrapped.
+        spec: Which columns to carry.
+        domain_index: Maps each domain value to its index; an unknown value is an error naming it.
+    """
+
+    def __init__(self, inner: Callable, spec: ColumnSpec, domain_index: dict | None = None):
+        self.inner = inner
+        self.spec = spec
+        self.domain_index = domain_index or {}
+
+    def __call__(self, features: list[dict]) -> dict:
+        names = self.spec.names
+        extras = [{k: f[k] for k in names if k in f} for f in features]
+        stripped = [{k: v for k, v in f.items() if k not in names} for f in features]
+        batch = self.inner(stripped)
+        if not extras or not extras[0]:
+            return batch
+        present = set(extras[0])
+        for i, e in enumerate(extras):
+            if set(e) != present:
+                raise WeightColumnError(
+                    f"Row {i} of this batch has weight columns {sorted(e)} but row 0 has {sorted(present)}; every row "
+                    "needs the same columns."
+                )
+        if SAMPLE_WEIGHT_COLUMN in present:
+            values = torch.tensor([float(e[SAMPLE_WEIGHT_COLUMN]) for e in extras], dtype=torch.float32)
+            _check_tensor(values, SAMPLE_WEIGHT_COLUMN, self.spec.allow_negative)
+            batch[BATCH_SAMPLE_WEIGHT] = values
+        if self.spec.domain_column in present:
+            batch[BATCH_DOMAIN] = torch.tensor(
+                [self._domain(e[self.spec.domain_column]) for e in extras], dtype=torch.long
+            )
+        token_columns = [(TOKEN_WEIGHTS_COLUMN, BATCH_TOKEN_WEIGHTS), (REF_LOGPS_COLUMN, BATCH_REF_LOGPS)]
+        if any(c in present for c, _ in token_columns):
+            lengths = [len(f["input_ids"]) for f in stripped]
+            offsets = _row_offsets(batch, lengths)
+            width = batch["input_ids"].shape[1]
+            for column, key in token_columns:
+                if column not in present:
+                    continue
+                out = torch.zeros((len(features), width), dtype=torch.float32)
+                for i, (e, length, start) in enumerate(zip(extras, lengths, offsets)):
+                    row = torch.as_tensor(e[column], dtype=torch.float32)
+                    if row.numel() != length:
+                        raise WeightColumnError(
+                            f"Column {column!r} has {row.numel()} entries but 'input_ids' has {length} in row {i} of "
+                            "the current batch; per-token columns must align one-to-one with 'input_ids'."
+                        )
+                    out[i, start : start + length] = row
+                if column == REF_LOGPS_COLUMN:
+                    _check_tensor(out, column, allow_negative=True, upper=1e-4)
+                else:
+                    _check_tensor(out, column, self.spec.allow_negative)
+                batch[key] = out
+        return batch
+
+    def _domain(self, value) -> int:
+        try:
+            return self.domain_index[value]
+        except KeyError:
+            raise WeightColumnError(
+                f"Domain {value!r} in column {self.spec.domain_column!r} is not one of the known domains "
+                f"{list(self.domain_index)}; declare it (mixture_kwargs['domains']) or fix the row."
+            ) from None
+        except TypeError:
+            raise WeightColumnError(
+                f"Column {self.spec.domain_column!r} holds {value!r}; a domain must be a string or an integer."
+            ) from None

@@ -1,0 +1,208 @@
+"""Configuration: one dataclass mixin with every weighting field, shared by all four trainer configs.
+
+``WeightingArguments`` is mixed into ``transformers.TrainingArguments`` here and into TRL's ``SFTConfig``,
+``GRPOConfig`` and ``RLOOConfig`` elsewhere, so a field is declared, documented and validated exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from . import strategies  # noqa: F401  (registers the built-in strategies before validation)
+from .registry import MIXTURES, REWARD_WEIGHTINGS, SAMPLE_WEIGHTINGS, TOKEN_WEIGHTINGS
+
+LOSS_NORMALIZATIONS = ("token", "sample")
+MIXTURE_MODES = ("resample", "upweight")
+IMPLEMENTED_MIXTURE_MODES = ("upweight",)
+
+# Dataset columns the trainers understand (DESIGN.md). The domain column's name is configurable.
+SAMPLE_WEIGHT_COLUMN = "sample_weight"
+TOKEN_WEIGHTS_COLUMN = "token_weights"
+REF_LOGPS_COLUMN = "ref_logps"
+
+
+def _kwargs_dict(value: Any, name: str) -> dict:
+    """Accept a dict, a JSON string (command line) or None, like ``TrainingArguments.lr_scheduler_kwargs``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`{name}` must be a dict or a JSON object string, got {value!r}: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be a dict (or a JSON object string), got {type(value).__name__}.")
+    return dict(value)
+
+
+@dataclass
+class WeightingArguments:
+    """Weighting fields shared by ``WeightedTrainingArguments``, ``WeightedSFTConfig``, ``WeightedGRPOConfig`` and
+    ``WeightedRLOOConfig``. With every switch at its default (``None``) the trainer behaves exactly like its parent.
+    """
+
+    token_weighting: Any = field(
+        default=None,
+        metadata={
+            "help": "Per-token loss weights: None, 'static' (the `token_weights` column), 'dft', 'asft', 'focal', "
+            "'rho1', 'prior', a registered name, or a TokenWeighting object."
+        },
+    )
+    token_weighting_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the token weighting (a dict, or JSON on the CLI)."}
+    )
+    sample_weighting: Any = field(
+        default=None,
+        metadata={
+            "help": "Per-sample loss weights: None, 'static' (the `sample_weight` column), 'loss' (Sow et al. 2025), "
+            "'truncation', 'storm', a registered name, or a SampleWeighting object."
+        },
+    )
+    sample_weighting_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the sample weighting (a dict, or JSON on the CLI)."}
+    )
+    loss_normalization: str = field(
+        default="token",
+        metadata={
+            "help": "'token': Σ v w ℓ / Σ v w over all label tokens of the optimizer step (equals the Trainer's loss "
+            "when every weight is 1). 'sample': Σ v ℓ_i / Σ v with ℓ_i each sample's (weighted) token mean."
+        },
+    )
+    mixture: Any = field(
+        default=None,
+        metadata={
+            "help": "Domain mixture: None, 'static', 'temperature', 'schedule', 'doremi', 'odm', 'aioli', 'skillit', "
+            "'dga', a registered name, or a MixtureController object."
+        },
+    )
+    mixture_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the mixture, e.g. {'weights': {'code': 2, 'prose': 1}}."}
+    )
+    mixture_mode: str = field(
+        default="resample",
+        metadata={
+            "help": "How domain weights α apply: 'resample' (the sampler draws domain d with probability α_d) or "
+            "'upweight' (natural sampling, each sample's loss multiplied by α_d / q_d, q the natural mixture)."
+        },
+    )
+    domain_column: str = field(
+        default="domain", metadata={"help": "Dataset column holding each row's domain (str or int)."}
+    )
+    reference_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or hub id of a frozen reference model for reference-based strategies; 'base' uses the PEFT "
+            "base model with adapters disabled."
+        },
+    )
+    reward_weighting: Any = field(
+        default=None,
+        metadata={
+            "help": "GRPO/RLOO only. Multi-objective reward weights: None, 'static', 'popart', 'saw', 'hypervolume', "
+            "'gradient', 'constrained', a registered name, or a RewardWeighting object."
+        },
+    )
+    reward_weighting_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of the reward weighting (a dict, or JSON on the CLI)."}
+    )
+    allow_negative_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Opt in to negative `sample_weight`/`token_weights` values (unlikelihood-style training). "
+            "Without it a negative weight is an error naming the row."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_weighting()
+
+    # ---- validation -----------------------------------------------------------------------------------------------
+
+    def validate_weighting(self) -> None:
+        """Check every weighting field now, so a bad config fails before any model or data is loaded."""
+        for name in ("token_weighting", "sample_weighting", "mixture", "reward_weighting"):
+            setattr(self, f"{name}_kwargs", _kwargs_dict(getattr(self, f"{name}_kwargs"), f"{name}_kwargs"))
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"`loss_normalization={self.loss_normalization!r}` is not one of {LOSS_NORMALIZATIONS}."
+            )
+        if self.mixture_mode not in MIXTURE_MODES:
+            raise ValueError(f"`mixture_mode={self.mixture_mode!r}` is not one of {MIXTURE_MODES}.")
+        if self.mixture is not None and self.mixture_mode not in IMPLEMENTED_MIXTURE_MODES:
+            raise ValueError(
+                f"`mixture_mode={self.mixture_mode!r}` is not available yet in this version of hfweight; use "
+                f"one of {IMPLEMENTED_MIXTURE_MODES}."
+            )
+        if not isinstance(self.domain_column, str) or not self.domain_column:
+            raise ValueError("`domain_column` must be a non-empty column name.")
+        # Building each strategy once validates its name and its kwargs (e.g. a temperature ≤ 0) at config time.
+        self.build_token_weighting()
+        self.build_sample_weighting()
+        self.build_mixture()
+        self.build_reward_weighting()
+
+    def build_token_weighting(self):
+        return None if self.token_weighting is None else TOKEN_WEIGHTINGS.build(
+            self.token_weighting, self.token_weighting_kwargs
+        )
+
+    def build_sample_weighting(self):
+        return None if self.sample_weighting is None else SAMPLE_WEIGHTINGS.build(
+            self.sample_weighting, self.sample_weighting_kwargs
+        )
+
+    def build_mixture(self):
+        return None if self.mixture is None else MIXTURES.build(self.mixture, self.mixture_kwargs)
+
+    def build_reward_weighting(self):
+        return None if self.reward_weighting is None else REWARD_WEIGHTINGS.build(
+            self.reward_weighting, self.reward_weighting_kwargs
+        )
+
+    @property
+    def weighting_enabled(self) -> bool:
+        """True when any loss-side weighting switch is on (reward weighting is handled by the RL trainers)."""
+        return any(x is not None for x in (self.token_weighting, self.sample_weighting, self.mixture))
+
+    def weighting_summary(self) -> dict:
+        """The weighting configuration as plain JSON-able values (for logs and the model card)."""
+        summary = {}
+        for name in ("token_weighting", "sample_weighting", "mixture", "reward_weighting"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            summary[name] = value if isinstance(value, str) else type(value).__name__
+            if getattr(self, f"{name}_kwargs"):
+                summary[f"{name}_kwargs"] = getattr(self, f"{name}_kwargs")
+        if self.mixture is not None:
+            summary["mixture_mode"] = self.mixture_mode
+        if summary:
+            summary["loss_normalization"] = self.loss_normalization
+        if self.reference_model is not None:
+            summary["reference_model"] = self.reference_model
+        return summary
+
+    def to_dict(self):
+        # Strategy objects are not JSON-serializable; record their class names instead.
+        d = super().to_dict()
+        for name in ("token_weighting", "sample_weighting", "mixture", "reward_weighting"):
+            if d.get(name) is not None and not isinstance(d[name], str):
+                d[name] = type(d[name]).__name__
+        return d
+
+
+@dataclass
+class WeightedTrainingArguments(WeightingArguments, TrainingArguments):
+    """``transformers.TrainingArguments`` plus the weighting fields of :class:`WeightingArguments`."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_weighting is not None:
+            raise ValueError(
+                "`reward_weighting` applies to GRPO/RLOO only; use WeightedGRPOConfig or WeightedRLOOConfig."
+            )

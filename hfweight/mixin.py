@@ -1,0 +1,409 @@
+"""The one piece of Trainer glue shared by every Weighted* trainer.
+
+It owns everything a strategy must not know about: which dataset columns to keep and how to collate them, the
+optimizer-step denominator of METHODS §0 (computed once per step over all micro-batches and ranks), cross-rank
+reduction of statistics, logging through ``Trainer.log``, and checkpointing of strategy state.
+
+How a training step runs with weighting on:
+
+1. ``get_batch_samples`` (Trainer prefetches the step's micro-batches) → :meth:`_prepare_step`: per micro-batch,
+   the sample weights ``v`` and the denominator token weights ``w'`` that are known before the forward pass; their
+   sum is all-reduced into the step denominator ``Z``.
+2. ``compute_loss`` per micro-batch → per-token log-probs (fused LM head, no full-vocab fp32 logits), loss weights
+   ``w``, the local numerator ``Σ v w ℓ``; the returned loss is ``numerator / Z · W`` (``W`` cancels DDP's mean), and
+   the Trainer is told not to divide by the accumulation steps again (``loss_is_scaled_for_ga``).
+3. On the last micro-batch of the step, per-domain statistics are all-reduced once and handed to the mixture.
+
+With every weighting switch off, none of this runs: each override calls the parent unchanged (bit-for-bit parity).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .columns import (
+    BATCH_DOMAIN,
+    BATCH_PREFIX,
+    BATCH_REF_LOGPS,
+    BATCH_SAMPLE_WEIGHT,
+    BATCH_TOKEN_WEIGHTS,
+    ColumnSpec,
+    WeightingCollator,
+    discover_domains,
+    validate_dataset,
+)
+from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN
+from .loss import (
+    enable_fused_log_probs,
+    shift_token_column,
+    shifted_labels,
+    token_log_probs,
+    weighted_denominator,
+    weighted_numerator,
+)
+from .state import load_state, save_state
+from .stats import summarize_weights, weight_extremes, weight_moments
+from .strategies.base import DomainStats, SampleContext, TokenContext
+
+logger = logging.getLogger(__name__)
+
+# Keys the prepare phase adds to each micro-batch (stripped with the other hfw_* keys before the forward).
+BATCH_V = "hfw_v"
+BATCH_DEN_W = "hfw_den_w"
+
+
+def _is_map_dataset(dataset) -> bool:
+    try:
+        import datasets
+
+        return isinstance(dataset, datasets.Dataset)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+@dataclass
+class _StepPlan:
+    """What the prepare phase decided for the optimizer step in progress."""
+
+    denominator: torch.Tensor
+    """``Z``: the step's denominator summed over all micro-batches and ranks (float64 scalar)."""
+    remaining: int
+    """Micro-batches of this step not yet through ``compute_loss``."""
+    domain_sums: torch.Tensor | None
+    """Local ``[loss_sum; token_count; sample_count]`` per domain ``(3, k)``, accumulated over the micro-batches."""
+
+
+class WeightingMixin:
+    """Mix in *before* the parent trainer: ``class WeightedTrainer(WeightingMixin, Trainer)``.
+
+    Subclasses call :meth:`_setup_weighting` at the end of ``__init__``.
+    """
+
+    # ---- setup --------------------------------------------------------------------------------------------------
+
+    def _setup_weighting(self) -> None:
+        args = self.args
+        self.weighting_enabled = args.weighting_enabled
+        self._weighting_metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_plan: _StepPlan | None = None
+        self.token_weighting = self.sample_weighting = self.mixture = None
+        self.domain_names: list[str] = []
+        if not self.weighting_enabled:
+            return
+        if args.n_gpu > 1:
+            raise ValueError(
+                "Weighting does not support `nn.DataParallel` (several GPUs in one process); launch with "
+                "`accelerate launch` or `torchrun` for one process per device."
+            )
+        self.token_weighting = args.build_token_weighting()
+        self.sample_weighting = args.build_sample_weighting()
+        self.mixture = args.build_mixture()
+        self._setup_domains()
+        self._column_spec = self._build_column_spec()
+        if _is_map_dataset(self.train_dataset):
+            validate_dataset(self.train_dataset, self._column_spec)
+        domain_index = {value: i for i, value in enumerate(self._domain_values)}
+        self.data_collator = WeightingCollator(self.data_collator, self._column_spec, domain_index)
+        self._fused = enable_fused_log_probs(self.model)
+        if not self._fused:
+            logger.warning(
+                "hfweight: the model has no LM head TRL's fused kernel can drive; per-token log-probs come from the "
+                "model's logits (memory as in the parent Trainer)."
+            )
+        # Our loss is already normalized over the whole step: the Trainer must not divide it by GA again.
+        self.loss_is_scaled_for_ga = True
+
+    def _setup_domains(self) -> None:
+        """Find the domains (sorted) and their sizes; bind the mixture; compute the upweight factors α/q."""
+        column = self.args.domain_column
+        self._domain_values: list = []
+        self._domain_factor: torch.Tensor | None = None
+        sizes = None
+        if _is_map_dataset(self.train_dataset) and column in self.train_dataset.column_names:
+            self._domain_values, sizes = discover_domains(self.train_dataset, column)
+        elif self.mixture is not None:
+            declared = (self.args.mixture_kwargs or {}).get("domains")
+            if not declared:
+                raise ValueError(
+                    f"mixture={self.args.mixture!r} needs the training dataset's domain column {column!r}; the dataset "
+                    "has no such column. Add it, set `domain_column`, or list the domains in mixture_kwargs['domains']."
+                )
+            self._domain_values = sorted(declared)
+        self.domain_names = [str(v) for v in self._domain_values]
+        if self.mixture is None:
+            return
+        self.mixture.bind(self.domain_names, sizes)
+        if self.args.mixture_mode == "upweight":
+            if sizes is None:
+                raise ValueError(
+                    "mixture_mode='upweight' needs the natural domain mixture q, read from a map-style dataset's "
+                    "domain column; for a streaming dataset use mixture_mode='resample'."
+                )
+            self._natural_mixture = sizes / sizes.sum()
+
+    def _build_column_spec(self) -> ColumnSpec:
+        spec = ColumnSpec(domain_column=self.args.domain_column, allow_negative=self.args.allow_negative_weights)
+        spec.sample_weight = self.sample_weighting is not None
+        spec.token_weights = self.token_weighting is not None
+        spec.ref_logps = getattr(self.token_weighting, "needs_reference", False)
+        spec.domain = bool(self._domain_values)
+        if getattr(self.sample_weighting, "column_required", False):
+            spec.required.add(SAMPLE_WEIGHT_COLUMN)
+            spec.required_by[SAMPLE_WEIGHT_COLUMN] = f"sample_weighting={self.args.sample_weighting!r}"
+        if getattr(self.token_weighting, "column_required", False):
+            spec.required.add(TOKEN_WEIGHTS_COLUMN)
+            spec.required_by[TOKEN_WEIGHTS_COLUMN] = f"token_weighting={self.args.token_weighting!r}"
+        if spec.ref_logps and self.args.reference_model is None:
+            spec.required.add(REF_LOGPS_COLUMN)
+            spec.required_by[REF_LOGPS_COLUMN] = (
+                f"token_weighting={self.args.token_weighting!r} without a `reference_model`"
+            )
+        if self.mixture is not None:
+            spec.required.add(self.args.domain_column)
+            spec.required_by[self.args.domain_column] = f"mixture={self.args.mixture!r}"
+        return spec
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "weighting_enabled", False):
+            for name in self._column_spec.names:
+                if name not in self._signature_columns:
+                    self._signature_columns.append(name)
+
+    # ---- distributed helpers --------------------------------------------------------------------------------------
+
+    def _data_parallel_size(self) -> int:
+        """Processes whose gradients DDP/ZeRO/FSDP average (replicated TP ranks don't count, as in Trainer)."""
+        return self.accelerator.num_processes // self.get_tp_size()
+
+    def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        tensor = tensor.to(self.args.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    # ---- step preparation (before any backward of the step) ---------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.weighting_enabled and batch_samples:
+            self._prepare_step(batch_samples)
+        return batch_samples, num_items_in_batch
+
+    def _prepare_step(self, batch_samples: list[dict]) -> None:
+        """Compute each micro-batch's pre-forward weights and the step denominator ``Z`` (METHODS §0, items 1–5)."""
+        normalization = self.args.loss_normalization
+        local_den = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        moments = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        extremes = []
+        for batch in batch_samples:
+            if "shift_labels" in batch:
+                raise ValueError(
+                    "Weighted losses do not support pre-shifted labels (`shift_labels`, used by context/sequence "
+                    "parallelism) yet."
+                )
+            mask = shifted_labels(batch) != -100
+            v = self._sample_weights(batch)
+            den_w = None
+            if self.token_weighting is not None:
+                ctx = self._token_context(batch, mask)
+                den_w = self._checked(self.token_weighting.denominator_weights(ctx), "token denominator weights")
+            batch[BATCH_V], batch[BATCH_DEN_W] = v, den_w
+            local_den = local_den + weighted_denominator(mask, den_w, v, normalization).to(local_den.device)
+            v_eff = torch.ones(mask.shape[0], dtype=torch.float64) if v is None else v
+            moments += weight_moments(v_eff).to(moments.device)
+            extremes.append(weight_extremes(v_eff).to(moments.device))
+        local = torch.cat([local_den.view(1) / self._replica_factor(), moments])
+        reduced = self._all_reduce(local)
+        extremes = self._all_reduce(torch.stack(extremes).amax(dim=0), op=dist.ReduceOp.MAX)
+        k = len(self.domain_names)
+        self._step_plan = _StepPlan(
+            denominator=reduced[0],
+            remaining=len(batch_samples),
+            domain_sums=torch.zeros((3, k), dtype=torch.float64, device=self.args.device) if k else None,
+        )
+        for key, value in summarize_weights(reduced[1:], extremes).items():
+            self._weighting_metrics[f"weights/{key}"].append(value)
+        if float(reduced[0]) == 0.0:
+            logger.warning(
+                "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
+                self.state.global_step + 1,
+            )
+
+    def _replica_factor(self) -> int:
+        """Ranks that see the same batch (tensor/context/sequence parallel), as in ``Trainer._get_num_items_in_batch``."""
+        return self.get_tp_size() * self.get_cp_size() * self.get_sp_size()
+
+    def _sample_weights(self, batch: dict) -> torch.Tensor | None:
+        """``v_i`` known before the forward: the sample strategy's weights times the domain upweight factor."""
+        v = None
+        if self.sample_weighting is not None:
+            ctx = SampleContext(
+                column=batch.get(BATCH_SAMPLE_WEIGHT), domains=batch.get(BATCH_DOMAIN), step=self.state.global_step
+            )
+            v = self._checked(self.sample_weighting.weights(ctx), "sample weights")
+        if self.mixture is not None and self.args.mixture_mode == "upweight":
+            factor = (self.mixture.probabilities() / self._natural_mixture).to(torch.float32)
+            domains = batch[BATCH_DOMAIN]
+            domain_v = factor.to(domains.device)[domains]
+            v = domain_v if v is None else v.to(domain_v.dtype) * domain_v
+        return v
+
+    def _token_context(self, batch: dict, mask: torch.Tensor, logps: torch.Tensor | None = None) -> TokenContext:
+        return TokenContext(
+            mask=mask,
+            column=shift_token_column(batch.get(BATCH_TOKEN_WEIGHTS)),
+            ref_logps=shift_token_column(batch.get(BATCH_REF_LOGPS)),
+            logps=logps,
+        )
+
+    @staticmethod
+    def _checked(weights: torch.Tensor | None, what: str) -> torch.Tensor | None:
+        """Strategies must never hand NaN/inf weights to the loss: fail loudly instead of training on garbage."""
+        if weights is not None and not torch.isfinite(weights).all():
+            raise FloatingPointError(f"hfweight: the {what} contain NaN or inf; refusing to train on them.")
+        return weights
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.weighting_enabled:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        extras = {k: inputs[k] for k in list(inputs) if k.startswith(BATCH_PREFIX)}
+        model_inputs = {k: v for k, v in inputs.items() if not k.startswith(BATCH_PREFIX)}
+        if BATCH_V not in extras or not model.training or self._step_plan is None:
+            # Evaluation and prediction: the plain, unweighted loss of the parent, so held-out numbers compare.
+            return super().compute_loss(
+                model, model_inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss = self._weighted_loss(model, model_inputs, extras)
+        return (loss, None) if return_outputs else loss
+
+    def _weighted_loss(self, model, inputs: dict, extras: dict) -> torch.Tensor:
+        plan = self._step_plan
+        logps, mask = token_log_probs(model, inputs, self._fused)
+        token_loss = -logps
+        den_w = extras.get(BATCH_DEN_W)
+        loss_w = None
+        if self.token_weighting is not None:
+            ctx = self._token_context(extras, mask, logps.detach())
+            loss_w = self._checked(self.token_weighting.loss_weights(ctx), "token loss weights")
+        v = extras.get(BATCH_V)
+        numerator, _ = weighted_numerator(token_loss, mask, loss_w, den_w, v, self.args.loss_normalization)
+        z = plan.denominator.to(numerator.device, numerator.dtype)
+        if float(z) == 0.0:
+            loss = numerator * 0.0
+        else:
+            loss = numerator / z * self._data_parallel_size()
+        self._accumulate_domain_stats(plan, extras, token_loss.detach(), mask)
+        plan.remaining -= 1
+        if plan.remaining == 0:
+            self._finish_step(plan)
+        return loss
+
+    # ---- per-step statistics ---------------------------------------------------------------------------------------
+
+    def _accumulate_domain_stats(self, plan: _StepPlan, extras: dict, token_loss: torch.Tensor, mask) -> None:
+        domains = extras.get(BATCH_DOMAIN)
+        if plan.domain_sums is None or domains is None:
+            return
+        domains = domains.to(plan.domain_sums.device)
+        per_sample = torch.stack(
+            [(token_loss * mask).sum(dim=1), mask.sum(dim=1), torch.ones(mask.shape[0], device=mask.device)]
+        ).to(plan.domain_sums)
+        plan.domain_sums.index_add_(1, domains, per_sample)
+
+    def _finish_step(self, plan: _StepPlan) -> None:
+        """Once per optimizer step, on every rank: all-reduce the per-domain sums, log them, feed the mixture."""
+        if plan.domain_sums is None:
+            return
+        sums = self._all_reduce(plan.domain_sums)
+        stats = DomainStats(loss_sum=sums[0], token_count=sums[1], sample_count=sums[2], step=self.state.global_step)
+        for name, value in zip(self.domain_names, stats.mean_loss.tolist()):
+            if not math.isnan(value):
+                self._weighting_metrics[f"domain_loss/{name}"].append(value)
+        observe = getattr(self.mixture, "observe", None)
+        if observe is not None:
+            observe(stats)
+
+    # ---- logging ----------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if getattr(self, "weighting_enabled", False) and self._weighting_metrics and "loss" in logs:
+            for key, values in self._weighting_metrics.items():
+                if key.endswith("/min"):
+                    logs[key] = min(values)
+                elif key.endswith("/max"):
+                    logs[key] = max(values)
+                else:
+                    logs[key] = sum(values) / len(values)
+            self._weighting_metrics.clear()
+            if self.mixture is not None:
+                for name, p in zip(self.domain_names, self.mixture.probabilities().tolist()):
+                    logs[f"mixture/{name}"] = p
+        super().log(logs, *args, **kwargs)
+
+    # ---- checkpointing ----------------------------------------------------------------------------------------------
+
+    def _stateful_parts(self) -> dict:
+        return {"token_weighting": self.token_weighting, "sample_weighting": self.sample_weighting, "mixture": self.mixture}
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if getattr(self, "weighting_enabled", False):
+            save_state(
+                output_dir,
+                self._stateful_parts(),
+                {"domain_names": self.domain_names},
+                self.args.process_index,
+                self.args.world_size,
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not getattr(self, "weighting_enabled", False):
+            return
+        extra = load_state(checkpoint, self._stateful_parts(), self.args.process_index)
+        if extra and extra.get("domain_names") not in (None, self.domain_names):
+            raise ValueError(
+                f"The checkpoint {checkpoint} was trained on domains {extra['domain_names']} but this run has "
+                f"{self.domain_names}; resume with the same dataset."
+            )
+
+    # ---- end of training ----------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if getattr(self, "weighting_enabled", False) and self.args.should_save:
+            self.save_weighting_artifacts(self.args.output_dir)
+        return output
+
+    def save_weighting_artifacts(self, output_dir: str) -> dict[str, str]:
+        """Write the weighting summary (JSON), the final mixture (JSON loadable by ``mixture='static'``) and a plot
+        of the logged weights to ``output_dir``; return the paths written."""
+        from .plots import plot_weighting_history
+
+        os.makedirs(output_dir, exist_ok=True)
+        paths = {}
+        summary = {"config": self.args.weighting_summary(), "domains": self.domain_names}
+        if self.mixture is not None:
+            weights = dict(zip(self.domain_names, self.mixture.probabilities().tolist()))
+            summary["final_mixture"] = weights
+            paths["mixture"] = os.path.join(output_dir, "mixture_weights.json")
+            with open(paths["mixture"], "w") as f:
+                json.dump({"weights": weights}, f, indent=2)
+        paths["summary"] = os.path.join(output_dir, "weighting_summary.json")
+        with open(paths["summary"], "w") as f:
+            json.dump(summary, f, indent=2)
+        plot = plot_weighting_history(self.state.log_history, os.path.join(output_dir, "weighting.png"))
+        if plot is not None:
+            paths["plot"] = plot
+        return paths

@@ -1,0 +1,22 @@
+"""Weighting strategies; importing this package registers every built-in strategy."""
+
+from . import mixture, sample, token  # noqa: F401  (registration side effects)
+from .base import (
+    DomainStats,
+    MixtureController,
+    SampleContext,
+    SampleWeighting,
+    Stateful,
+    TokenContext,
+    TokenWeighting,
+)
+
+__all__ = [
+    "DomainStats",
+    "MixtureController",
+    "SampleContext",
+    "SampleWeighting",
+    "Stateful",
+    "TokenContext",
+    "TokenWeighting",
+]

@@ -1,0 +1,137 @@
+"""The small interfaces every strategy implements.
+
+Strategies are pure functions of tensors plus explicit state: they never see a Trainer, a DataLoader or a process
+group. The Trainer glue in :mod:`hfweight.mixin` builds the contexts below, calls the strategies, and takes care of
+normalization (METHODS §0), cross-rank reduction and checkpointing.
+
+Every per-token tensor is *aligned with the shifted labels*: shape ``(batch, seq_len - 1)``, entry ``[i, t]`` belongs to
+the prediction of token ``t + 1`` of row ``i``. Per-token dataset columns are aligned with ``input_ids`` and shifted
+by the glue before a strategy sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class Stateful:
+    """Anything whose state must survive a checkpoint/resume round trip.
+
+    The default is stateless. Override both methods together; ``load_state_dict(state_dict())`` must restore the
+    object exactly, so a resumed run continues as if never interrupted.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+@dataclass
+class TokenContext:
+    """What a token strategy may look at for one micro-batch (shapes ``(B, T-1)``)."""
+
+    mask: torch.Tensor
+    """True where the shifted label is a real target (not -100, padding or a packed-sequence boundary)."""
+    column: torch.Tensor | None = None
+    """Static per-token weights from the dataset column, if the dataset has one."""
+    ref_logps: torch.Tensor | None = None
+    """Reference-model log-probabilities of the labels, if a reference is configured."""
+    logps: torch.Tensor | None = None
+    """Current model's log-probabilities of the labels (detached). ``None`` before the forward pass."""
+
+
+class TokenWeighting(Stateful):
+    """Per-token weights ``w_t``.
+
+    Two roles, because some methods reweight the loss without renormalizing it (DFT divides by the token count):
+
+    - :meth:`denominator_weights` enter the step's normalizer ``Σ v_i w_t`` (METHODS §0). They must be computable
+      *before* the forward pass (from the mask, static columns and reference scores) unless
+      ``denominator_needs_logps`` is True.
+    - :meth:`loss_weights` multiply each token's loss in the numerator; they may use the current log-probabilities.
+    """
+
+    name: str = ""
+    column_required: bool = False
+    """Whether the strategy cannot run without the dataset's ``token_weights`` column."""
+    needs_reference: bool = False
+    """Whether the strategy needs reference log-probabilities (``ctx.ref_logps``)."""
+    denominator_needs_logps: bool = False
+    """Whether :meth:`denominator_weights` depends on the current model (e.g. a top-k selection on excess loss)."""
+
+    def denominator_weights(self, ctx: TokenContext) -> torch.Tensor | None:
+        """Weights in the normalizer; ``None`` means 1 on every valid token."""
+        return ctx.column
+
+    def loss_weights(self, ctx: TokenContext) -> torch.Tensor | None:
+        """Weights on each token's loss; ``None`` means the same as :meth:`denominator_weights`."""
+        return self.denominator_weights(ctx)
+
+
+@dataclass
+class SampleContext:
+    """What a sample strategy may look at: one entry per sample of the set being weighted."""
+
+    column: torch.Tensor | None = None
+    """Static per-sample weights from the dataset column, if present."""
+    losses: torch.Tensor | None = None
+    """Per-sample mean token losses of the current model (detached), when the strategy asked for them."""
+    domains: torch.Tensor | None = None
+    """Domain index of each sample, when the dataset has a domain column."""
+    step: int = 0
+    """Optimizer steps completed so far."""
+
+
+class SampleWeighting(Stateful):
+    """Per-sample weights ``v_i``."""
+
+    name: str = ""
+    column_required: bool = False
+    """Whether the strategy cannot run without the dataset's ``sample_weight`` column."""
+    needs_losses: bool = False
+    """Whether :meth:`weights` needs ``ctx.losses`` (then the glue provides them over the global batch)."""
+
+    def weights(self, ctx: SampleContext) -> torch.Tensor | None:
+        """Weights of the samples in ``ctx``; ``None`` means all ones."""
+        return ctx.column
+
+
+class MixtureController(Stateful):
+    """Domain probabilities ``α`` over ``k`` domains, applied by resampling or by loss upweighting."""
+
+    name: str = ""
+    domain_names: list[str]
+
+    def bind(self, domain_names: list[str], domain_sizes: torch.Tensor | None = None) -> None:
+        """Called once by the glue with the dataset's domains (sorted) and their row counts."""
+        self.domain_names = list(domain_names)
+
+    def probabilities(self) -> torch.Tensor:
+        """Current mixture ``α`` as a float64 tensor ``(k,)`` summing to 1."""
+        raise NotImplementedError
+
+
+@dataclass
+class DomainStats:
+    """Per-domain statistics of one optimizer step, already summed over all micro-batches and ranks."""
+
+    loss_sum: torch.Tensor
+    """Sum of token losses per domain ``(k,)``."""
+    token_count: torch.Tensor
+    """Number of valid tokens per domain ``(k,)``."""
+    sample_count: torch.Tensor
+    """Number of samples per domain ``(k,)``."""
+    step: int = 0
+
+    @property
+    def mean_loss(self) -> torch.Tensor:
+        """Token-mean loss per domain; NaN for a domain absent from the step."""
+        return torch.where(
+            self.token_count > 0,
+            self.loss_sum / self.token_count.clamp(min=1),
+            torch.full_like(self.loss_sum, float("nan")),
+        )

@@ -1,0 +1,31 @@
+"""``WeightedTrainer``: ``transformers.Trainer`` with the weighting pipeline."""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from .config import WeightedTrainingArguments
+from .mixin import WeightingMixin
+
+
+class WeightedTrainer(WeightingMixin, Trainer):
+    """Drop-in for ``transformers.Trainer``. Takes ``WeightedTrainingArguments``; with every weighting field at its
+    default it is exactly the parent (same loss and gradients, bit for bit).
+
+    Example::
+
+        args = WeightedTrainingArguments(output_dir="out", sample_weighting="static", loss_normalization="token")
+        trainer = WeightedTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+        trainer.train()
+    """
+
+    def __init__(self, model=None, args: WeightedTrainingArguments | None = None, *posargs, **kwargs):
+        if args is None:
+            args = WeightedTrainingArguments(output_dir="trainer_output")
+        if not hasattr(args, "weighting_enabled"):
+            raise TypeError(
+                f"WeightedTrainer needs WeightedTrainingArguments, got {type(args).__name__}; the weighting fields live "
+                "there."
+            )
+        super().__init__(model, args, *posargs, **kwargs)
+        self._setup_weighting()
