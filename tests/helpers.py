@@ -1,0 +1,120 @@
+"""Shared fixtures for the tests: a tiny Llama, a toy dataset with weight columns, a padding collator.
+
+Kept independent of the built-in corpus so the core tests run in seconds and also inside 2-rank worker scripts.
+"""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+VOCAB = 64
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def toy_rows(n: int = 32, seed: int = 0, empty_rows: tuple[int, ...] = ()) -> list[dict]:
+    """Variable-length rows (4–19 tokens) with `sample_weight`, `token_weights` and a 3-valued `domain`.
+
+    Rows listed in `empty_rows` have every label ignored (-100).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(4, 20, (1,), generator=g))
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        labels = [-100] * length if i in empty_rows else list(ids)
+        if i not in empty_rows and i % 4 == 1:  # a masked prompt, like completion-only training
+            labels[: length // 2] = [-100] * (length // 2)
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "sample_weight": float(torch.rand((), generator=g) * 2),
+                "token_weights": (torch.rand(length, generator=g) * 2).tolist(),
+                "domain": ["code", "prose", "math"][i % 3],
+            }
+        )
+    return rows
+
+
+def toy_dataset(n: int = 32, seed: int = 0, empty_rows: tuple[int, ...] = ()) -> datasets.Dataset:
+    return datasets.Dataset.from_list(toy_rows(n, seed, empty_rows))
+
+
+def pad_collate(features: list[dict]) -> dict:
+    """Right-pad `input_ids` (pad 0), `labels` (-100) and build `attention_mask`."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(features), width, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def training_args(output_dir: str, **overrides) -> dict:
+    """Deterministic CPU arguments shared by parity/invariance tests."""
+    args = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return args
+
+
+class GradientCapture(TrainerCallback):
+    """Copies every parameter's gradient just before each optimizer step (after accumulation and DDP reduction)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.steps: list[dict] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.steps.append(
+            {k: p.grad.detach().clone() for k, p in self.model.named_parameters() if p.grad is not None}
+        )
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    """max over parameters of ‖a − b‖ / ‖b‖ (0 when both are zero)."""
+    worst = 0.0
+    for k in b:
+        denom = b[k].norm().item()
+        diff = (a[k] - b[k]).norm().item()
+        worst = max(worst, diff / denom if denom > 0 else diff)
+    return worst

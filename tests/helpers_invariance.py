@@ -1,0 +1,45 @@
+"""One optimizer step under a weighting configuration, for the GA/rank invariance check of METHODS §0."""
+
+from __future__ import annotations
+
+from helpers import GradientCapture, pad_collate, tiny_model, toy_dataset, training_args
+
+from hfweight import WeightedTrainer, WeightedTrainingArguments
+
+# 8 rows = one optimizer step at (8, 1, 1), (2, 4, 1) and (4, 1, 2). Rows 0 and 1 have every label ignored, so the
+# first micro-batch at (2, 4, 1) has no valid token at all.
+EMPTY_ROWS = (0, 1)
+
+CONFIGS = {
+    "token_static/token": dict(token_weighting="static"),
+    "token_static/sample": dict(token_weighting="static", loss_normalization="sample"),
+    "sample_static/token": dict(sample_weighting="static"),
+    "sample_static/sample": dict(sample_weighting="static", loss_normalization="sample"),
+    "both_static/token": dict(token_weighting="static", sample_weighting="static"),
+    "both_static/sample": dict(token_weighting="static", sample_weighting="static", loss_normalization="sample"),
+    "domain_upweight+sample/token": dict(
+        sample_weighting="static",
+        mixture="static",
+        mixture_mode="upweight",
+        mixture_kwargs={"weights": {"code": 0.6, "prose": 0.3, "math": 0.1}},
+    ),
+}
+
+
+def one_step_gradients(config: dict, batch: int, ga: int, output_dir: str) -> dict:
+    """Gradients of the one optimizer step over the 8 invariance rows, as the optimizer sees them."""
+    model = tiny_model()
+    capture = GradientCapture(model)
+    args = WeightedTrainingArguments(
+        **training_args(output_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=ga), **config
+    )
+    trainer = WeightedTrainer(
+        model=model,
+        args=args,
+        train_dataset=toy_dataset(8, empty_rows=EMPTY_ROWS),
+        data_collator=pad_collate,
+        callbacks=[capture],
+    )
+    trainer.train()
+    assert len(capture.steps) == 1
+    return capture.steps[0]
