@@ -133,11 +133,6 @@ class WeightingArguments:
             )
         if self.mixture_mode not in MIXTURE_MODES:
             raise ValueError(f"`mixture_mode={self.mixture_mode!r}` is not one of {MIXTURE_MODES}.")
-        if self.mixture is not None and self.mixture_mode not in IMPLEMENTED_MIXTURE_MODES:
-            raise ValueError(
-                f"`mixture_mode={self.mixture_mode!r}` is not available yet in this version of hfweight; use "
-                f"one of {IMPLEMENTED_MIXTURE_MODES}."
-            )
         if not isinstance(self.domain_column, str) or not self.domain_column:
             raise ValueError("`domain_column` must be a non-empty column name.")
         # Building each strategy once validates its name and its kwargs (e.g. a temperature ≤ 0) at config time.
@@ -145,6 +140,11 @@ class WeightingArguments:
         self.build_sample_weighting()
         self.build_mixture()
         self.build_reward_weighting()
+        if self.mixture is not None and self.mixture_mode not in IMPLEMENTED_MIXTURE_MODES:
+            raise ValueError(
+                f"`mixture_mode={self.mixture_mode!r}` is not available yet in this version of hfweight; use "
+                f"one of {IMPLEMENTED_MIXTURE_MODES}."
+            )
 
     def build_token_weighting(self):
         return None if self.token_weighting is None else TOKEN_WEIGHTINGS.build(
