@@ -43,9 +43,12 @@ def _kwargs_dict(value: Any, name: str) -> dict:
 class WeightingArguments:
     """Weighting fields shared by ``WeightedTrainingArguments``, ``WeightedSFTConfig``, ``WeightedGRPOConfig`` and
     ``WeightedRLOOConfig``. With every switch at its default (``None``) the trainer behaves exactly like its parent.
+
+    The four strategy fields are typed ``str | None`` for the command line and YAML; from Python they also accept a
+    strategy object (an instance of a class from :mod:`hfweight.strategies.base`), used as is.
     """
 
-    token_weighting: Any = field(
+    token_weighting: str | None = field(
         default=None,
         metadata={
             "help": "Per-token loss weights: None, 'static' (the `token_weights` column), 'dft', 'asft', 'focal', "
@@ -55,7 +58,7 @@ class WeightingArguments:
     token_weighting_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Keyword arguments of the token weighting (a dict, or JSON on the CLI)."}
     )
-    sample_weighting: Any = field(
+    sample_weighting: str | None = field(
         default=None,
         metadata={
             "help": "Per-sample loss weights: None, 'static' (the `sample_weight` column), 'loss' (Sow et al. 2025), "
@@ -72,7 +75,7 @@ class WeightingArguments:
             "when every weight is 1). 'sample': Σ v ℓ_i / Σ v with ℓ_i each sample's (weighted) token mean."
         },
     )
-    mixture: Any = field(
+    mixture: str | None = field(
         default=None,
         metadata={
             "help": "Domain mixture: None, 'static', 'temperature', 'schedule', 'doremi', 'odm', 'aioli', 'skillit', "
@@ -99,7 +102,7 @@ class WeightingArguments:
             "base model with adapters disabled."
         },
     )
-    reward_weighting: Any = field(
+    reward_weighting: str | None = field(
         default=None,
         metadata={
             "help": "GRPO/RLOO only. Multi-objective reward weights: None, 'static', 'popart', 'saw', 'hypervolume', "

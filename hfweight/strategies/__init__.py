@@ -4,6 +4,7 @@ from . import mixture, sample, token  # noqa: F401  (registration side effects)
 from .base import (
     DomainStats,
     MixtureController,
+    RewardWeighting,
     SampleContext,
     SampleWeighting,
     Stateful,
@@ -14,6 +15,7 @@ from .base import (
 __all__ = [
     "DomainStats",
     "MixtureController",
+    "RewardWeighting",
     "SampleContext",
     "SampleWeighting",
     "Stateful",

@@ -114,6 +114,20 @@ class MixtureController(Stateful):
         """Current mixture ``α`` as a float64 tensor ``(k,)`` summing to 1."""
         raise NotImplementedError
 
+    needs_reference: bool = False
+    """Whether :meth:`observe` needs ``stats.excess_sum`` (per-token losses of a reference model)."""
+    needs_eval: bool = False
+    """Whether the controller learns from per-domain held-out losses (:meth:`observe_eval`)."""
+
+    def observe(self, stats: DomainStats) -> None:
+        """Called once per optimizer step, on every rank, with the step's all-reduced per-domain statistics.
+
+        Update the mixture here. Every rank receives identical numbers and must compute the identical update.
+        """
+
+    def observe_eval(self, losses: torch.Tensor, step: int) -> None:
+        """Called with per-domain held-out losses ``(k,)`` (NaN for a domain without held-out rows)."""
+
 
 @dataclass
 class DomainStats:
@@ -126,6 +140,9 @@ class DomainStats:
     sample_count: torch.Tensor
     """Number of samples per domain ``(k,)``."""
     step: int = 0
+    """Optimizer steps completed before this one."""
+    excess_sum: torch.Tensor | None = None
+    """Sum over tokens of ``max(ℓ_t − ℓ_ref,t, 0)`` per domain (DoReMi), when a reference is available."""
 
     @property
     def mean_loss(self) -> torch.Tensor:
@@ -135,3 +152,19 @@ class DomainStats:
             self.loss_sum / self.token_count.clamp(min=1),
             torch.full_like(self.loss_sum, float("nan")),
         )
+
+
+class RewardWeighting(Stateful):
+    """Weights ``(K,)`` over the K reward functions of GRPO/RLOO, recomputed once per generation batch."""
+
+    name: str = ""
+
+    def bind(self, reward_names: list[str], initial_weights: torch.Tensor) -> None:
+        """Called once with the reward functions' names and the config's static ``reward_weights``."""
+        self.reward_names = list(reward_names)
+        self.initial_weights = initial_weights.double()
+
+    def weights(self, rewards: torch.Tensor, step: int) -> torch.Tensor:
+        """Weights for the rewards ``(N, K)`` of this generation batch (gathered over all ranks; NaN where a reward
+        function returned None). Must be a pure function of its inputs and the object's state, so every rank agrees."""
+        raise NotImplementedError
