@@ -8,11 +8,14 @@ from .registry import (
     register_sample_weighting,
     register_token_weighting,
 )
+from .sft import WeightedSFTConfig, WeightedSFTTrainer
 from .trainer import WeightedTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "WeightedSFTConfig",
+    "WeightedSFTTrainer",
     "WeightedTrainer",
     "WeightedTrainingArguments",
     "WeightingArguments",

@@ -138,12 +138,16 @@ def validate_dataset(dataset: Any, spec: ColumnSpec, input_column: str = "input_
             if name == spec.domain_column:
                 continue
             if name == SAMPLE_WEIGHT_COLUMN:
-                values = column.combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
+                if pa.types.is_list(column.type):  # expanded to one value per token for packing
+                    values, rows = _flat_floats(column)
+                else:
+                    values = column.combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
+                    rows = np.arange(len(values))
                 i, why = _check_values(values, name, spec.allow_negative)
                 if i >= 0:
                     raise WeightColumnError(
-                        f"Column {name!r} has the value {why} at row {offset + i}; sample weights must be finite and "
-                        "≥ 0. Fix or drop that row."
+                        f"Column {name!r} has the value {why} at row {offset + int(rows[i])}; sample weights must be "
+                        "finite and ≥ 0. Fix or drop that row."
                     )
                 continue
             # token_weights / ref_logps: one value per input token
@@ -187,11 +191,21 @@ def discover_domains(dataset: Any, column: str) -> tuple[list, torch.Tensor]:
 # ---- collation ----------------------------------------------------------------------------------------------------
 
 
-def _row_offsets(batch: dict, lengths: Sequence[int]) -> list[int]:
-    """Where each row's tokens start in the padded batch: 0 for right padding, T - L for left padding."""
-    width = batch["input_ids"].shape[1]
+def _placement(batch: dict, lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of each example's tokens in the collated batch.
+
+    Padded batches: one example per row, starting at 0 (right padding) or at ``T − L`` (left padding, read from the
+    attention mask). Padding-free batches (TRL's ``padding_free``/packing: every example concatenated into one row):
+    consecutive runs of one row.
+    """
+    rows, width = batch["input_ids"].shape
+    if rows == 1 and len(lengths) > 1:
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        if starts[-1] + lengths[-1] > width:
+            raise WeightColumnError("The padding-free batch is shorter than its examples; per-token weights would misalign.")
+        return [(0, start, length) for start, length in zip(starts, lengths)]
     mask = batch.get("attention_mask")
-    offsets = []
+    placement = []
     for i, length in enumerate(lengths):
         if length > width:
             raise WeightColumnError(
@@ -199,8 +213,8 @@ def _row_offsets(batch: dict, lengths: Sequence[int]) -> list[int]:
                 "truncated it, so per-token weights would misalign. Truncate the dataset before training instead."
             )
         left_padded = mask is not None and length < width and int(mask[i, 0]) == 0
-        offsets.append(width - length if left_padded else 0)
-    return offsets
+        placement.append((i, width - length if left_padded else 0, length))
+    return placement
 
 
 def _check_tensor(values: torch.Tensor, column: str, allow_negative: bool, upper: float | None = None) -> None:
@@ -244,37 +258,48 @@ class WeightingCollator:
                     f"Row {i} of this batch has weight columns {sorted(e)} but row 0 has {sorted(present)}; every row "
                     "needs the same columns."
                 )
-        if SAMPLE_WEIGHT_COLUMN in present:
-            values = torch.tensor([float(e[SAMPLE_WEIGHT_COLUMN]) for e in extras], dtype=torch.float32)
-            _check_tensor(values, SAMPLE_WEIGHT_COLUMN, self.spec.allow_negative)
-            batch[BATCH_SAMPLE_WEIGHT] = values
-        if self.spec.domain_column in present:
-            batch[BATCH_DOMAIN] = torch.tensor(
-                [self._domain(e[self.spec.domain_column]) for e in extras], dtype=torch.long
-            )
-        token_columns = [(TOKEN_WEIGHTS_COLUMN, BATCH_TOKEN_WEIGHTS), (REF_LOGPS_COLUMN, BATCH_REF_LOGPS)]
-        if any(c in present for c, _ in token_columns):
-            lengths = [len(f["input_ids"]) for f in stripped]
-            offsets = _row_offsets(batch, lengths)
-            width = batch["input_ids"].shape[1]
-            for column, key in token_columns:
-                if column not in present:
-                    continue
-                out = torch.zeros((len(features), width), dtype=torch.float32)
-                for i, (e, length, start) in enumerate(zip(extras, lengths, offsets)):
-                    row = torch.as_tensor(e[column], dtype=torch.float32)
-                    if row.numel() != length:
-                        raise WeightColumnError(
-                            f"Column {column!r} has {row.numel()} entries but 'input_ids' has {length} in row {i} of "
-                            "the current batch; per-token columns must align one-to-one with 'input_ids'."
-                        )
-                    out[i, start : start + length] = row
-                if column == REF_LOGPS_COLUMN:
-                    _check_tensor(out, column, allow_negative=True, upper=1e-4)
-                else:
-                    _check_tensor(out, column, self.spec.allow_negative)
-                batch[key] = out
+        placement = None  # computed on first use: where each row's tokens sit in the collated batch
+        for column, key in self._columns():
+            if column not in present:
+                continue
+            values = [e[column] for e in extras]
+            if isinstance(values[0], (list, tuple)):
+                if placement is None:
+                    placement = _placement(batch, [len(f["input_ids"]) for f in stripped])
+                out = self._per_token(column, values, placement, batch["input_ids"].shape)
+            elif column == self.spec.domain_column:
+                out = torch.tensor([self._domain(v) for v in values], dtype=torch.long)
+            else:
+                out = torch.tensor([float(v) for v in values], dtype=torch.float32)
+            if column == REF_LOGPS_COLUMN:
+                _check_tensor(out, column, allow_negative=True, upper=1e-4)
+            elif column != self.spec.domain_column:
+                _check_tensor(out, column, self.spec.allow_negative)
+            batch[key] = out
         return batch
+
+    def _columns(self) -> list[tuple[str, str]]:
+        return [
+            (SAMPLE_WEIGHT_COLUMN, BATCH_SAMPLE_WEIGHT),
+            (TOKEN_WEIGHTS_COLUMN, BATCH_TOKEN_WEIGHTS),
+            (REF_LOGPS_COLUMN, BATCH_REF_LOGPS),
+            (self.spec.domain_column, BATCH_DOMAIN),
+        ]
+
+    def _per_token(self, column: str, values: list, placement: list[tuple[int, int, int]], shape) -> torch.Tensor:
+        """Lay per-token lists out like the collated ``input_ids`` (padded rows, or one padding-free row)."""
+        is_domain = column == self.spec.domain_column
+        out = torch.zeros(shape, dtype=torch.long if is_domain else torch.float32)
+        for i, (value, (row, start, length)) in enumerate(zip(values, placement)):
+            if len(value) != length:
+                raise WeightColumnError(
+                    f"Column {column!r} has {len(value)} entries but 'input_ids' has {length} in row {i} of the "
+                    "current batch; per-token columns must align one-to-one with 'input_ids'."
+                )
+            if is_domain:
+                value = [self._domain(v) for v in value]
+            out[row, start : start + length] = torch.as_tensor(value, dtype=out.dtype)
+        return out
 
     def _domain(self, value) -> int:
         try:

@@ -91,6 +91,46 @@ def token_log_probs(model: nn.Module, inputs: dict, fused: bool) -> tuple[torch.
     return log_probs_from_logits(logits, target), target != IGNORE_INDEX
 
 
+# ---- samples inside a micro-batch ------------------------------------------------------------------------------------
+
+
+def sample_segments(inputs: dict) -> tuple[torch.Tensor, int]:
+    """Which sample each shifted label position belongs to: ``(segment_ids (B, T-1), num_samples)``.
+
+    A padded batch has one sample per row. A packed / padding-free batch (``position_ids`` restarting at 0 inside a
+    row) has one sample per run of positions starting at 0, so sample-level weights and domains stay correct inside a
+    packed row. The prediction at shifted position ``t`` belongs to the sample of its label, token ``t + 1``.
+    """
+    labels = inputs["labels"]
+    batch, width = labels.shape
+    positions = inputs.get("position_ids")
+    if positions is None or positions.shape != labels.shape or not bool((positions[:, 1:] == 0).any()):
+        rows = torch.arange(batch, device=labels.device)[:, None].expand(batch, width - 1)
+        return rows, batch
+    starts = (positions == 0).to(torch.long)
+    starts[:, 0] = 1  # every row starts a sample (padding after the last sample joins it, and is masked anyway)
+    token_segment = starts.flatten().cumsum(0).view(batch, width) - 1
+    return token_segment[:, 1:], int(token_segment.max()) + 1
+
+
+def per_sample_values(values: torch.Tensor | None, inputs: dict, segments: torch.Tensor, num_samples: int):
+    """A per-sample column as one value per sample ``(S,)``.
+
+    Accepts one value per row ``(B,)`` (padded batches) or one value per token ``(B, T)`` (packed batches, where the
+    SFT trainer expanded each sample's scalar to its tokens before packing): the value of each sample's first label
+    position is taken.
+    """
+    if values is None:
+        return None
+    if values.dim() == 1:
+        return values
+    per_position = values[:, 1:]
+    out = torch.zeros(num_samples, dtype=values.dtype, device=values.device)
+    # Later positions overwrite earlier ones; inside a sample every position holds the same value.
+    out[segments.flatten()] = per_position.flatten()
+    return out
+
+
 # ---- weighted sums --------------------------------------------------------------------------------------------------
 
 
@@ -98,24 +138,34 @@ def _ones_if_none(weights: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
     return torch.ones_like(like) if weights is None else weights.to(like.dtype)
 
 
+def _per_sample_sums(values: torch.Tensor, segments: torch.Tensor | None, num_samples: int | None) -> torch.Tensor:
+    """Σ over each sample's positions: row sums for padded batches, segment sums for packed ones."""
+    if segments is None:
+        return values.sum(dim=1)
+    out = torch.zeros(num_samples, dtype=values.dtype, device=values.device)
+    return out.index_add(0, segments.flatten(), values.flatten())
+
+
 def weighted_denominator(
     mask: torch.Tensor,
     denominator_weights: torch.Tensor | None,
     sample_weights: torch.Tensor | None,
     normalization: str,
+    segments: torch.Tensor | None = None,
+    num_samples: int | None = None,
 ) -> torch.Tensor:
     """This micro-batch's share of the step denominator (a float64 scalar).
 
     token: ``Σ_i v_i Σ_t w'_it`` over valid tokens. sample: ``Σ_i v_i`` over samples with at least one valid token
-    of positive denominator weight.
+    of non-zero denominator weight. Samples are rows, or ``segments`` of packed rows (see :func:`sample_segments`).
     """
     maskf = mask.to(torch.float64)
     w = _ones_if_none(denominator_weights, maskf).to(torch.float64) * maskf
-    v = torch.ones(mask.shape[0], dtype=torch.float64, device=mask.device) if sample_weights is None else sample_weights.to(torch.float64)
+    per_sample = _per_sample_sums(w, segments, num_samples)
+    v = torch.ones_like(per_sample) if sample_weights is None else sample_weights.to(torch.float64)
     if normalization == "token":
-        return (v * w.sum(dim=1)).sum()
-    has_tokens = (w.sum(dim=1) != 0).to(torch.float64)
-    return (v * has_tokens).sum()
+        return (v * per_sample).sum()
+    return (v * (per_sample != 0).to(torch.float64)).sum()
 
 
 def weighted_numerator(
@@ -125,6 +175,8 @@ def weighted_numerator(
     denominator_weights: torch.Tensor | None,
     sample_weights: torch.Tensor | None,
     normalization: str,
+    segments: torch.Tensor | None = None,
+    num_samples: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batch's unnormalized weighted loss and each sample's weighted mean token loss.
 
@@ -133,25 +185,28 @@ def weighted_numerator(
         mask: valid positions ``(B, T-1)``.
         loss_weights: ``w_t`` on each token's loss, or None (= ``denominator_weights``).
         denominator_weights: ``w'_t`` (used by the sample form to average within a sample), or None (= 1).
-        sample_weights: ``v_i`` ``(B,)`` or None (= 1).
+        sample_weights: ``v_i`` per sample ``(S,)`` or None (= 1).
         normalization: ``"token"`` or ``"sample"``.
+        segments, num_samples: the sample of each position (packed rows); None means one sample per row.
 
     Returns:
         ``(numerator, per_sample_loss)``: the numerator keeps the graph (``0 * Σ ℓ`` when nothing is valid);
-        ``per_sample_loss`` ``(B,)`` is detached, the weighted token mean of each sample (0 for an empty sample).
+        ``per_sample_loss`` ``(S,)`` is detached, the weighted token mean of each sample (NaN for a sample without
+        a valid token, so statistics can skip it).
     """
     maskf = mask.to(token_loss.dtype)
     den_w = _ones_if_none(denominator_weights, token_loss) * maskf
     loss_w = den_w if loss_weights is None else loss_weights.to(token_loss.dtype) * maskf
-    per_sample_sum = (loss_w * token_loss).sum(dim=1)
-    per_sample_den = den_w.sum(dim=1)
-    safe_den = torch.where(per_sample_den != 0, per_sample_den, torch.ones_like(per_sample_den))
-    per_sample_loss = per_sample_sum / safe_den
+    per_sample_sum = _per_sample_sums(loss_w * token_loss, segments, num_samples)
+    per_sample_den = _per_sample_sums(den_w, segments, num_samples)
+    has_tokens = per_sample_den != 0
+    per_sample_loss = per_sample_sum / torch.where(has_tokens, per_sample_den, torch.ones_like(per_sample_den))
     v = torch.ones_like(per_sample_sum) if sample_weights is None else sample_weights.to(token_loss.dtype)
     if normalization == "token":
         numerator = (v * per_sample_sum).sum()
     else:
-        numerator = (v * per_sample_loss * (per_sample_den != 0)).sum()
+        numerator = (v * per_sample_loss * has_tokens).sum()
     # Keep every parameter that produced `token_loss` in the graph even if all weights are 0.
     numerator = numerator + 0.0 * token_loss.sum()
-    return numerator, per_sample_loss.detach()
+    nan = torch.full_like(per_sample_loss, float("nan"))
+    return numerator, torch.where(has_tokens, per_sample_loss, nan).detach()

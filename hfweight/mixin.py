@@ -43,12 +43,15 @@ from .columns import (
 from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .loss import (
     enable_fused_log_probs,
+    per_sample_values,
+    sample_segments,
     shift_token_column,
     shifted_labels,
     token_log_probs,
     weighted_denominator,
     weighted_numerator,
 )
+from .reference import load_reference_model, reference_log_probs
 from .state import load_state, save_state
 from .stats import summarize_weights, weight_extremes, weight_moments
 from .strategies.base import DomainStats, SampleContext, TokenContext
@@ -56,8 +59,10 @@ from .strategies.base import DomainStats, SampleContext, TokenContext
 logger = logging.getLogger(__name__)
 
 # Keys the prepare phase adds to each micro-batch (stripped with the other hfw_* keys before the forward).
-BATCH_V = "hfw_v"
-BATCH_DEN_W = "hfw_den_w"
+BATCH_V = "hfw_v"  # per-sample weights (S,)
+BATCH_DEN_W = "hfw_den_w"  # denominator token weights (B, T-1)
+BATCH_SEGMENTS = "hfw_segments"  # sample index of each shifted position (B, T-1)
+BATCH_SAMPLE_DOMAIN = "hfw_sample_domain"  # domain index per sample (S,)
 
 
 def _is_map_dataset(dataset) -> bool:
@@ -89,8 +94,10 @@ class WeightingMixin:
 
     # ---- setup --------------------------------------------------------------------------------------------------
 
-    def _setup_weighting(self) -> None:
+    def _setup_weighting(self, reference_model=None) -> None:
+        """Build the strategies from ``self.args``; ``reference_model`` may be a model object (else the config's)."""
         args = self.args
+        self._reference_override = reference_model
         self.weighting_enabled = args.weighting_enabled
         self._weighting_metrics: dict[str, list[float]] = defaultdict(list)
         self._step_plan: _StepPlan | None = None
@@ -106,6 +113,13 @@ class WeightingMixin:
         self.token_weighting = args.build_token_weighting()
         self.sample_weighting = args.build_sample_weighting()
         self.mixture = args.build_mixture()
+        self.reference = None
+        reference = self._reference_override if self._reference_override is not None else args.reference_model
+        needs_reference = any(getattr(s, "needs_reference", False) for s in (self.token_weighting, self.mixture))
+        if needs_reference and reference is not None:
+            self.reference = load_reference_model(reference, self.model, self.processing_class)
+            if isinstance(self.reference, torch.nn.Module):
+                self.reference.to(self.args.device)
         self._setup_domains()
         self._column_spec = self._build_column_spec()
         if _is_map_dataset(self.train_dataset):
@@ -122,10 +136,9 @@ class WeightingMixin:
         self.loss_is_scaled_for_ga = True
 
     def _setup_domains(self) -> None:
-        """Find the domains (sorted) and their sizes; bind the mixture; compute the upweight factors α/q."""
+        """Find the domains (sorted) and their sizes in the training data, then bind them."""
         column = self.args.domain_column
         self._domain_values: list = []
-        self._domain_factor: torch.Tensor | None = None
         sizes = None
         if _is_map_dataset(self.train_dataset) and column in self.train_dataset.column_names:
             self._domain_values, sizes = discover_domains(self.train_dataset, column)
@@ -137,7 +150,11 @@ class WeightingMixin:
                     "has no such column. Add it, set `domain_column`, or list the domains in mixture_kwargs['domains']."
                 )
             self._domain_values = sorted(declared)
-        self.domain_names = [str(v) for v in self._domain_values]
+        self._setup_domains_from(self._domain_values, sizes)
+
+    def _setup_domains_from(self, values: list, sizes: torch.Tensor | None) -> None:
+        """Name the domains, bind the mixture and compute the natural mixture ``q`` used by upweighting."""
+        self.domain_names = [str(v) for v in values]
         if self.mixture is None:
             return
         self.mixture.bind(self.domain_names, sizes)
@@ -153,7 +170,7 @@ class WeightingMixin:
         spec = ColumnSpec(domain_column=self.args.domain_column, allow_negative=self.args.allow_negative_weights)
         spec.sample_weight = self.sample_weighting is not None
         spec.token_weights = self.token_weighting is not None
-        spec.ref_logps = getattr(self.token_weighting, "needs_reference", False)
+        spec.ref_logps = any(getattr(s, "needs_reference", False) for s in (self.token_weighting, self.mixture))
         spec.domain = bool(self._domain_values)
         if getattr(self.sample_weighting, "column_required", False):
             spec.required.add(SAMPLE_WEIGHT_COLUMN)
@@ -161,11 +178,9 @@ class WeightingMixin:
         if getattr(self.token_weighting, "column_required", False):
             spec.required.add(TOKEN_WEIGHTS_COLUMN)
             spec.required_by[TOKEN_WEIGHTS_COLUMN] = f"token_weighting={self.args.token_weighting!r}"
-        if spec.ref_logps and self.args.reference_model is None:
+        if spec.ref_logps and self.reference is None:
             spec.required.add(REF_LOGPS_COLUMN)
-            spec.required_by[REF_LOGPS_COLUMN] = (
-                f"token_weighting={self.args.token_weighting!r} without a `reference_model`"
-            )
+            spec.required_by[REF_LOGPS_COLUMN] = "a reference-based strategy without a `reference_model`"
         if self.mixture is not None:
             spec.required.add(self.args.domain_column)
             spec.required_by[self.args.domain_column] = f"mixture={self.args.mixture!r}"
@@ -211,14 +226,21 @@ class WeightingMixin:
                     "parallelism) yet."
                 )
             mask = shifted_labels(batch) != -100
-            v = self._sample_weights(batch)
+            if self.reference is not None and BATCH_REF_LOGPS not in batch:
+                model_inputs = {k: v for k, v in batch.items() if not k.startswith(BATCH_PREFIX)}
+                batch[BATCH_REF_LOGPS] = reference_log_probs(self.reference, self.model, model_inputs)
+            segments, num_samples = sample_segments(batch)
+            domains = per_sample_values(batch.get(BATCH_DOMAIN), batch, segments, num_samples)
+            v = self._sample_weights(batch, segments, num_samples, domains)
             den_w = None
             if self.token_weighting is not None:
                 ctx = self._token_context(batch, mask)
                 den_w = self._checked(self.token_weighting.denominator_weights(ctx), "token denominator weights")
             batch[BATCH_V], batch[BATCH_DEN_W] = v, den_w
-            local_den = local_den + weighted_denominator(mask, den_w, v, normalization).to(local_den.device)
-            v_eff = torch.ones(mask.shape[0], dtype=torch.float64) if v is None else v
+            batch[BATCH_SEGMENTS], batch[BATCH_SAMPLE_DOMAIN] = segments, domains
+            den = weighted_denominator(mask, den_w, v, normalization, segments, num_samples)
+            local_den = local_den + den.to(local_den.device)
+            v_eff = torch.ones(num_samples, dtype=torch.float64) if v is None else v
             moments += weight_moments(v_eff).to(moments.device)
             extremes.append(weight_extremes(v_eff).to(moments.device))
         local = torch.cat([local_den.view(1) / self._replica_factor(), moments])
@@ -242,17 +264,16 @@ class WeightingMixin:
         """Ranks that see the same batch (tensor/context/sequence parallel), as in ``Trainer._get_num_items_in_batch``."""
         return self.get_tp_size() * self.get_cp_size() * self.get_sp_size()
 
-    def _sample_weights(self, batch: dict) -> torch.Tensor | None:
-        """``v_i`` known before the forward: the sample strategy's weights times the domain upweight factor."""
+    def _sample_weights(self, batch: dict, segments, num_samples: int, domains) -> torch.Tensor | None:
+        """``v_i`` (one per sample) known before the forward: the sample strategy's weights times the domain
+        upweight factor ``α_d / q_d``."""
         v = None
         if self.sample_weighting is not None:
-            ctx = SampleContext(
-                column=batch.get(BATCH_SAMPLE_WEIGHT), domains=batch.get(BATCH_DOMAIN), step=self.state.global_step
-            )
+            column = per_sample_values(batch.get(BATCH_SAMPLE_WEIGHT), batch, segments, num_samples)
+            ctx = SampleContext(column=column, domains=domains, step=self.state.global_step)
             v = self._checked(self.sample_weighting.weights(ctx), "sample weights")
         if self.mixture is not None and self.args.mixture_mode == "upweight":
             factor = (self.mixture.probabilities() / self._natural_mixture).to(torch.float32)
-            domains = batch[BATCH_DOMAIN]
             domain_v = factor.to(domains.device)[domains]
             v = domain_v if v is None else v.to(domain_v.dtype) * domain_v
         return v
@@ -296,14 +317,17 @@ class WeightingMixin:
         if self.token_weighting is not None:
             ctx = self._token_context(extras, mask, logps.detach())
             loss_w = self._checked(self.token_weighting.loss_weights(ctx), "token loss weights")
-        v = extras.get(BATCH_V)
-        numerator, _ = weighted_numerator(token_loss, mask, loss_w, den_w, v, self.args.loss_normalization)
+        v, segments = extras.get(BATCH_V), extras[BATCH_SEGMENTS]
+        num_samples = int(segments.max()) + 1 if segments.numel() else 0
+        numerator, _ = weighted_numerator(
+            token_loss, mask, loss_w, den_w, v, self.args.loss_normalization, segments, num_samples
+        )
         z = plan.denominator.to(numerator.device, numerator.dtype)
         if float(z) == 0.0:
             loss = numerator * 0.0
         else:
             loss = numerator / z * self._data_parallel_size()
-        self._accumulate_domain_stats(plan, extras, token_loss.detach(), mask)
+        self._accumulate_domain_stats(plan, extras, token_loss.detach(), mask, num_samples)
         plan.remaining -= 1
         if plan.remaining == 0:
             self._finish_step(plan)
@@ -311,15 +335,16 @@ class WeightingMixin:
 
     # ---- per-step statistics ---------------------------------------------------------------------------------------
 
-    def _accumulate_domain_stats(self, plan: _StepPlan, extras: dict, token_loss: torch.Tensor, mask) -> None:
-        domains = extras.get(BATCH_DOMAIN)
+    def _accumulate_domain_stats(self, plan: _StepPlan, extras: dict, token_loss, mask, num_samples: int) -> None:
+        domains = extras.get(BATCH_SAMPLE_DOMAIN)
         if plan.domain_sums is None or domains is None:
             return
-        domains = domains.to(plan.domain_sums.device)
-        per_sample = torch.stack(
-            [(token_loss * mask).sum(dim=1), mask.sum(dim=1), torch.ones(mask.shape[0], device=mask.device)]
-        ).to(plan.domain_sums)
-        plan.domain_sums.index_add_(1, domains, per_sample)
+        segments = extras[BATCH_SEGMENTS].flatten()
+        per_sample = torch.zeros((3, num_samples), dtype=torch.float64, device=token_loss.device)
+        per_sample[0].index_add_(0, segments, (token_loss * mask).flatten().to(torch.float64))
+        per_sample[1].index_add_(0, segments, mask.flatten().to(torch.float64))
+        per_sample[2] = 1.0
+        plan.domain_sums.index_add_(1, domains.to(plan.domain_sums.device), per_sample.to(plan.domain_sums))
 
     def _finish_step(self, plan: _StepPlan) -> None:
         """Once per optimizer step, on every rank: all-reduce the per-domain sums, log them, feed the mixture."""

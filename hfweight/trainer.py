@@ -19,7 +19,7 @@ class WeightedTrainer(WeightingMixin, Trainer):
         trainer.train()
     """
 
-    def __init__(self, model=None, args: WeightedTrainingArguments | None = None, *posargs, **kwargs):
+    def __init__(self, model=None, args: WeightedTrainingArguments | None = None, *posargs, reference_model=None, **kwargs):
         if args is None:
             args = WeightedTrainingArguments(output_dir="trainer_output")
         if not hasattr(args, "weighting_enabled"):
@@ -28,4 +28,4 @@ class WeightedTrainer(WeightingMixin, Trainer):
                 "there."
             )
         super().__init__(model, args, *posargs, **kwargs)
-        self._setup_weighting()
+        self._setup_weighting(reference_model)
