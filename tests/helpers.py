@@ -30,7 +30,8 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
 
 
 def toy_rows(n: int = 32, seed: int = 0, empty_rows: tuple[int, ...] = ()) -> list[dict]:
-    """Variable-length rows (4–19 tokens) with `sample_weight`, `token_weights` and a 3-valued `domain`.
+    """Variable-length rows (4–19 tokens) with `sample_weight`, `token_weights`, `ref_logps` (random, as if from a
+    reference model) and a 3-valued `domain`.
 
     Rows listed in `empty_rows` have every label ignored (-100).
     """
@@ -48,6 +49,7 @@ def toy_rows(n: int = 32, seed: int = 0, empty_rows: tuple[int, ...] = ()) -> li
                 "labels": labels,
                 "sample_weight": float(torch.rand((), generator=g) * 2),
                 "token_weights": (torch.rand(length, generator=g) * 2).tolist(),
+                "ref_logps": (-torch.rand(length, generator=g) * 5).tolist(),
                 "domain": ["code", "prose", "math"][i % 3],
             }
         )
@@ -67,7 +69,7 @@ def pad_collate(features: list[dict]) -> dict:
     for i, f in enumerate(features):
         n = len(f["input_ids"])
         ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
+        labels[i, :n] = torch.tensor(f.get("labels", f["input_ids"]))
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -118,3 +120,37 @@ def max_relative_difference(a: dict, b: dict) -> float:
         diff = (a[k] - b[k]).norm().item()
         worst = max(worst, diff / denom if denom > 0 else diff)
     return worst
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer over `w0 … w59` plus pad/bos/eos/unk (64 ids, matching `tiny_model`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def sft_rows(n: int = 24, seed: int = 0) -> list[dict]:
+    """Prompt-completion text pairs with a sample weight and a domain per row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        p_len, c_len = int(torch.randint(2, 8, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (p_len + c_len,), generator=g)]
+        rows.append(
+            {
+                "prompt": " ".join(words[:p_len]),
+                "completion": " " + " ".join(words[p_len:]),
+                "sample_weight": float(torch.rand((), generator=g) * 2),
+                "domain": ["code", "prose", "math"][i % 3],
+            }
+        )
+    return rows

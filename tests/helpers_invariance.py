@@ -17,6 +17,9 @@ CONFIGS = {
     "sample_static/sample": dict(sample_weighting="static", loss_normalization="sample"),
     "both_static/token": dict(token_weighting="static", sample_weighting="static"),
     "both_static/sample": dict(token_weighting="static", sample_weighting="static", loss_normalization="sample"),
+    "dft/token": dict(token_weighting="dft"),
+    "focal/sample": dict(token_weighting="focal", token_weighting_kwargs={"gamma": 2.0}, loss_normalization="sample"),
+    "prior+sample/token": dict(token_weighting="prior", sample_weighting="static"),
     "domain_upweight+sample/token": dict(
         sample_weighting="static",
         mixture="static",
