@@ -1,0 +1,31 @@
+"""All-reduce one tensor across the launched processes and print what each rank saw.
+
+Usage: accelerate launch --config_file accelerate_configs/ddp_cpu.yaml tests/scripts/allreduce_worker.py
+
+The distributed state is created the way the trainers create it, through ``TrainingArguments(use_cpu=True)`` (the
+``--use_cpu true`` that ddp_cpu.yaml asks for), so the test checks the path a real CPU run takes.
+"""
+
+import tempfile
+
+import torch
+import torch.distributed as dist
+from transformers import TrainingArguments
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, use_cpu=True, report_to=[])
+    value = torch.tensor([float(args.process_index + 1)])
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        backend = dist.get_backend()
+    else:
+        backend = "none"
+    print(
+        f"rank={args.process_index} world_size={args.world_size} backend={backend} sum={value.item():g}", flush=True
+    )
+
+
+if __name__ == "__main__":
+    main()
