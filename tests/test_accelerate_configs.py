@@ -9,6 +9,7 @@ that environment, as a launched process would.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_ddp_cpu_config_launches_two_ranks():
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
+    lines = sorted(re.findall(r"rank=\d+ world_size=\d+ backend=\w+ sum=\S+?(?=rank=|\s|$)", result.stdout))
     assert lines == [
         "rank=0 world_size=2 backend=gloo sum=3",
         "rank=1 world_size=2 backend=gloo sum=3",

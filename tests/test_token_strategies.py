@@ -163,3 +163,34 @@ def test_reference_vocabulary_mismatch(tmp_path):
     args = WeightedTrainingArguments(**training_args(str(tmp_path)), token_weighting="prior")
     with pytest.raises(ValueError, match=r"vocabulary \(80 tokens\) differs from the policy's \(64\)"):
         WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(8), data_collator=pad_collate, reference_model=other)
+
+
+def test_base_reference_equals_frozen_copy_of_base(tmp_path):
+    """`reference_model="base"` (PEFT adapters disabled) scores exactly like a separate frozen copy of the base."""
+    from peft import LoraConfig, get_peft_model
+
+    grads = {}
+    for name in ("base", "copy"):
+        base = tiny_model()
+        frozen = copy.deepcopy(base)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        capture = GradientCapture(model)
+        args = WeightedTrainingArguments(
+            **training_args(str(tmp_path / name), per_device_train_batch_size=4, gradient_accumulation_steps=2),
+            token_weighting="prior",
+            reference_model="base" if name == "base" else None,
+        )
+        data = toy_dataset(8, empty_rows=EMPTY_ROWS).remove_columns(["ref_logps"])
+        trainer = WeightedTrainer(
+            model=model, args=args, train_dataset=data, data_collator=pad_collate, callbacks=[capture],
+            reference_model=None if name == "base" else frozen,
+        )
+        trainer.train()
+        grads[name] = capture.steps[0]
+    assert grads["base"] and max_relative_difference(grads["base"], grads["copy"]) <= 1e-5
+
+
+def test_base_reference_needs_peft(tmp_path):
+    args = WeightedTrainingArguments(**training_args(str(tmp_path)), token_weighting="prior", reference_model="base")
+    with pytest.raises(ValueError, match="has no PEFT adapters"):
+        WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(8), data_collator=pad_collate)

@@ -197,8 +197,8 @@ def _raw_docstring(node: ast.AST) -> str | None:
 
 
 def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    """``name(args)``; just ``name`` when the argument list is long."""
-    args = ast.unparse(node.args)
+    """``name(args)`` without a leading ``self``/``cls``; just ``name`` when the argument list is long."""
+    args = re.sub(r"\A(?:self|cls)(?:, |\Z)", "", ast.unparse(node.args))
     return f"{node.name}({args})" if len(args) <= 60 else node.name
 
 

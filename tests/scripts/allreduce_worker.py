@@ -6,6 +6,7 @@ The distributed state is created the way the trainers create it, through ``Train
 ``--use_cpu true`` that ddp_cpu.yaml asks for), so the test checks the path a real CPU run takes.
 """
 
+import sys
 import tempfile
 
 import torch
@@ -22,9 +23,9 @@ def main():
         backend = dist.get_backend()
     else:
         backend = "none"
-    print(
-        f"rank={args.process_index} world_size={args.world_size} backend={backend} sum={value.item():g}", flush=True
-    )
+    # One write per line: both ranks share the launcher's stdout, and print() writes the newline separately.
+    sys.stdout.write(f"rank={args.process_index} world_size={args.world_size} backend={backend} sum={value.item():g}\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
