@@ -91,6 +91,54 @@ def token_log_probs(model: nn.Module, inputs: dict, fused: bool) -> tuple[torch.
     return log_probs_from_logits(logits, target), target != IGNORE_INDEX
 
 
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body whose output feeds the LM head (through DDP/PEFT wrappers)."""
+    model = model.module if hasattr(model, "module") else model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.base_model
+
+
+def token_log_probs_and_hidden(model: nn.Module, inputs: dict, fused: bool):
+    """:func:`token_log_probs` plus the backbone's last hidden state ``(B, T, H)`` (kept in the graph).
+
+    The forward still goes through ``model`` (so DDP/FSDP see it); a forward hook on the backbone hands back its
+    output, which full-vocabulary terms such as ASFT's KL need.
+    """
+    captured = {}
+
+    def hook(module, args, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = backbone_of(model).register_forward_hook(hook)
+    try:
+        logps, mask = token_log_probs(model, inputs, fused)
+    finally:
+        handle.remove()
+    return logps, mask, captured["hidden"]
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    model = model.module if hasattr(model, "module") else model
+    return model.get_output_embeddings()
+
+
+def chunked_forward_kl(policy_hidden, policy_head, reference_hidden, reference_head) -> torch.Tensor:
+    """Per-token ``KL(π_ref ‖ π_θ)`` over the full vocabulary ``(B, T-1)`` from both models' hidden states, computed
+    tile by tile with TRL's ``ChunkedDivergenceFunction`` (β = 0: forward KL), so neither ``(B, T, V)`` logits tensor
+    is materialized. Gradients flow into the policy only."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    batch, width = policy_hidden.shape[0], policy_hidden.shape[1] - 1
+    h_s = policy_hidden[:, :-1].reshape(batch * width, -1)
+    h_t = reference_hidden[:, :-1].reshape(batch * width, -1).to(h_s.device)
+    weight_t = reference_head.weight.to(h_s.device)
+    bias_t = None if reference_head.bias is None else reference_head.bias.to(h_s.device)
+    divergence, _ = ChunkedDivergenceFunction.apply(
+        h_s, policy_head.weight, policy_head.bias, h_t, weight_t, bias_t, 0.0, 1.0
+    )
+    return divergence.view(batch, width)
+
+
 # ---- samples inside a micro-batch ------------------------------------------------------------------------------------
 
 
@@ -177,6 +225,7 @@ def weighted_numerator(
     normalization: str,
     segments: torch.Tensor | None = None,
     num_samples: int | None = None,
+    extra_token_loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batch's unnormalized weighted loss and each sample's weighted mean token loss.
 
@@ -188,6 +237,7 @@ def weighted_numerator(
         sample_weights: ``v_i`` per sample ``(S,)`` or None (= 1).
         normalization: ``"token"`` or ``"sample"``.
         segments, num_samples: the sample of each position (packed rows); None means one sample per row.
+        extra_token_loss: an additional per-token loss added after weighting (ASFT's λ·KL), or None.
 
     Returns:
         ``(numerator, per_sample_loss)``: the numerator keeps the graph (``0 * Σ ℓ`` when nothing is valid);
@@ -197,7 +247,10 @@ def weighted_numerator(
     maskf = mask.to(token_loss.dtype)
     den_w = _ones_if_none(denominator_weights, token_loss) * maskf
     loss_w = den_w if loss_weights is None else loss_weights.to(token_loss.dtype) * maskf
-    per_sample_sum = _per_sample_sums(loss_w * token_loss, segments, num_samples)
+    weighted = loss_w * token_loss
+    if extra_token_loss is not None:
+        weighted = weighted + extra_token_loss * maskf
+    per_sample_sum = _per_sample_sums(weighted, segments, num_samples)
     per_sample_den = _per_sample_sums(den_w, segments, num_samples)
     has_tokens = per_sample_den != 0
     per_sample_loss = per_sample_sum / torch.where(has_tokens, per_sample_den, torch.ones_like(per_sample_den))

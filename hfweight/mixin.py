@@ -19,6 +19,7 @@ With every weighting switch off, none of this runs: each override calls the pare
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,16 +43,19 @@ from .columns import (
 )
 from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .loss import (
+    chunked_forward_kl,
     enable_fused_log_probs,
+    lm_head_of,
     per_sample_values,
     sample_segments,
     shift_token_column,
     shifted_labels,
     token_log_probs,
+    token_log_probs_and_hidden,
     weighted_denominator,
     weighted_numerator,
 )
-from .reference import load_reference_model, reference_log_probs
+from .reference import load_reference_model, reference_hidden_states, reference_log_probs
 from .state import load_state, save_state
 from .stats import summarize_weights, weight_extremes, weight_moments
 from .strategies.base import DomainStats, SampleContext, TokenContext
@@ -116,7 +120,11 @@ class WeightingMixin:
         self.reference = None
         reference = self._reference_override if self._reference_override is not None else args.reference_model
         needs_reference = any(getattr(s, "needs_reference", False) for s in (self.token_weighting, self.mixture))
-        if needs_reference and reference is not None:
+        self._needs_reference_model = getattr(self.token_weighting, "needs_reference_model", False)
+        if self._needs_reference_model and reference is None:
+            # The authors' default (ASFT): the initial model, frozen; for a PEFT model its base with adapters off.
+            reference = "base" if hasattr(self.model, "disable_adapter") else copy.deepcopy(self.model)
+        if (needs_reference or self._needs_reference_model) and reference is not None:
             self.reference = load_reference_model(reference, self.model, self.processing_class)
             if isinstance(self.reference, torch.nn.Module):
                 self.reference.to(self.args.device)
@@ -310,17 +318,25 @@ class WeightingMixin:
 
     def _weighted_loss(self, model, inputs: dict, extras: dict) -> torch.Tensor:
         plan = self._step_plan
-        logps, mask = token_log_probs(model, inputs, self._fused)
+        kl = None
+        if self._needs_reference_model:
+            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused)
+            ref_hidden = reference_hidden_states(self.reference, self.model, inputs)
+            kl = chunked_forward_kl(hidden, lm_head_of(model), ref_hidden, lm_head_of(self._reference_module()))
+        else:
+            logps, mask = token_log_probs(model, inputs, self._fused)
         token_loss = -logps
         den_w = extras.get(BATCH_DEN_W)
-        loss_w = None
+        loss_w = extra = None
         if self.token_weighting is not None:
             ctx = self._token_context(extras, mask, logps.detach())
+            ctx.kl = kl
             loss_w = self._checked(self.token_weighting.loss_weights(ctx), "token loss weights")
+            extra = self.token_weighting.extra_token_loss(ctx)
         v, segments = extras.get(BATCH_V), extras[BATCH_SEGMENTS]
         num_samples = int(segments.max()) + 1 if segments.numel() else 0
         numerator, _ = weighted_numerator(
-            token_loss, mask, loss_w, den_w, v, self.args.loss_normalization, segments, num_samples
+            token_loss, mask, loss_w, den_w, v, self.args.loss_normalization, segments, num_samples, extra
         )
         z = plan.denominator.to(numerator.device, numerator.dtype)
         if float(z) == 0.0:
@@ -332,6 +348,10 @@ class WeightingMixin:
         if plan.remaining == 0:
             self._finish_step(plan)
         return loss
+
+    def _reference_module(self) -> torch.nn.Module:
+        """The module whose LM head scores the reference (the policy itself for a PEFT 'base' reference)."""
+        return self.model if self.reference == "base" else self.reference
 
     # ---- per-step statistics ---------------------------------------------------------------------------------------
 

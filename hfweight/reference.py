@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from .loss import enable_fused_log_probs, token_log_probs
+from .loss import enable_fused_log_probs, token_log_probs, token_log_probs_and_hidden
 
 BASE = "base"
 
@@ -74,18 +74,36 @@ def check_same_vocabulary(policy: nn.Module, reference: nn.Module, tokenizer=Non
 @torch.no_grad()
 def reference_log_probs(reference: nn.Module | str, policy: nn.Module, inputs: dict) -> torch.Tensor:
     """Reference log-probabilities aligned with ``input_ids`` ``(B, T)`` (entry 0 is 0: nothing predicts it)."""
-    if reference == BASE:
-        model = policy.module if hasattr(policy, "module") else policy
-        was_training = model.training
-        model.eval()
-        try:
-            with model.disable_adapter():
-                logps, _ = token_log_probs(model, inputs, fused=True)
-        finally:
-            model.train(was_training)
-    else:
-        logps, _ = token_log_probs(reference, inputs, fused=getattr(reference, "_hfweight_fused", False))
+    with _reference_mode(reference, policy) as model:
+        logps, _ = token_log_probs(model, inputs, fused=getattr(_target(model), "_hfweight_fused", False))
     return torch.cat([logps.new_zeros(logps.shape[0], 1), logps.float()], dim=1)
+
+
+@contextlib.contextmanager
+def _reference_mode(reference: nn.Module | str, policy: nn.Module):
+    """Yield the module that computes reference scores: the reference itself, or the policy with adapters off."""
+    if reference != BASE:
+        yield reference
+        return
+    model = policy.module if hasattr(policy, "module") else policy
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def reference_hidden_states(reference: nn.Module | str, policy: nn.Module, inputs: dict) -> torch.Tensor:
+    """The reference backbone's last hidden state ``(B, T, H)`` (for full-vocabulary terms such as ASFT's KL)."""
+    with _reference_mode(reference, policy) as model:
+        return token_log_probs_and_hidden(model, inputs, fused=getattr(_target(model), "_hfweight_fused", False))[2]
+
+
+def _target(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def score_dataset(

@@ -87,7 +87,7 @@ class Registry:
             raise ValueError(f"Bad `{self.kind}_kwargs` for `{self.kind}={spec!r}`: {err}") from err
 
 
-TOKEN_WEIGHTINGS = Registry("token_weighting", planned=("dft", "asft", "focal", "rho1", "prior"))
+TOKEN_WEIGHTINGS = Registry("token_weighting", planned=())
 SAMPLE_WEIGHTINGS = Registry("sample_weighting", planned=("loss", "truncation", "storm"))
 MIXTURES = Registry(
     "mixture", planned=("temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy")

@@ -29,7 +29,7 @@ CONFIGS = {
 }
 
 
-def one_step_gradients(config: dict, batch: int, ga: int, output_dir: str) -> dict:
+def one_step_gradients(config: dict, batch: int, ga: int, output_dir: str, reference=None) -> dict:
     """Gradients of the one optimizer step over the 8 invariance rows, as the optimizer sees them."""
     model = tiny_model()
     capture = GradientCapture(model)
@@ -42,6 +42,7 @@ def one_step_gradients(config: dict, batch: int, ga: int, output_dir: str) -> di
         train_dataset=toy_dataset(8, empty_rows=EMPTY_ROWS),
         data_collator=pad_collate,
         callbacks=[capture],
+        reference_model=reference,
     )
     trainer.train()
     assert len(capture.steps) == 1

@@ -38,7 +38,7 @@ import datasets
 DOMAINS = ("code", "prose", "arithmetic", "redundant", "noise")
 
 # Bump when the generated text changes, so stale caches are not reused.
-CORPUS_FORMAT_VERSION = 1
+CORPUS_FORMAT_VERSION = 2
 HELDOUT_FRACTION = 0.05
 MIN_HELDOUT = 20
 
@@ -50,8 +50,9 @@ PROSE_MAX_CHARS = 1500
 
 # Directories of the standard library left out: tests, third-party packages, and generated tables (the codec tables
 # in `encodings` and the help texts in `pydoc_data` are huge and repetitive, which would blur the `code` domain).
-SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings",
-                          "pydoc_data"})
+SKIPPED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
+)
 
 # Arithmetic operations: name (used as the GRPO domain) -> symbol in the text.
 ARITHMETIC_OPS = {"add": "+", "sub": "-", "mul": "*"}
@@ -184,8 +185,8 @@ def chunk_source(text: str, max_lines: int = CODE_MAX_LINES, max_chars: int = CO
 
 
 def clean_docstring(raw: str, max_chars: int = PROSE_MAX_CHARS) -> str:
-    """``inspect.cleandoc(raw)``, cut to at most ``max_chars`` (at a paragraph break when there is one)."""
-    text = inspect.cleandoc(raw)
+    """``inspect.cleandoc(raw)`` stripped, cut to at most ``max_chars`` (at a paragraph break when there is one)."""
+    text = inspect.cleandoc(raw).strip()
     if len(text) <= max_chars:
         return text
     cut = text.rfind("\n\n", 0, max_chars)

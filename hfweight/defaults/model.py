@@ -47,7 +47,9 @@ def model_config(tokenizer: PreTrainedTokenizerBase, size: str = "tiny", **overr
     return LlamaConfig(**kwargs)
 
 
-def build_model(tokenizer: PreTrainedTokenizerBase, size: str = "tiny", seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
+def build_model(
+    tokenizer: PreTrainedTokenizerBase, size: str = "tiny", seed: int = 0, **overrides: Any
+) -> LlamaForCausalLM:
     """A randomly initialised ``LlamaForCausalLM`` of preset ``size`` (see :data:`SIZES`) for ``tokenizer``, in fp32.
 
     The weights depend only on ``seed`` and the config (initialised under ``torch.manual_seed(seed)`` in a forked RNG

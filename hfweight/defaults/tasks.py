@@ -33,7 +33,9 @@ _JUST_AN_INTEGER = re.compile(r"\s*-?\d+\s*")
 # Language modelling
 
 
-def lm_dataset(tokenizer: PreTrainedTokenizerBase, corpus_split: datasets.Dataset, max_length: int = 256) -> datasets.Dataset:
+def lm_dataset(
+    tokenizer: PreTrainedTokenizerBase, corpus_split: datasets.Dataset, max_length: int = 256
+) -> datasets.Dataset:
     """``corpus_split`` with ``text`` replaced by ``input_ids`` = bos + tokens + eos, cut at ``max_length`` (no
     padding: rows have variable lengths; pad in the collator). ``domain`` and any other column are kept, so weighting
     columns travel with their rows."""

@@ -60,7 +60,9 @@ def iter_text_batches(dataset: datasets.Dataset, column: str = "text", batch_siz
         yield dataset[start : start + batch_size][column]
 
 
-def training_rows(dataset: datasets.Dataset, budget: int = TRAIN_CHAR_BUDGET, column: str = "text") -> datasets.Dataset:
+def training_rows(
+    dataset: datasets.Dataset, budget: int = TRAIN_CHAR_BUDGET, column: str = "text"
+) -> datasets.Dataset:
     """The first rows of ``dataset`` whose texts total at most ``budget`` characters (at least one row)."""
     total = 0
     for i, text in enumerate(dataset[column]):

@@ -42,6 +42,8 @@ class TokenContext:
     """Reference-model log-probabilities of the labels, if a reference is configured."""
     logps: torch.Tensor | None = None
     """Current model's log-probabilities of the labels (detached). ``None`` before the forward pass."""
+    kl: torch.Tensor | None = None
+    """Per-token ``KL(π_ref ‖ π_θ)`` over the vocabulary, with gradient; only for strategies that ask for it."""
 
 
 class TokenWeighting(Stateful):
@@ -60,6 +62,8 @@ class TokenWeighting(Stateful):
     """Whether the strategy cannot run without the dataset's ``token_weights`` column."""
     needs_reference: bool = False
     """Whether the strategy needs reference log-probabilities (``ctx.ref_logps``)."""
+    needs_reference_model: bool = False
+    """Whether the strategy needs a live reference *model* (full distributions), not just cached log-probs."""
     denominator_needs_logps: bool = False
     """Whether :meth:`denominator_weights` depends on the current model (e.g. a top-k selection on excess loss)."""
 
@@ -70,6 +74,10 @@ class TokenWeighting(Stateful):
     def loss_weights(self, ctx: TokenContext) -> torch.Tensor | None:
         """Weights on each token's loss; ``None`` means the same as :meth:`denominator_weights`."""
         return self.denominator_weights(ctx)
+
+    def extra_token_loss(self, ctx: TokenContext) -> torch.Tensor | None:
+        """An additional per-token loss (with gradient) added to the weighted one; ``None`` for none."""
+        return None
 
 
 @dataclass

@@ -185,3 +185,28 @@ class Rho1Weighting(TokenWeighting):
     def loss_weights(self, ctx):
         excess = -_require_logps(ctx, "rho1") + _require_reference(ctx, "rho1")
         return _times_column(rho1_selection(excess, ctx.mask, self.keep_percent), ctx)
+
+
+@register_token_weighting("asft")
+class ASFTWeighting(DFTWeighting):
+    """Anchored SFT (Zhu et al., arXiv 2509.23753; code ``zhuchichi56/ASFT``, ``train_v2.py``):
+    ``ℓ'_t = sg(p_t) · ℓ_t + λ · KL(π_ref(·|ctx) ‖ π_θ(·|ctx))``, the KL over the full vocabulary.
+
+    The trainer computes the KL tile by tile from both models' hidden states (no full logits) and passes it as
+    ``ctx.kl``. The reference is ``reference_model`` (a path, ``"base"`` for a PEFT model, or a model object), and by
+    default a frozen copy of the initial model, as in the authors' code. Divergence from that code: their trainer
+    divides by the micro-batch token count and ignores ``num_items_in_batch`` (so their loss depends on gradient
+    accumulation); here the KL term is normalized over the whole optimizer step like every other term (METHODS §0).
+
+    Args: ``kl_weight`` λ ≥ 0 (default 0.1, the authors' code; their README says 0.05).
+    """
+
+    needs_reference_model = True
+
+    def __init__(self, kl_weight: float = 0.1):
+        self.kl_weight = _check_nonnegative(kl_weight, "kl_weight", "asft")
+
+    def extra_token_loss(self, ctx: TokenContext):
+        if ctx.kl is None:
+            raise RuntimeError("token_weighting='asft' needs the per-token KL from the trainer.")
+        return self.kl_weight * _times_column(ctx.kl, ctx)
