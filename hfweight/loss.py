@@ -49,9 +49,9 @@ def enable_fused_log_probs(model: nn.Module) -> bool:
         return False
     if not hasattr(target, "base_model") or not hasattr(target, "config"):
         return False
-    import inspect
-
-    if "fused_lm_head" not in inspect.signature(target.forward).parameters:
+    # TRL's SFT/GRPO trainers patch the model already (an instance-level `forward`); patching twice would drop the
+    # extra outputs (entropy, top-1) they ask for.
+    if "forward" not in vars(target):
         add_fused_lm_head(target)
     target._hfweight_fused = True
     return True

@@ -37,7 +37,11 @@ def load_reference_model(spec, policy: nn.Module, tokenizer=None) -> nn.Module |
                 "adapters; pass `peft_config`, or give a reference model path."
             )
         return BASE
-    if isinstance(spec, str):
+    if isinstance(spec, str) and spec.startswith("builtin:"):
+        from .scripts import load_causal_lm
+
+        reference, ref_tokenizer = load_causal_lm(spec)
+    elif isinstance(spec, str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         reference = AutoModelForCausalLM.from_pretrained(spec)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import pytest
@@ -159,6 +161,23 @@ def test_atomic_build_tolerates_losing_the_race(tmp_path):
     atomic_build(str(final), write("loser"))  # published second: discarded without error
     assert (final / "data.txt").read_text() == "winner"
     assert os.listdir(tmp_path / "cache") == ["thing"]  # no temporary directory left behind
+
+
+def test_concurrent_cold_builds_agree(tmp_path, monkeypatch):
+    # Both builders pass the "is it cached?" check before either publishes: one rename wins, the other is discarded.
+    barrier = threading.Barrier(2)
+    real_make_corpus = corpus_module.make_corpus
+
+    def make_corpus_in_lockstep(*args, **kwargs):
+        barrier.wait(timeout=30)
+        return real_make_corpus(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_module, "make_corpus", make_corpus_in_lockstep)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(build_corpus, 2, str(tmp_path), SMALL) for _ in range(2)]
+        results = [f.result(timeout=60) for f in futures]
+    assert results[0]["train"].to_dict() == results[1]["train"].to_dict()
+    assert len(os.listdir(tmp_path / "corpus")) == 1  # one published copy, no temporary directory left
 
 
 # ----------------------------------------------------------------------------------------------------------------------

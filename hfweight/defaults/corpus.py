@@ -92,6 +92,7 @@ def atomic_build(final_dir: str, write: Callable[[str], None]) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_dir)}-", dir=parent)
     try:
+        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the published cache should read like any directory
         write(tmp_dir)
         try:
             os.rename(tmp_dir, final_dir)

@@ -1,0 +1,65 @@
+"""Peak memory with a realistic vocabulary: ``transformers.Trainer`` vs ``WeightedTrainer`` (weighting off, and
+static token + sample weights), each run in a fresh subprocess.
+
+    python benchmarks/bench_memory.py            # vocab 32768, seq 512, batch 4
+    python benchmarks/bench_memory.py --quick    # one repeat, under 2 minutes on 2 cores
+
+With a 32k vocabulary the parent's loss materializes ``(batch, seq, vocab)`` fp32 logits (256 MiB here) plus their
+log-softmax and gradient. The weighted loss takes per-token log-probabilities from TRL's fused LM head instead, so its
+peak must not exceed the parent's — that is the claim this benchmark checks. The model is the built-in ``tiny``
+Llama with its vocabulary widened to 32768 (hidden size 128, so a step stays around a second on 2 cores); the
+tokens come from the built-in corpus (ids below 2048), which does not change the cost of the LM head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import VARIANTS, quiet, variant_factories  # noqa: E402
+from harness import compare, report  # noqa: E402
+
+VOCAB_SIZE = 32768
+SEQ_LEN = 512
+BATCH_SIZE = 4
+FULL = (4, 2, 3)  # steps, warmup, repeats
+QUICK = (2, 1, 1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, help="runs per variant")
+    parser.add_argument("--quick", action="store_true", help="one repeat of few steps")
+    parser.add_argument("--name", help="result file name under benchmarks/results (default: memory)")
+    args = parser.parse_args(argv)
+    steps, warmup, repeats = QUICK if args.quick else FULL
+    args.steps = args.steps or steps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.repeats = args.repeats or repeats
+    args.name = args.name or ("memory_quick" if args.quick else "memory")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    quiet()
+    workload = {"size": "tiny", "seq_len": SEQ_LEN, "batch_size": BATCH_SIZE, "vocab_size": VOCAB_SIZE}
+    result = compare(
+        variant_factories(VARIANTS, **workload),
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        baseline="trainer",
+        isolate=True,
+        settings={"model": "tiny", "vocab": VOCAB_SIZE, "batch": BATCH_SIZE, "seq": SEQ_LEN},
+    )
+    report(result, args.name, title=f"Peak memory, vocabulary {VOCAB_SIZE}")
+
+
+if __name__ == "__main__":
+    main()

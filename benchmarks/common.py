@@ -1,0 +1,125 @@
+"""Workloads shared by the benchmarks: fixed-length blocks of the built-in corpus with weight columns, and one trainer
+factory covering every variant compared (parent Trainer, WeightedTrainer with weighting off, with static weights).
+
+Every row is exactly ``seq_len`` tokens of one domain (documents of a domain concatenated and cut), so every step
+does the same work and step times compare; no padding means every position is a label for every variant.
+Factories are module-level functions (wrapped with ``functools.partial``) so the harness can pickle them into
+``spawn`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections import defaultdict
+
+import datasets
+import numpy as np
+
+from hfweight.defaults import build_corpus, build_model, build_tokenizer, lm_dataset
+
+VARIANTS = ("trainer", "weighted_off", "weighted_static")
+CORPUS_ROWS = 1500  # tokenizing a sample of the corpus is enough for a few hundred blocks and takes ~1 s
+WEIGHT_RANGE = (0.5, 1.5)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_and_corpus(seed: int = 0):
+    corpus = build_corpus(seed=seed)
+    return build_tokenizer(corpus), corpus
+
+
+def _chunk_by_domain(tokenized: datasets.Dataset, seq_len: int, num_blocks: int) -> list[dict]:
+    """Concatenate each domain's documents and cut into ``seq_len`` blocks, round-robin over domains so every
+    batch mixes domains as the natural data would."""
+    streams = defaultdict(list)
+    for ids, domain in zip(tokenized["input_ids"], tokenized["domain"]):
+        streams[domain].extend(ids)
+    per_domain = {d: [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)] for d, ids in streams.items()}
+    blocks = []
+    for position in range(max(len(b) for b in per_domain.values())):
+        for domain in sorted(per_domain):
+            if position < len(per_domain[domain]):
+                blocks.append({"input_ids": per_domain[domain][position], "domain": domain})
+    if len(blocks) < num_blocks:
+        raise ValueError(f"the corpus sample gives {len(blocks)} blocks of {seq_len} tokens, fewer than {num_blocks}")
+    return blocks[:num_blocks]
+
+
+@functools.lru_cache(maxsize=None)
+def weighted_blocks(seq_len: int, num_blocks: int = 256, seed: int = 0) -> datasets.Dataset:
+    """``num_blocks`` rows of ``seq_len`` tokens with ``domain``, ``sample_weight`` and ``token_weights`` columns
+    (weights uniform in ``WEIGHT_RANGE``, fixed by ``seed``). Every variant gets this same dataset; the parent
+    Trainer drops the columns its model does not take, as it would for any dataset."""
+    tokenizer, corpus = tokenizer_and_corpus(seed)
+    sample = corpus["train"].shuffle(seed=seed).select(range(CORPUS_ROWS))
+    blocks = _chunk_by_domain(lm_dataset(tokenizer, sample, max_length=1 << 16), seq_len, num_blocks)
+    rng = np.random.default_rng(seed)
+    for block in blocks:
+        block["sample_weight"] = float(rng.uniform(*WEIGHT_RANGE))
+        block["token_weights"] = rng.uniform(*WEIGHT_RANGE, size=seq_len).tolist()
+    return datasets.Dataset.from_list(blocks)
+
+
+def _arguments(variant: str, batch_size: int):
+    """Identical optimization settings for every variant; only the weighting fields differ."""
+    from transformers import TrainingArguments
+
+    from hfweight import WeightedTrainingArguments
+
+    common = dict(
+        output_dir=os.path.join(tempfile.gettempdir(), "hfweight_bench", variant),
+        per_device_train_batch_size=batch_size,
+        max_steps=1,  # the harness sets warmup + steps
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+    )
+    if variant == "trainer":
+        return TrainingArguments(**common)
+    if variant == "weighted_off":
+        return WeightedTrainingArguments(**common)
+    if variant == "weighted_static":
+        return WeightedTrainingArguments(**common, token_weighting="static", sample_weighting="static")
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+def make_trainer(variant: str, size: str, seq_len: int, batch_size: int, seed: int = 0, **model_overrides):
+    """A ready trainer of ``variant`` on the built-in model of preset ``size`` (``model_overrides`` change its
+    config, e.g. ``vocab_size``) and :func:`weighted_blocks`. Same model weights, data and order for every variant."""
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from hfweight import WeightedTrainer
+
+    tokenizer, _ = tokenizer_and_corpus(seed)
+    model = build_model(tokenizer, size=size, seed=seed, **model_overrides)
+    trainer_cls = Trainer if variant == "trainer" else WeightedTrainer
+    return trainer_cls(
+        model=model,
+        args=_arguments(variant, batch_size),
+        train_dataset=weighted_blocks(seq_len, seed=seed),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+
+
+def variant_factories(variants, **workload) -> dict:
+    """name → picklable zero-argument factory, for :func:`harness.compare`."""
+    return {name: functools.partial(make_trainer, name, **workload) for name in variants}
+
+
+def quiet() -> None:
+    """Silence progress bars and info logs that would interleave with the harness's own lines."""
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()

@@ -1,0 +1,83 @@
+"""Weighted SFT: argument parsing, model and data loading, and the trainer. No weighting logic here.
+
+    python trainers/sft.py --config recipes/tiny/sft_dft.yaml
+    accelerate launch --config_file accelerate_configs/zero3.yaml trainers/sft.py --config recipes/real/sft_qwen2.5-0.5b_dft.yaml
+
+`model_name_or_path` may be `builtin:tiny` (random init), a directory written by `trainers/pretrain.py`, or a hub id.
+`dataset_name: builtin` uses the embedded conversational prompt-completion pairs (domains arithmetic, code,
+redundant); anything else goes to `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
+
+from hfweight import WeightedSFTConfig, WeightedSFTTrainer  # noqa: E402
+from hfweight.scripts import BUILTIN, final_summary, load_causal_lm, per_domain_eval_sets, print_summary  # noqa: E402
+
+
+@dataclass
+class SFTScriptArguments:
+    """Where the data comes from (the model comes from TRL's `ModelConfig.model_name_or_path`)."""
+
+    dataset_name: str = field(default=BUILTIN, metadata={"help": "'builtin' or a hub dataset id / local path."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_eval_split: str | None = field(default="test", metadata={"help": "Held-out split (None to skip)."})
+    builtin_rows: int = field(default=2000, metadata={"help": "Rows of the built-in SFT data (5% held out)."})
+    builtin_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the built-in tokenizer."})
+    reference_model_path: str | None = field(
+        default=None, metadata={"help": "Alias of `reference_model`, kept for parity with TRL's scripts."}
+    )
+    max_eval_samples_per_domain: int | None = field(default=100, metadata={"help": "Held-out rows per domain."})
+
+
+def load_sft_data(script_args: SFTScriptArguments, seed: int):
+    if script_args.dataset_name == BUILTIN:
+        from hfweight.defaults import sft_dataset
+
+        return sft_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.05, seed=seed)
+    from datasets import load_dataset
+
+    return load_dataset(script_args.dataset_name, script_args.dataset_config)
+
+
+def main(script_args: SFTScriptArguments, training_args: WeightedSFTConfig, model_args: ModelConfig) -> dict:
+    if script_args.reference_model_path and training_args.reference_model is None:
+        training_args.reference_model = script_args.reference_model_path
+    model, tokenizer = load_causal_lm(
+        model_args.model_name_or_path or "builtin:tiny", vocab_size=script_args.builtin_vocab_size, seed=training_args.seed
+    )
+    data = load_sft_data(script_args, training_args.seed)
+    trainer = WeightedSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data[script_args.dataset_train_split],
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    eval_sets = {}
+    if script_args.dataset_eval_split and script_args.dataset_eval_split in data:
+        eval_sets = per_domain_eval_sets(
+            data[script_args.dataset_eval_split], training_args.domain_column, script_args.max_eval_samples_per_domain
+        )
+    summary = final_summary(trainer, eval_sets, stage="sft")
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print_summary([summary])
+    return summary
+
+
+if __name__ == "__main__":
+    parser = TrlParser((SFTScriptArguments, WeightedSFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())
