@@ -24,7 +24,7 @@ CORPUS_ROWS = 1500  # tokenizing a sample of the corpus is enough for a few hund
 WEIGHT_RANGE = (0.5, 1.5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_and_corpus(seed: int = 0):
     corpus = build_corpus(seed=seed)
     return build_tokenizer(corpus), corpus
@@ -36,7 +36,9 @@ def _chunk_by_domain(tokenized: datasets.Dataset, seq_len: int, num_blocks: int)
     streams = defaultdict(list)
     for ids, domain in zip(tokenized["input_ids"], tokenized["domain"]):
         streams[domain].extend(ids)
-    per_domain = {d: [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)] for d, ids in streams.items()}
+    per_domain = {
+        d: [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)] for d, ids in streams.items()
+    }
     blocks = []
     for position in range(max(len(b) for b in per_domain.values())):
         for domain in sorted(per_domain):
@@ -47,7 +49,7 @@ def _chunk_by_domain(tokenized: datasets.Dataset, seq_len: int, num_blocks: int)
     return blocks[:num_blocks]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weighted_blocks(seq_len: int, num_blocks: int = 256, seed: int = 0) -> datasets.Dataset:
     """``num_blocks`` rows of ``seq_len`` tokens with ``domain``, ``sample_weight`` and ``token_weights`` columns
     (weights uniform in ``WEIGHT_RANGE``, fixed by ``seed``). Every variant gets this same dataset; the parent

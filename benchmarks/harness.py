@@ -166,8 +166,11 @@ class RunResult:
 
 def run_variant(factory: Callable, steps: int, warmup: int) -> RunResult:
     """Build the variant's trainer, train ``warmup + steps`` optimizer steps, and return the timed steps' numbers."""
+    from transformers.trainer_callback import PrinterCallback
+
     trainer = factory()
     trainer.args.max_steps = warmup + steps
+    trainer.remove_callback(PrinterCallback)  # the harness prints its own one line per run
     memory = PeakMemory()
     clock = _step_clock(warmup, steps, memory)
     trainer.add_callback(clock)

@@ -59,7 +59,8 @@ def _as_points(points, d: int | None = None, what: str = "points") -> np.ndarray
         points = points.detach().cpu().double().numpy()
     arr = np.asarray(points, dtype=np.float64)
     if arr.size == 0:
-        return np.zeros((0, d if d is not None else 0), dtype=np.float64)
+        width = d if d is not None else (arr.shape[1] if arr.ndim == 2 else 0)
+        return np.zeros((0, width), dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:

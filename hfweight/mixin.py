@@ -227,7 +227,9 @@ class WeightingMixin:
         local_den = torch.zeros((), dtype=torch.float64, device=self.args.device)
         moments = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         extremes = []
-        for batch in batch_samples:
+        dynamic = getattr(self.sample_weighting, "needs_losses", False)
+        step_weights = self._loss_based_weights(batch_samples) if dynamic else None
+        for index, batch in enumerate(batch_samples):
             if "shift_labels" in batch:
                 raise ValueError(
                     "Weighted losses do not support pre-shifted labels (`shift_labels`, used by context/sequence "
@@ -239,7 +241,10 @@ class WeightingMixin:
                 batch[BATCH_REF_LOGPS] = reference_log_probs(self.reference, self.model, model_inputs)
             segments, num_samples = sample_segments(batch)
             domains = per_sample_values(batch.get(BATCH_DOMAIN), batch, segments, num_samples)
-            v = self._sample_weights(batch, segments, num_samples, domains)
+            if step_weights is None:
+                v = self._sample_weights(batch, segments, num_samples, domains)
+            else:
+                v = self._times_domain_factor(step_weights[index], domains)
             den_w = None
             if self.token_weighting is not None:
                 ctx = self._token_context(batch, mask)
@@ -280,11 +285,78 @@ class WeightingMixin:
             column = per_sample_values(batch.get(BATCH_SAMPLE_WEIGHT), batch, segments, num_samples)
             ctx = SampleContext(column=column, domains=domains, step=self.state.global_step)
             v = self._checked(self.sample_weighting.weights(ctx), "sample weights")
-        if self.mixture is not None and self.args.mixture_mode == "upweight":
-            factor = (self.mixture.probabilities() / self._natural_mixture).to(torch.float32)
-            domain_v = factor.to(domains.device)[domains]
-            v = domain_v if v is None else v.to(domain_v.dtype) * domain_v
-        return v
+        return self._times_domain_factor(v, domains)
+
+    def _times_domain_factor(self, v: torch.Tensor | None, domains) -> torch.Tensor | None:
+        """Multiply by the upweight factor ``α_d / q_d`` when a mixture is applied by loss upweighting."""
+        if self.mixture is None or self.args.mixture_mode != "upweight":
+            return v
+        factor = (self.mixture.probabilities() / self._natural_mixture).to(torch.float32)
+        domain_v = factor.to(domains.device)[domains]
+        return domain_v if v is None else v.to(domain_v.dtype) * domain_v
+
+    def _loss_based_weights(self, batch_samples: list[dict]) -> list[torch.Tensor]:
+        """Sample weights that depend on this step's losses (Sow et al., loss truncation, STORM), exactly.
+
+        METHODS §0 option (a): a no-grad scoring forward of the current model over the step's prefetched micro-batches
+        gives every sample's mean token loss; the losses of all micro-batches of all ranks are gathered in a fixed
+        order (micro-batch, then rank), the strategy weighs that global batch once, and each rank keeps its own slice
+        by *global* rank. The weights are then known before the first backward, so the step denominator is exact and
+        the gradient is invariant to GA and the number of ranks. Cost: one extra forward per micro-batch (~+33% FLOPs).
+        """
+        local = []
+        model = self.model
+        was_training = model.training
+        model.eval()  # no dropout in the scoring pass: the same losses the training forward will see
+        try:
+            with torch.no_grad():
+                for batch in batch_samples:
+                    inputs = {k: v for k, v in batch.items() if not k.startswith(BATCH_PREFIX)}
+                    logps, mask = token_log_probs(model, inputs, self._fused)
+                    segments, num_samples = sample_segments(batch)
+                    _, losses = weighted_numerator(-logps, mask, None, None, None, "sample", segments, num_samples)
+                    column = per_sample_values(batch.get(BATCH_SAMPLE_WEIGHT), batch, segments, num_samples)
+                    domains = per_sample_values(batch.get(BATCH_DOMAIN), batch, segments, num_samples)
+                    local.append(
+                        torch.stack(
+                            [
+                                losses.double(),
+                                torch.full_like(losses, float("nan")).double() if column is None else column.double(),
+                                torch.full_like(losses, -1).double() if domains is None else domains.double(),
+                            ],
+                            dim=1,
+                        )
+                    )
+        finally:
+            model.train(was_training)
+        sizes = [len(x) for x in local]
+        table, offset = self._all_gather_rows(torch.cat(local).to(self.args.device))
+        has_column = not torch.isnan(table[:, 1]).all()
+        ctx = SampleContext(
+            column=table[:, 1].float() if has_column else None,
+            losses=table[:, 0].float(),
+            domains=table[:, 2].long() if bool((table[:, 2] >= 0).all()) else None,
+            step=self.state.global_step,
+        )
+        weights = self._checked(self.sample_weighting.weights(ctx), "sample weights")
+        mine = weights[offset : offset + sum(sizes)]
+        return list(torch.split(mine.to(self.args.device), sizes))
+
+    def _all_gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Concatenate every rank's rows in rank order; return the table and where this rank's rows start."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return rows, 0
+        world, rank = dist.get_world_size(), dist.get_rank()
+        count = torch.tensor([rows.shape[0]], device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        padded = rows.new_zeros((max(counts), rows.shape[1]))
+        padded[: rows.shape[0]] = rows
+        gathered = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        table = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+        return table, sum(counts[:rank])
 
     def _token_context(self, batch: dict, mask: torch.Tensor, logps: torch.Tensor | None = None) -> TokenContext:
         return TokenContext(

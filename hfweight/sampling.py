@@ -221,7 +221,6 @@ class DomainSampler(Sampler[int], Stateful):
         g = torch.Generator().manual_seed(derive_seed(self.seed, 0, b))
         domains = torch.multinomial(alpha, self.batch_size, replacement=True, generator=g).tolist()
         self._buffer = [self._next_row(d) for d in domains]
-        self._buffer_domains = domains
         self._buffer_pos = 0
         self._next_batch = b + 1
         self.last_probabilities = alpha

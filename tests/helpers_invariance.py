@@ -20,6 +20,13 @@ CONFIGS = {
     "dft/token": dict(token_weighting="dft"),
     "focal/sample": dict(token_weighting="focal", token_weighting_kwargs={"gamma": 2.0}, loss_normalization="sample"),
     "prior+sample/token": dict(token_weighting="prior", sample_weighting="static"),
+    "loss_extremes/token": dict(sample_weighting="loss", sample_weighting_kwargs={"strategy": "extremes", "temperature": 0.4}),
+    "loss_linupper+prior/sample": dict(
+        sample_weighting="loss",
+        sample_weighting_kwargs={"strategy": "linupper", "temperature": 0.5},
+        token_weighting="prior",
+        loss_normalization="sample",
+    ),
     "domain_upweight+sample/token": dict(
         sample_weighting="static",
         mixture="static",

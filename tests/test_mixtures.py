@@ -248,6 +248,9 @@ def test_aioli_estimates_A_on_a_toy():
         m.observe(stats(step))
         step += 1
     assert m.eval_requested()
+    learned = m.probabilities()
+    m.observe_eval(torch.tensor([4.0, 4.0, 4.0]), step)
+    assert m.wants_probe() is not None and torch.equal(m.final_probabilities(), learned)
 
 
 def test_aioli_normalized_ema_over_two_rounds():

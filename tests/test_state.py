@@ -28,7 +28,7 @@ class CountingWeights(SampleWeighting):
         self.calls = state["calls"]
 
 
-def _trainer(out, max_steps, **extra):
+def _trainer(out, max_steps, weighting="test_counting", weighting_kwargs=None, **extra):
     args = WeightedTrainingArguments(
         **training_args(
             str(out),
@@ -42,7 +42,8 @@ def _trainer(out, max_steps, **extra):
             save_steps=3,
             **extra,
         ),
-        sample_weighting="test_counting",
+        sample_weighting=weighting,
+        sample_weighting_kwargs=weighting_kwargs,
     )
     return WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(40), data_collator=pad_collate)
 
@@ -76,3 +77,17 @@ def test_checkpoint_without_state_warns(tmp_path):
     resumed.sample_weighting.calls = 99  # non-empty state: a missing file must be reported, not ignored
     with pytest.warns(UserWarning, match="has no hfweight_state.pt"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_resume_truncation_buffer_exactly(tmp_path):
+    """Loss truncation's ring buffer and cutoff survive a checkpoint: the resumed run drops the same samples."""
+    kwargs = {"drop_fraction": 0.3, "buffer_size": 16, "min_samples": 4, "recompute_every": 2}
+    straight = _trainer(tmp_path / "straight", 6, "truncation", kwargs)
+    straight.train()
+    _trainer(tmp_path / "resumed", 3, "truncation", kwargs).train()
+    resumed = _trainer(tmp_path / "resumed", 6, "truncation", kwargs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    expected, got = _losses(straight), _losses(resumed)
+    assert any(h.get("weights/min") == 0.0 for h in straight.state.log_history)  # truncation did drop samples
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step

@@ -1,7 +1,6 @@
 """Weighting strategies; importing this package registers every built-in strategy."""
 
-from . import mixture, sample, token  # noqa: F401  (registration side effects)
-from . import rewards  # noqa: F401  (registration side effects)
+from . import mixture, rewards, sample, token  # noqa: F401  (registration side effects)
 from .base import (
     DomainStats,
     MixtureController,

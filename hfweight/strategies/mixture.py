@@ -853,6 +853,10 @@ class AioliMixture(_Controller):
         probe = self.wants_probe()
         return probe if probe is not None else super().probabilities()
 
+    def final_probabilities(self) -> torch.Tensor:
+        """The learned mixture (never a probe)."""
+        return super().probabilities()
+
     def observe(self, stats: DomainStats) -> None:
         self._check_stats(stats)
         if self._pending is not None:

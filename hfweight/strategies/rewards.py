@@ -191,9 +191,16 @@ def _resolve_per_reward(spec, names: list[str], name: str, *, allow_none: bool =
     return out
 
 
+def _f64(x) -> torch.Tensor:
+    """float64 CPU tensor from a tensor, an array or (nested) lists, without a float32 round trip."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", _F64)
+    return torch.from_numpy(np.array(x, dtype=np.float64))
+
+
 def _as_rewards(rewards, k: int) -> torch.Tensor:
     """The batch as float64 ``(M, K)`` with rows where every reward is NaN removed."""
-    r = torch.as_tensor(rewards).detach().to("cpu", _F64)
+    r = _f64(rewards)
     if r.ndim == 1 and k == 1:
         r = r[:, None]
     if r.ndim != 2 or r.shape[1] != k:
@@ -253,7 +260,7 @@ class _RewardWeightingBase(RewardWeighting):
         if initial_weights is None:
             w0 = torch.ones(k, dtype=_F64)
         else:
-            w0 = torch.as_tensor(initial_weights).detach().to("cpu", _F64).flatten()
+            w0 = _f64(initial_weights).flatten()
         if w0.numel() != k:
             raise ValueError(f"`reward_weights` has {w0.numel()} entries but there are K = {k} reward functions "
                              f"{names}; give one weight per reward function.")
@@ -675,7 +682,7 @@ class HypervolumeWeighting(_RewardWeightingBase):
         coordinate, with a warning; the first call must be NaN-free."""
         self._require_bound()
         k = len(self.reward_names)
-        s = torch.as_tensor(scores).detach().to("cpu", _F64).flatten()
+        s = _f64(scores).flatten()
         if s.numel() != k:
             raise ValueError(f"observe_validation got {s.numel()} scores; expected one per reward function "
                              f"(K = {k}: {self.reward_names}).")
@@ -765,7 +772,7 @@ def clip_gram(gram, clip_norm: float | None = 1.0, norms=None) -> torch.Tensor:
     (``target_layer_ids``); pass the full-model norms to match that when ``S`` is over a subset. ``clip_norm=None``
     disables clipping. Returns float64 ``(K, K)``.
     """
-    s = torch.as_tensor(gram).detach().to("cpu", _F64)
+    s = _f64(gram)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"The gradient Gram must be a square (K, K) matrix, got shape {tuple(s.shape)}.")
     if clip_norm is None:
@@ -773,7 +780,7 @@ def clip_gram(gram, clip_norm: float | None = 1.0, norms=None) -> torch.Tensor:
     clip_norm = float(clip_norm)
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}.")
-    n = s.diagonal().clamp(min=0).sqrt() if norms is None else torch.as_tensor(norms).to("cpu", _F64).flatten()
+    n = s.diagonal().clamp(min=0).sqrt() if norms is None else _f64(norms).flatten()
     if n.numel() != s.shape[0]:
         raise ValueError(f"norms has {n.numel()} entries; expected {s.shape[0]}.")
     coef = (clip_norm / (n + 1e-6)).clamp(max=1.0)
@@ -787,7 +794,7 @@ def gram_from_gradients(gradients, clip_norm: float | None = 1.0, norms=None) ->
     The products are accumulated in float64. Under sharding, call ``clip_gram`` on the all-reduced partial Gram
     instead (``gram_from_gradients(shards, clip_norm=None)`` gives the partial Gram of the local shards).
     """
-    grads = [torch.as_tensor(g).detach().flatten().to(_F64) for g in gradients]
+    grads = [_f64(g).flatten() for g in gradients]
     if not grads:
         raise ValueError("gram_from_gradients needs one gradient per reward function; got none.")
     if len({g.numel() for g in grads}) != 1:
@@ -854,7 +861,7 @@ class GradientWeighting(_RewardWeightingBase):
         weights (float32); they apply from the next :meth:`weights` call."""
         self._require_bound()
         k = len(self.reward_names)
-        s = torch.as_tensor(gram).detach().to("cpu", _F64)
+        s = _f64(gram)
         if s.shape != (k, k):
             raise ValueError(f"update_from_gram expects a ({k}, {k}) Gram for the K = {k} reward functions "
                              f"{self.reward_names}, got shape {tuple(s.shape)}.")
@@ -1244,7 +1251,7 @@ class ConstrainedWeighting(_RewardWeightingBase):
         if self._nm is None or self._nm.done:
             return
         k = len(self.reward_names)
-        s = torch.as_tensor(scores).detach().to("cpu", _F64).flatten()
+        s = _f64(scores).flatten()
         if s.numel() != k:
             raise ValueError(f"observe_validation got {s.numel()} scores; expected one per reward function "
                              f"(K = {k}: {self.reward_names}).")

@@ -24,7 +24,9 @@ def main():
     else:
         backend = "none"
     # One write per line: both ranks share the launcher's stdout, and print() writes the newline separately.
-    sys.stdout.write(f"rank={args.process_index} world_size={args.world_size} backend={backend} sum={value.item():g}\n")
+    sys.stdout.write(
+        f"rank={args.process_index} world_size={args.world_size} backend={backend} sum={value.item():g}\n"
+    )
     sys.stdout.flush()
 
 
