@@ -87,7 +87,7 @@ class _StepPlan:
     remaining: int
     """Micro-batches of this step not yet through ``compute_loss``."""
     domain_sums: torch.Tensor | None
-    """Local ``[loss_sum; token_count; sample_count]`` per domain ``(3, k)``, accumulated over the micro-batches."""
+    """Local ``[loss_sum; token_count; sample_count; excess_sum]`` per domain ``(4, k)``, over the micro-batches."""
 
 
 class WeightingMixin:
@@ -263,7 +263,7 @@ class WeightingMixin:
         self._step_plan = _StepPlan(
             denominator=reduced[0],
             remaining=len(batch_samples),
-            domain_sums=torch.zeros((3, k), dtype=torch.float64, device=self.args.device) if k else None,
+            domain_sums=torch.zeros((4, k), dtype=torch.float64, device=self.args.device) if k else None,
         )
         for key, value in summarize_weights(reduced[1:], extremes).items():
             self._weighting_metrics[f"weights/{key}"].append(value)
@@ -432,10 +432,14 @@ class WeightingMixin:
         if plan.domain_sums is None or domains is None:
             return
         segments = extras[BATCH_SEGMENTS].flatten()
-        per_sample = torch.zeros((3, num_samples), dtype=torch.float64, device=token_loss.device)
+        per_sample = torch.zeros((4, num_samples), dtype=torch.float64, device=token_loss.device)
         per_sample[0].index_add_(0, segments, (token_loss * mask).flatten().to(torch.float64))
         per_sample[1].index_add_(0, segments, mask.flatten().to(torch.float64))
         per_sample[2] = 1.0
+        ref_logps = shift_token_column(extras.get(BATCH_REF_LOGPS))
+        if ref_logps is not None:  # DoReMi's excess loss max(ℓ − ℓ_ref, 0), summed over tokens
+            excess = (token_loss + ref_logps.to(token_loss.dtype)).clamp(min=0) * mask
+            per_sample[3].index_add_(0, segments, excess.flatten().to(torch.float64))
         plan.domain_sums.index_add_(1, domains.to(plan.domain_sums.device), per_sample.to(plan.domain_sums))
 
     def _finish_step(self, plan: _StepPlan) -> None:
@@ -443,7 +447,14 @@ class WeightingMixin:
         if plan.domain_sums is None:
             return
         sums = self._all_reduce(plan.domain_sums)
-        stats = DomainStats(loss_sum=sums[0], token_count=sums[1], sample_count=sums[2], step=self.state.global_step)
+        has_reference = self._column_spec.ref_logps
+        stats = DomainStats(
+            loss_sum=sums[0],
+            token_count=sums[1],
+            sample_count=sums[2],
+            step=self.state.global_step,
+            excess_sum=sums[3] if has_reference else None,
+        )
         for name, value in zip(self.domain_names, stats.mean_loss.tolist()):
             if not math.isnan(value):
                 self._weighting_metrics[f"domain_loss/{name}"].append(value)

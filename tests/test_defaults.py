@@ -115,8 +115,8 @@ def test_arithmetic_answers_verify(corpus):
 
 
 def test_noise_has_higher_entropy_than_redundant(corpus):
-    noise = char_entropy(rows_of(corpus["train"], "noise"))
-    redundant = char_entropy(rows_of(corpus["train"], "redundant"))
+    noise = char_entropy(rows_of(corpus["train"], "noise")[:300])
+    redundant = char_entropy(rows_of(corpus["train"], "redundant")[:300])
     assert noise > redundant + 2.0, (noise, redundant)
 
 

@@ -27,8 +27,9 @@ Common rules
   every reward is NaN are ignored; a NaN in one column is ignored for that column only. Weights are never NaN.
 - ``current_weights()`` returns the weights last returned (the initial ones before any call) without touching the
   state: use it for evaluation batches (``_calculate_rewards`` also runs in evaluation).
-- With a single reward function every strategy returns the initial weight (``hypervolume`` with
-  ``variant="scalar"`` excepted: its multiplier is the method itself).
+- With a single reward function every strategy returns the initial weight, with two deliberate exceptions where
+  the rescaling *is* the method: ``popart`` (``w0/σ``: PopArt's original single-reward use, which matters for RLOO's
+  absolute scale; ``fixed_sum=True`` gives back ``w0``) and ``hypervolume`` with ``variant="scalar"`` (``m·w0``).
 - ``state_dict()`` / ``load_state_dict()`` round-trip exactly (call ``bind`` first, then ``load_state_dict``).
 - ``metrics()`` returns a flat ``{name: float}`` dict for the Trainer's ``log``.
 
@@ -390,12 +391,12 @@ class PopArtWeighting(_RewardWeightingBase):
       reward-vs-KL trade-off of the configured weights. Off by default (pure PopArt: rewards in σ units).
 
     Args:
-        beta: EMA step size β, default ``3e-4`` — the statistics step size used with PopArt in multi-task IMPALA
-            (Hessel et al. 2019, also the default of several public reimplementations; van Hasselt et al. tune it per
-            domain). Here it is applied once per generation batch, not per learner step, so with debiasing the
-            statistics are close to the cumulative mean over the first ~``1/β`` batches; raise it (e.g. ``0.01``) to
-            track a drifting reward faster.
-        min_std: ``1e-4`` (the lower clip of σ used by the same PopArt implementations); below it the weight is 0.
+        beta: EMA step size β, default ``3e-4``: the statistics step size attributed to multi-task PopArt
+            (Hessel et al. 2019) and the default of public PopArt reimplementations (not re-checked against the
+            paper's table here; van Hasselt et al. 2016 tune β per domain). Here it is applied once per generation
+            batch, not per learner step, so with debiasing the statistics stay close to the cumulative mean over the
+            first ~``1/β`` batches; raise it (e.g. ``0.01``) to track a drifting reward faster.
+        min_std: ``1e-4`` (the lower clip of σ in public PopArt implementations); below it the weight is 0.
         max_std: ``1e6`` (upper clip of σ).
         fixed_sum: see above.
     """
