@@ -118,7 +118,7 @@ def score_dataset(
     batch_size: int = 8,
     column: str = "ref_logps",
     shard_rows: int = 1024,
-) -> "datasets.Dataset":  # noqa: F821
+) -> datasets.Dataset:  # noqa: F821
     """Add a ``ref_logps`` column (per-token reference log-probs aligned with ``input_ids``) to a tokenized dataset.
 
     Batched, with a progress bar, and resumable: rows are scored in shards of ``shard_rows`` saved under

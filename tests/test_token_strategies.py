@@ -28,9 +28,9 @@ def _token_terms(model, rows):
 def _expected(strategy, kwargs, terms, rows):
     """Loss of one step over all rows (token normalization), from the formulas of METHODS §2."""
     if strategy == "dft":
-        return sum(p * l for _, _, p, l, _ in terms) / len(terms)
+        return sum(p * nll for _, _, p, nll, _ in terms) / len(terms)
     if strategy == "focal":
-        return sum((1 - p) ** kwargs["gamma"] * l for _, _, p, l, _ in terms) / len(terms)
+        return sum((1 - p) ** kwargs["gamma"] * nll for _, _, p, nll, _ in terms) / len(terms)
     if strategy == "prior":
         num = 0.0
         for i in range(len(rows)):
@@ -42,9 +42,9 @@ def _expected(strategy, kwargs, terms, rows):
             num += sum(w / mean * x[3] for w, x in zip(raw, mine))
         return num / len(terms)
     if strategy == "rho1":
-        excess = sorted(((l + math.log(pr), l) for _, _, _, l, pr in terms), reverse=True)
+        excess = sorted(((nll + math.log(pr), nll) for _, _, _, nll, pr in terms), reverse=True)
         keep = math.ceil(len(terms) * kwargs["keep_percent"] / 100)
-        return sum(l for _, l in excess[:keep]) / keep
+        return sum(nll for _, nll in excess[:keep]) / keep
     raise AssertionError(strategy)
 
 
