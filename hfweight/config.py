@@ -17,7 +17,7 @@ from .registry import MIXTURES, REWARD_WEIGHTINGS, SAMPLE_WEIGHTINGS, TOKEN_WEIG
 
 LOSS_NORMALIZATIONS = ("token", "sample")
 MIXTURE_MODES = ("resample", "upweight")
-IMPLEMENTED_MIXTURE_MODES = ("upweight",)
+IMPLEMENTED_MIXTURE_MODES = ("resample", "upweight")
 
 # Dataset columns the trainers understand (DESIGN.md). The domain column's name is configurable.
 SAMPLE_WEIGHT_COLUMN = "sample_weight"

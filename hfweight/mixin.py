@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 from .columns import (
     BATCH_DOMAIN,
@@ -62,6 +63,22 @@ from .strategies.base import DomainStats, SampleContext, TokenContext
 
 logger = logging.getLogger(__name__)
 
+
+class _MixtureCallback(TrainerCallback):
+    """Step-boundary duties of a mixture controller: total steps, held-out evaluations it asks for."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        mixture = self.trainer.mixture
+        if hasattr(mixture, "set_total_steps"):
+            mixture.set_total_steps(state.max_steps)
+        self.trainer._serve_eval_request()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._serve_eval_request()
+
 # Keys the prepare phase adds to each micro-batch (stripped with the other hfw_* keys before the forward).
 BATCH_V = "hfw_v"  # per-sample weights (S,)
 BATCH_DEN_W = "hfw_den_w"  # denominator token weights (B, T-1)
@@ -76,6 +93,19 @@ def _is_map_dataset(dataset) -> bool:
         return isinstance(dataset, datasets.Dataset)
     except ImportError:  # pragma: no cover
         return False
+
+
+class _SamplerAtStep:
+    """The domain sampler's state at the last consumed optimizer step (the DataLoader reads ahead of training)."""
+
+    def __init__(self, sampler, state):
+        self.sampler, self.state = sampler, state
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict(batches_consumed=self.state.global_step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 @dataclass
@@ -129,6 +159,7 @@ class WeightingMixin:
             if isinstance(self.reference, torch.nn.Module):
                 self.reference.to(self.args.device)
         self._setup_domains()
+        self._setup_mixture_protocols()
         self._column_spec = self._build_column_spec()
         if _is_map_dataset(self.train_dataset):
             validate_dataset(self.train_dataset, self._column_spec)
@@ -173,6 +204,86 @@ class WeightingMixin:
                     "domain column; for a streaming dataset use mixture_mode='resample'."
                 )
             self._natural_mixture = sizes / sizes.sum()
+
+    def _setup_mixture_protocols(self) -> None:
+        """Check what the controller needs (held-out sets, a target set) and hook its step-boundary duties."""
+        self._domain_sampler = None
+        self._domain_eval_sets: dict = {}
+        if self.mixture is None:
+            return
+        if getattr(self.mixture, "needs_target", False):
+            raise ValueError(
+                f"mixture={self.args.mixture!r} needs per-domain gradients against a target set; the trainer glue "
+                "for gradient-based mixtures is not available yet in this version of hfweight."
+            )
+        if getattr(self.mixture, "needs_eval", False):
+            self._domain_eval_sets = self._split_eval_by_domain()
+            missing = [d for d in self.domain_names if d not in self._domain_eval_sets]
+            if len(missing) == len(self.domain_names):
+                raise ValueError(
+                    f"mixture={self.args.mixture!r} learns from per-domain held-out losses: pass `eval_dataset` as a "
+                    "dict {domain: dataset} or a dataset with the domain column."
+                )
+        if self.args.mixture_mode == "resample":
+            if not _is_map_dataset(self.train_dataset):
+                raise ValueError(
+                    "mixture_mode='resample' needs a map-style training dataset here; for a streaming dataset build "
+                    "an `hfweight.sampling.MixtureIterableDataset` or use mixture_mode='upweight'."
+                )
+            if getattr(self.args, "packing", False):
+                raise ValueError(
+                    "mixture_mode='resample' draws whole rows by domain, but packed rows mix domains; use "
+                    "mixture_mode='upweight' with packing."
+                )
+            # The sampler restores its own position on resume; Trainer must not skip batches on top of it.
+            self.args.ignore_data_skip = True
+        self.add_callback(_MixtureCallback(self))
+
+    def _split_eval_by_domain(self) -> dict:
+        """``{domain name: held-out dataset}`` from a dict ``eval_dataset`` or from its domain column."""
+        eval_dataset = self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            return {str(k): v for k, v in eval_dataset.items() if str(k) in self.domain_names}
+        if _is_map_dataset(eval_dataset) and self.args.domain_column in eval_dataset.column_names:
+            values = eval_dataset[self.args.domain_column]
+            out = {}
+            for value, name in zip(self._domain_values, self.domain_names):
+                rows = [i for i, v in enumerate(values) if v == value]
+                if rows:
+                    out[name] = eval_dataset.select(rows)
+            return out
+        return {}
+
+    def _serve_eval_request(self) -> None:
+        """Evaluate every domain's held-out set when the controller asks (Aioli, Skill-it), then feed it back."""
+        requested = getattr(self.mixture, "eval_requested", None)
+        if requested is None or not requested():
+            return
+        losses = torch.full((len(self.domain_names),), float("nan"), dtype=torch.float64)
+        for i, name in enumerate(self.domain_names):
+            if name in self._domain_eval_sets:
+                metrics = self.evaluate(eval_dataset=self._domain_eval_sets[name], metric_key_prefix=f"mixture_eval_{name}")
+                losses[i] = metrics[f"mixture_eval_{name}_loss"]
+        self.mixture.observe_eval(losses, self.state.global_step)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if getattr(self, "weighting_enabled", False) and self.mixture is not None and self.args.mixture_mode == "resample":
+            from .sampling import DomainSampler
+
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            self._domain_sampler = DomainSampler.from_column(
+                dataset[self.args.domain_column],
+                self.mixture,
+                domain_order=self._domain_values,
+                domain_names=self.domain_names,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                batch_size=self.args.per_device_train_batch_size
+                * self.args.gradient_accumulation_steps
+                * self._data_parallel_size(),
+                num_samples=len(dataset),
+            )
+            return self._domain_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def _build_column_spec(self) -> ColumnSpec:
         spec = ColumnSpec(domain_column=self.args.domain_column, allow_negative=self.args.allow_negative_weights)
@@ -482,7 +593,10 @@ class WeightingMixin:
     # ---- checkpointing ----------------------------------------------------------------------------------------------
 
     def _stateful_parts(self) -> dict:
-        return {"token_weighting": self.token_weighting, "sample_weighting": self.sample_weighting, "mixture": self.mixture}
+        parts = {"token_weighting": self.token_weighting, "sample_weighting": self.sample_weighting, "mixture": self.mixture}
+        if getattr(self, "_domain_sampler", None) is not None:
+            parts["domain_sampler"] = _SamplerAtStep(self._domain_sampler, self.state)
+        return parts
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -523,7 +637,8 @@ class WeightingMixin:
         paths = {}
         summary = {"config": self.args.weighting_summary(), "domains": self.domain_names}
         if self.mixture is not None:
-            weights = dict(zip(self.domain_names, self.mixture.probabilities().tolist()))
+            final = getattr(self.mixture, "final_probabilities", self.mixture.probabilities)()
+            weights = dict(zip(self.domain_names, final.tolist()))
             summary["final_mixture"] = weights
             paths["mixture"] = os.path.join(output_dir, "mixture_weights.json")
             with open(paths["mixture"], "w") as f:
