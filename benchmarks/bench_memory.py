@@ -26,7 +26,7 @@ VOCAB_SIZE = 32768
 SEQ_LEN = 512
 BATCH_SIZE = 4
 FULL = (4, 2, 3)  # steps, warmup, repeats
-QUICK = (2, 1, 1)
+QUICK = (1, 1, 1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,14 +18,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import VARIANTS, quiet, variant_factories  # noqa: E402
+from common import VARIANT_WEIGHTING, VARIANTS, quiet, variant_factories  # noqa: E402
 from harness import compare, report  # noqa: E402
 
 SEQ_LEN = {"tiny": 256, "small": 512}
 BATCH_SIZE = 8
-# (steps, warmup, repeats): full runs stay under ~10 minutes on 2 cores, quick ones under 2.
-FULL = {"tiny": (20, 3, 3), "small": (6, 2, 3)}
-QUICK = {"tiny": (4, 2, 1), "small": (2, 1, 1)}
+# (steps, warmup, repeats) sized for a 2-core CPU: tiny full ~3 min, quick < 1 min; a small step takes 10-20 s
+# there, so small full (~7 min) has few steps and small quick is a ~1.5 min smoke test, not a measurement.
+FULL = {"tiny": (15, 3, 5), "small": (3, 1, 2)}
+QUICK = {"tiny": (4, 2, 1), "small": (1, 1, 1)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs per variant (order alternates between repeats)")
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the benchmark")
     parser.add_argument("--isolate", action="store_true", help="each run in a fresh subprocess (slower to start)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANT_WEIGHTING),
+        default=list(VARIANTS),
+        help="variants to compare; the first is the baseline of the ratios (default: %(default)s)",
+    )
     parser.add_argument("--name", help="result file name under benchmarks/results (default: overhead_<model>)")
     args = parser.parse_args(argv)
     steps, warmup, repeats = (QUICK if args.quick else FULL)[args.model]
@@ -51,11 +59,11 @@ def main(argv=None) -> None:
     quiet()
     workload = {"size": args.model, "seq_len": SEQ_LEN[args.model], "batch_size": BATCH_SIZE}
     result = compare(
-        variant_factories(VARIANTS, **workload),
+        variant_factories(args.variants, **workload),
         steps=args.steps,
         warmup=args.warmup,
         repeats=args.repeats,
-        baseline="trainer",
+        baseline=args.variants[0],
         isolate=args.isolate,
         settings={"model": args.model, "batch": BATCH_SIZE, "seq": SEQ_LEN[args.model]},
     )

@@ -19,7 +19,30 @@ import numpy as np
 
 from hfweight.defaults import build_corpus, build_model, build_tokenizer, lm_dataset
 
-VARIANTS = ("trainer", "weighted_off", "weighted_static")
+# variant name → WeightingArguments fields (``None``: the parent ``transformers.Trainer``). Every weighted variant
+# runs the same model, data, order and seed; only these fields differ.
+VARIANT_WEIGHTING: dict[str, dict | None] = {
+    "trainer": None,
+    "weighted_off": {},
+    "weighted_static": {"token_weighting": "static", "sample_weighting": "static"},
+    "dft": {"token_weighting": "dft"},
+    "focal": {"token_weighting": "focal"},
+    "loss": {"sample_weighting": "loss"},
+    "truncation": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 8}},
+    "mixture_static_upweight": {
+        "mixture": "static",
+        "mixture_mode": "upweight",
+        "mixture_kwargs": {"weights": {"code": 2.0, "prose": 1.0, "arithmetic": 1.0, "redundant": 0.5, "noise": 0.5}},
+    },
+    "odm_upweight": {"mixture": "odm", "mixture_mode": "upweight"},
+    "temperature_resample": {"mixture": "temperature", "mixture_mode": "resample"},
+    "schedule_resample": {
+        "mixture": "schedule",
+        "mixture_mode": "resample",
+        "mixture_kwargs": {"stages": [{"until": 0.5, "temperature": 1.0}, {"until": 1.0, "temperature": 3.0}]},
+    },
+}
+VARIANTS = ("trainer", "weighted_off", "weighted_static")  # the default comparison
 CORPUS_ROWS = 1500  # tokenizing a sample of the corpus is enough for a few hundred blocks and takes ~1 s
 WEIGHT_RANGE = (0.5, 1.5)
 
@@ -87,13 +110,12 @@ def _arguments(variant: str, batch_size: int):
         data_seed=0,
         dataloader_num_workers=0,
     )
-    if variant == "trainer":
+    if variant not in VARIANT_WEIGHTING:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANT_WEIGHTING)}")
+    weighting = VARIANT_WEIGHTING[variant]
+    if weighting is None:
         return TrainingArguments(**common)
-    if variant == "weighted_off":
-        return WeightedTrainingArguments(**common)
-    if variant == "weighted_static":
-        return WeightedTrainingArguments(**common, token_weighting="static", sample_weighting="static")
-    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    return WeightedTrainingArguments(**common, **weighting)
 
 
 def make_trainer(variant: str, size: str, seq_len: int, batch_size: int, seed: int = 0, **model_overrides):

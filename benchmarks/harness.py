@@ -15,7 +15,9 @@ Why it is built this way:
 - **Whole optimizer steps.** Step time is the interval between consecutive ``on_step_end`` callbacks, so it covers
   everything a step costs: fetching and collating the batch, the weighting's prepare phase (which runs in
   ``get_batch_samples``, before ``on_step_begin``), forward, backward and the optimizer. Warmup steps (first-call
-  allocations, lazy initialization) are run but not timed.
+  allocations, lazy initialization) are run but not timed. Each step's CPU time (all threads of the process) is
+  kept next to its wall time: on a shared machine, other processes competing for the cores inflate wall time far
+  more than CPU time, and each run records the load average so such runs can be recognized.
 - **Peak memory on CPU.** Peak resident set size (RSS) over the timed steps. On Linux the kernel's own high-water mark
   (``VmHWM``) can be reset through ``/proc/self/clear_refs``, which gives the exact peak at no cost; elsewhere a
   background thread samples ``psutil`` RSS every few milliseconds. Two numbers are kept: the absolute peak, and the
@@ -124,21 +126,26 @@ class PeakMemory:
 # ---- one timed run ---------------------------------------------------------------------------------------------------
 
 
+def _now() -> tuple[float, float]:
+    """(wall clock, CPU time of this process over all its threads)."""
+    return time.perf_counter(), time.process_time()
+
+
 def _step_clock(warmup: int, steps: int, memory: PeakMemory):
     """A ``TrainerCallback`` marking the end of every optimizer step; memory is watched over the timed steps only."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.marks: list[float] = []
+            self.marks: list[tuple[float, float]] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.marks = [time.perf_counter()]
+            self.marks = [_now()]
             if warmup == 0:
                 memory.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append(time.perf_counter())
+            self.marks.append(_now())
             done = len(self.marks) - 1
             if done == warmup:
                 memory.start()
@@ -148,20 +155,36 @@ def _step_clock(warmup: int, steps: int, memory: PeakMemory):
     return StepClock()
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average: a run under heavy outside load shows it here instead of hiding in the numbers."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover (not on every platform)
+        return None
+
+
 @dataclass
 class RunResult:
     """One variant in one repeat."""
 
     step_times: list[float]
-    """Seconds per timed optimizer step."""
+    """Wall-clock seconds per timed optimizer step."""
+    cpu_times: list[float]
+    """CPU seconds (all threads of the process) per timed step: less sensitive than wall time to other processes
+    competing for the cores, which is what a shared machine mostly adds."""
     peak_rss_mib: float
     peak_increase_mib: float
     """Peak RSS over the timed steps minus the RSS when they started."""
     memory_method: str
+    load_average: float | None = None
 
     @property
     def median_step(self) -> float:
         return statistics.median(self.step_times)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu_times)
 
 
 def run_variant(factory: Callable, steps: int, warmup: int) -> RunResult:
@@ -178,16 +201,18 @@ def run_variant(factory: Callable, steps: int, warmup: int) -> RunResult:
         trainer.train()
     finally:
         memory.stop()  # no-op after a complete run; stops the sampler if training ended early
-    intervals = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
-    if len(intervals) != warmup + steps:
-        raise RuntimeError(f"expected {warmup + steps} optimizer steps, the trainer ran {len(intervals)}")
+    if len(clock.marks) != warmup + steps + 1:
+        raise RuntimeError(f"expected {warmup + steps} optimizer steps, the trainer ran {len(clock.marks) - 1}")
+    wall, cpu = ([b[i] - a[i] for a, b in zip(clock.marks, clock.marks[1:])][warmup:] for i in (0, 1))
     del trainer
     gc.collect()
     return RunResult(
-        step_times=intervals[warmup:],
+        step_times=wall,
+        cpu_times=cpu,
         peak_rss_mib=memory.peak_rss / MIB,
         peak_increase_mib=(memory.peak_rss - memory.start_rss) / MIB,
         memory_method=memory.method,
+        load_average=_load_average(),
     )
 
 
@@ -208,9 +233,12 @@ def _spread(values: list[float]) -> dict[str, float]:
 class VariantSummary:
     runs: list[RunResult]
     step_s: dict[str, float] = field(default_factory=dict)
-    """Median step time of each repeat, summarized over repeats."""
+    """Median wall-clock step time of each repeat, summarized over repeats."""
     ratio: dict[str, float] = field(default_factory=dict)
     """Median step time over the baseline's in the same repeat, summarized over repeats."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    cpu_ratio: dict[str, float] = field(default_factory=dict)
+    """As ``step_s`` and ``ratio``, for CPU time per step."""
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
     peak_increase_mib: dict[str, float] = field(default_factory=dict)
 
@@ -260,15 +288,24 @@ def _order(names: list[str], repeat: int) -> list[str]:
     return names if repeat % 2 == 0 else names[::-1]
 
 
+def _paired(runs: list[RunResult], base: list[RunResult], metric: str) -> tuple[dict, dict]:
+    """``metric`` of each repeat and its ratio to the baseline's in the same repeat, each as median [min, max]."""
+    values = [getattr(r, metric) for r in runs]
+    ratios = [v / getattr(b, metric) for v, b in zip(values, base)]
+    return _spread(values), _spread(ratios)
+
+
 def _summarize(runs: dict[str, list[RunResult]], baseline: str) -> dict[str, VariantSummary]:
-    base = [r.median_step for r in runs[baseline]]
     out = {}
     for name, variant_runs in runs.items():
-        medians = [r.median_step for r in variant_runs]
+        step_s, ratio = _paired(variant_runs, runs[baseline], "median_step")
+        cpu_s, cpu_ratio = _paired(variant_runs, runs[baseline], "median_cpu")
         out[name] = VariantSummary(
             runs=variant_runs,
-            step_s=_spread(medians),
-            ratio=_spread([m / b for m, b in zip(medians, base)]),
+            step_s=step_s,
+            ratio=ratio,
+            cpu_s=cpu_s,
+            cpu_ratio=cpu_ratio,
             peak_rss_mib=_spread([r.peak_rss_mib for r in variant_runs]),
             peak_increase_mib=_spread([r.peak_increase_mib for r in variant_runs]),
         )
@@ -311,8 +348,8 @@ def compare(
             runs[name].append(result)
             if progress is not None:
                 progress(
-                    f"[repeat {repeat + 1}/{repeats}] {name}: median step {result.median_step * 1000:.1f} ms, "
-                    f"peak RSS {result.peak_rss_mib:.0f} MiB (+{result.peak_increase_mib:.0f} MiB)"
+                    f"[repeat {repeat + 1}/{repeats}] {name}: median step {result.median_step * 1000:.1f} ms "
+                    f"(CPU {result.median_cpu * 1000:.1f} ms), load {result.load_average}, peak RSS {result.peak_rss_mib:.0f} MiB (+{result.peak_increase_mib:.0f} MiB)"
                 )
     return Comparison(
         baseline=baseline,
@@ -333,6 +370,10 @@ def _fmt_spread(spread: dict[str, float], fmt: str) -> str:
     return f"{spread['median']:{fmt}} [{spread['min']:{fmt}}, {spread['max']:{fmt}}]"
 
 
+def _scaled(spread: dict[str, float], factor: float) -> dict[str, float]:
+    return {k: v * factor for k, v in spread.items()}
+
+
 def to_markdown(result: Comparison, title: str | None = None) -> str:
     """The comparison as a markdown table; every cell is ``median [min, max]`` over the repeats."""
     lines = [f"### {title}", ""] if title else []
@@ -341,20 +382,32 @@ def to_markdown(result: Comparison, title: str | None = None) -> str:
         header += ", each run in a fresh subprocess"
     if result.settings:
         header += "; " + ", ".join(f"{k}={v}" for k, v in result.settings.items())
-    memory_method = next(iter(result.variants.values())).runs[0].memory_method
+    first_runs = next(iter(result.variants.values())).runs
+    loads = [r.load_average for s in result.variants.values() for r in s.runs if r.load_average is not None]
+    load = f" 1-minute load average during the runs: {min(loads):.1f}–{max(loads):.1f}." if loads else ""
+    # Memory is only comparable between runs that start from the same state: shown for isolated runs only
+    # (the JSON keeps it either way).
+    memory = result.isolate
     lines += [
         header + ".",
-        f"Cells: median [min, max] over repeats. Peak memory: {memory_method}.",
+        "Cells: median [min, max] over repeats."
+        + (f" Peak memory: {first_runs[0].memory_method}." if memory else "")
+        + load,
         "",
-        f"| variant | step time (ms) | ratio vs `{result.baseline}` | peak RSS (MiB) | peak increase in step (MiB) |",
-        "|---|---|---|---|---|",
+        f"| variant | step time (ms) | ratio vs `{result.baseline}` | CPU time/step (ms) | CPU ratio |"
+        + (" peak RSS (MiB) | peak increase in step (MiB) |" if memory else ""),
+        "|---|---|---|---|---|" + ("---|---|" if memory else ""),
     ]
     for name, summary in result.variants.items():
-        step_ms = {k: v * 1000 for k, v in summary.step_s.items()}
-        lines.append(
-            f"| `{name}` | {_fmt_spread(step_ms, '.1f')} | {_fmt_spread(summary.ratio, '.3f')} | "
-            f"{_fmt_spread(summary.peak_rss_mib, '.0f')} | {_fmt_spread(summary.peak_increase_mib, '.0f')} |"
-        )
+        cells = [
+            _fmt_spread(_scaled(summary.step_s, 1000), ".1f"),
+            _fmt_spread(summary.ratio, ".3f"),
+            _fmt_spread(_scaled(summary.cpu_s, 1000), ".1f"),
+            _fmt_spread(summary.cpu_ratio, ".3f"),
+        ]
+        if memory:
+            cells += [_fmt_spread(summary.peak_rss_mib, ".0f"), _fmt_spread(summary.peak_increase_mib, ".0f")]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

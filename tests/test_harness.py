@@ -42,12 +42,14 @@ def _check(result: harness.Comparison, isolate: bool):
     for summary in result.variants.values():
         assert len(summary.runs) == REPEATS
         for run in summary.runs:
-            assert len(run.step_times) == STEPS and all(t > 0 for t in run.step_times)
+            assert len(run.step_times) == len(run.cpu_times) == STEPS
+            assert all(t > 0 for t in run.step_times + run.cpu_times)
             assert run.peak_rss_mib > 0 and run.peak_increase_mib >= 0 and run.memory_method
-        for spread in (summary.step_s, summary.ratio, summary.peak_rss_mib):
+        for spread in (summary.step_s, summary.ratio, summary.cpu_s, summary.cpu_ratio, summary.peak_rss_mib):
             assert set(spread) == {"median", "min", "max"}
             assert 0 < spread["min"] <= spread["median"] <= spread["max"]
-    assert result.variants["parent"].ratio == {"median": 1.0, "min": 1.0, "max": 1.0}
+    for ratio in (result.variants["parent"].ratio, result.variants["parent"].cpu_ratio):
+        assert ratio == {"median": 1.0, "min": 1.0, "max": 1.0}
 
 
 @pytest.fixture(scope="module")

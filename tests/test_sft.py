@@ -136,3 +136,22 @@ def test_packed_loss_equals_unpacked_per_sample_computation(tmp_path):
     trainer.train()
     # fp32 packed vs unpacked forwards of a sharp model agree to ~2e-5; a misplaced 10^-i weight moves it by > 1e-2
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["dft", "prior"])
+def test_lora_via_peft_config(tmp_path, strategy):
+    """PEFT/LoRA through `peft_config`; `prior` uses the PEFT base (adapters off) as its reference."""
+    from peft import LoraConfig
+
+    data = datasets.Dataset.from_list(sft_rows(16))
+    extra = {"reference_model": "base"} if strategy == "prior" else {}
+    trainer = WeightedSFTTrainer(
+        model=tiny_model(),
+        args=WeightedSFTConfig(**_common(tmp_path, max_steps=2), token_weighting=strategy, **extra),
+        train_dataset=data,
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    assert trainer.reference == ("base" if strategy == "prior" else None)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

@@ -231,3 +231,25 @@ def test_asft_gradient_accumulation_invariance(tmp_path):
     full = helpers_invariance.one_step_gradients(config, 8, 1, str(tmp_path / "a"), reference=tiny_model(seed=7))
     accumulated = one_step_gradients(config, 2, 4, str(tmp_path / "b"), reference=tiny_model(seed=7))
     assert max_relative_difference(accumulated, full) <= 1e-5
+
+
+def test_score_dataset_resumes_after_interruption(tmp_path):
+    """Finished shards are kept; a re-run scores only what is missing and gives the same column."""
+    import os
+    import shutil
+
+    from hfweight.reference import score_dataset
+
+    reference = tiny_model(seed=7)
+    dataset = toy_dataset(8).remove_columns(["ref_logps"])
+    first = score_dataset(reference, dataset, pad_collate, str(tmp_path), batch_size=2, shard_rows=3)
+    shards = sorted(os.listdir(tmp_path / "shards"))
+    assert len(shards) == 3
+    kept = tmp_path / "shards" / shards[0]
+    stamp = os.path.getmtime(kept / "dataset_info.json")
+    shutil.rmtree(tmp_path / "shards" / shards[1])  # as if interrupted while scoring the second shard
+    again = score_dataset(reference, dataset, pad_collate, str(tmp_path), batch_size=2, shard_rows=3)
+    assert os.path.getmtime(kept / "dataset_info.json") == stamp
+    assert again["ref_logps"] == first["ref_logps"]
+    for row, scores in zip(dataset, first["ref_logps"]):
+        assert len(scores) == len(row["input_ids"]) and scores[0] == 0.0
