@@ -42,7 +42,7 @@ def enable_fused_log_probs(model: nn.Module) -> bool:
     """
     from trl.trainer.utils import add_fused_lm_head
 
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = _patch_target(model)
     if getattr(target, "_hfweight_fused", False):
         return True
     if getattr(target, "get_output_embeddings", None) is None or target.get_output_embeddings() is None:
@@ -51,10 +51,17 @@ def enable_fused_log_probs(model: nn.Module) -> bool:
         return False
     # TRL's SFT/GRPO trainers patch the model already (an instance-level `forward`); patching twice would drop the
     # extra outputs (entropy, top-1) they ask for.
-    if "forward" not in vars(target):
+    target._hfweight_parent_fused = "forward" in vars(target)
+    if not target._hfweight_parent_fused:
         add_fused_lm_head(target)
     target._hfweight_fused = True
     return True
+
+
+def _patch_target(model: nn.Module) -> nn.Module:
+    """The causal-LM module the fused head patches, through DDP (``.module``) and PEFT (``get_base_model``)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
@@ -76,13 +83,50 @@ def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_rows
     return logps.masked_fill(target == IGNORE_INDEX, 0.0).view(labels.shape)
 
 
-def token_log_probs(model: nn.Module, inputs: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+FUSED_MIN_LOGITS = 1 << 24
+"""Micro-batches with fewer logits than this (``tokens × vocab``; 2^24 is 64 MiB in fp32) take the full-logits path
+even where the fused head is available. Below it the logits are too small for their memory to matter, and the fused
+head's tiled backward costs time: measured on CPU at 8 × 256 tokens × 2048 vocab, the fused head made a whole
+training step 1.42× slower than ``transformers.Trainer`` while the full-logits path matches it
+(``benchmarks/results/overhead_tiny.md``). Above it — every real model (vocab ≥ 32k, a few thousand tokens) — the
+fused head keeps memory at or below the parent trainer's, which upcasts the whole ``(B, T, V)`` logits to fp32."""
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The LM head's output size, through DDP/PEFT wrappers; ``None`` if it cannot be told."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return getattr(config, "vocab_size", None)
+
+
+def use_fused_head(model: nn.Module, inputs: dict, fused: bool, min_logits: int | None = None) -> bool:
+    """Whether this micro-batch goes through the fused LM head: it must be available (``fused``) and the logits it
+    avoids must be large enough to matter (at least ``min_logits``, default :data:`FUSED_MIN_LOGITS`), unless the
+    parent trainer itself uses the fused head. Both paths give the same log-probabilities up to float rounding."""
+    if not fused:
+        return False
+    if getattr(_patch_target(model), "_hfweight_parent_fused", False):
+        # The parent trainer (TRL's SFT/GRPO) computes its own loss through this head at every size: so do we, for
+        # bit-for-bit parity (the two paths round differently under bf16 autocast).
+        return True
+    vocab = _vocab_size(model)
+    threshold = FUSED_MIN_LOGITS if min_logits is None else min_logits
+    return vocab is None or inputs["input_ids"].numel() * vocab >= threshold
+
+
+def token_log_probs(
+    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model and return ``(log_probs, mask)``, both ``(B, T-1)`` aligned with the shifted labels.
 
+    ``fused``: the model carries the fused LM head (:func:`enable_fused_log_probs`); it is used when
+    :func:`use_fused_head` says it pays off, with ``min_fused_logits`` overriding the size threshold.
     ``log_probs`` is 0 on ignored positions and stays connected to the graph even when no label is valid (so an
     all-ignored micro-batch still backpropagates a zero, which DDP/FSDP need to avoid hanging).
     """
-    if fused:
+    if use_fused_head(model, inputs, fused, min_fused_logits):
         out = model(**inputs, fused_lm_head=True)
         return out.log_probs, out.label_mask
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}

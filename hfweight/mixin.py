@@ -42,6 +42,7 @@ from .columns import (
     discover_domains,
     validate_dataset,
 )
+from .card import write_weighting_section
 from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .loss import (
     chunked_forward_kl,
@@ -154,10 +155,17 @@ class WeightingMixin:
         if self._needs_reference_model and reference is None:
             # The authors' default (ASFT): the initial model, frozen; for a PEFT model its base with adapters off.
             reference = "base" if hasattr(self.model, "disable_adapter") else copy.deepcopy(self.model)
+        if self._needs_reference_model and self._parameters_sharded():
+            raise ValueError(
+                f"token_weighting={args.token_weighting!r} computes a full-vocabulary KL from the LM head weights "
+                "outside the model's forward, which ZeRO-3 and FSDP shard; train it with DDP or ZeRO-1/2 "
+                "(accelerate_configs/ddp.yaml, zero2.yaml), or use a strategy that only needs reference log-probs "
+                "(prior, rho1)."
+            )
         if (needs_reference or self._needs_reference_model) and reference is not None:
             self.reference = load_reference_model(reference, self.model, self.processing_class)
             if isinstance(self.reference, torch.nn.Module):
-                self.reference.to(self.args.device)
+                self.reference = self._place_reference(self.reference)
         self._setup_domains()
         self._setup_mixture_protocols()
         self._column_spec = self._build_column_spec()
@@ -383,6 +391,34 @@ class WeightingMixin:
                 "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
                 self.state.global_step + 1,
             )
+
+    def _parameters_sharded(self) -> bool:
+        """ZeRO-3 or FSDP: each rank holds a shard of every parameter outside the forward."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        if getattr(self, "is_deepspeed_enabled", False):
+            plugin = self.accelerator.state.deepspeed_plugin
+            return plugin is not None and plugin.zero_stage == 3
+        return False
+
+    def _place_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """Put a separate frozen reference model where the policy's forward can use it.
+
+        ZeRO-3: sharded like the policy, inside an inference-only DeepSpeed engine (TRL's ``prepare_deepspeed``), as
+        a reference loaded under ``zero3_init_flag`` is already partitioned and can only run inside an engine.
+        ZeRO-1/2: replicated on every rank (a stage-0 engine). FSDP: sharded like the policy (TRL's
+        ``prepare_fsdp``). Otherwise (single process, DDP): a full replica moved to the device. Its parameters
+        never receive gradients in any case.
+        """
+        if getattr(self, "is_deepspeed_enabled", False):
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(reference, self.accelerator)
+        if getattr(self, "is_fsdp_enabled", False):
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(reference, self.accelerator)
+        return reference.to(self.args.device)
 
     def _replica_factor(self) -> int:
         """Ranks that see the same batch (tensor/context/sequence parallel), as in ``Trainer._get_num_items_in_batch``."""
@@ -628,6 +664,15 @@ class WeightingMixin:
             self.save_weighting_artifacts(self.args.output_dir)
         return output
 
+    def weighting_record(self) -> dict:
+        """What ``weighting_summary.json`` and the model card record: the configuration, the domains, and the final
+        weights of every dynamic part (a subclass adds its own, e.g. reward weights, by extending this dict)."""
+        record = {"config": self.args.weighting_summary(), "domains": self.domain_names}
+        if self.mixture is not None:
+            final = getattr(self.mixture, "final_probabilities", self.mixture.probabilities)()
+            record["final_mixture"] = dict(zip(self.domain_names, final.tolist()))
+        return record
+
     def save_weighting_artifacts(self, output_dir: str) -> dict[str, str]:
         """Write the weighting summary (JSON), the final mixture (JSON loadable by ``mixture='static'``) and a plot
         of the logged weights to ``output_dir``; return the paths written."""
@@ -635,18 +680,26 @@ class WeightingMixin:
 
         os.makedirs(output_dir, exist_ok=True)
         paths = {}
-        summary = {"config": self.args.weighting_summary(), "domains": self.domain_names}
-        if self.mixture is not None:
-            final = getattr(self.mixture, "final_probabilities", self.mixture.probabilities)()
-            weights = dict(zip(self.domain_names, final.tolist()))
-            summary["final_mixture"] = weights
+        record = self.weighting_record()
+        if "final_mixture" in record:
             paths["mixture"] = os.path.join(output_dir, "mixture_weights.json")
             with open(paths["mixture"], "w") as f:
-                json.dump({"weights": weights}, f, indent=2)
+                json.dump({"weights": record["final_mixture"]}, f, indent=2)
         paths["summary"] = os.path.join(output_dir, "weighting_summary.json")
         with open(paths["summary"], "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(record, f, indent=2)
         plot = plot_weighting_history(self.state.log_history, os.path.join(output_dir, "weighting.png"))
         if plot is not None:
             paths["plot"] = plot
         return paths
+
+    def create_model_card(self, *args, **kwargs):
+        """The parent's card (``README.md`` in ``output_dir``, what ``push_to_hub`` uploads) plus a weighting
+        section: configuration, final mixture and reward weights, and the plots (see :mod:`hfweight.card`)."""
+        super().create_model_card(*args, **kwargs)
+        if not getattr(self, "weighting_enabled", False) or not self.is_world_process_zero():
+            return
+        output_dir = self.args.output_dir
+        paths = self.save_weighting_artifacts(output_dir)
+        plots = [os.path.relpath(p, output_dir) for k, p in paths.items() if p.endswith(".png")]
+        write_weighting_section(output_dir, self.weighting_record(), plots)

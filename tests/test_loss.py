@@ -8,9 +8,11 @@ from helpers import pad_collate, tiny_model, toy_dataset, training_args
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments
 from hfweight.loss import (
+    FUSED_MIN_LOGITS,
     enable_fused_log_probs,
     log_probs_from_logits,
     token_log_probs,
+    use_fused_head,
     weighted_denominator,
     weighted_numerator,
 )
@@ -95,8 +97,21 @@ def test_fused_and_fallback_log_probs_equal_log_softmax():
         expected = expected.masked_fill(target == -100, 0)
         fallback, mask = token_log_probs(model, batch, fused=False)
         assert enable_fused_log_probs(model)
-        fused, fused_mask = token_log_probs(model, batch, fused=True)
+        fused, fused_mask = token_log_probs(model, batch, fused=True, min_fused_logits=0)
     assert torch.equal(mask, target != -100) and torch.equal(fused_mask, mask)
     assert torch.allclose(fallback, expected, atol=1e-6)
     assert torch.allclose(fused, expected, atol=1e-5)
     assert torch.allclose(log_probs_from_logits(logits[:, :-1], target, chunk_rows=3), expected, atol=1e-6)
+
+
+def test_fused_head_only_where_the_logits_are_large():
+    """Small micro-batches take the full-logits path (faster, memory irrelevant); large ones the fused head."""
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    small = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    tokens_at_threshold = -(-FUSED_MIN_LOGITS // vocab)
+    large = {"input_ids": torch.zeros(1, tokens_at_threshold, dtype=torch.long)}
+    assert not use_fused_head(model, small, fused=True)
+    assert use_fused_head(model, large, fused=True)
+    assert not use_fused_head(model, large, fused=False)  # the model has no fused head
+    assert use_fused_head(model, small, fused=True, min_logits=0)

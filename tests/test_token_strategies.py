@@ -253,3 +253,32 @@ def test_score_dataset_resumes_after_interruption(tmp_path):
     assert again["ref_logps"] == first["ref_logps"]
     for row, scores in zip(dataset, first["ref_logps"]):
         assert len(scores) == len(row["input_ids"]) and scores[0] == 0.0
+
+
+def test_sharded_parameter_detection():
+    from types import SimpleNamespace
+
+    from hfweight.mixin import WeightingMixin
+
+    def fake(zero_stage=None, fsdp=False):
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        return SimpleNamespace(
+            is_fsdp_enabled=fsdp,
+            is_deepspeed_enabled=zero_stage is not None,
+            accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        )
+
+    assert WeightingMixin._parameters_sharded(fake(fsdp=True))
+    assert WeightingMixin._parameters_sharded(fake(zero_stage=3))
+    assert not WeightingMixin._parameters_sharded(fake(zero_stage=2))
+    assert not WeightingMixin._parameters_sharded(fake())
+
+
+def test_asft_refuses_sharded_parameters(tmp_path, monkeypatch):
+    """ASFT reads the LM head weights outside the forward: under ZeRO-3/FSDP it must fail at init, not mid-run."""
+    from hfweight.mixin import WeightingMixin
+
+    monkeypatch.setattr(WeightingMixin, "_parameters_sharded", lambda self: True)
+    args = WeightedTrainingArguments(**training_args(str(tmp_path)), token_weighting="asft")
+    with pytest.raises(ValueError, match="ZeRO-3 and FSDP shard.*ddp.yaml"):
+        WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(4), data_collator=pad_collate)
