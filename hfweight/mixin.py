@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .card import write_weighting_section
 from .columns import (
     BATCH_DOMAIN,
     BATCH_PREFIX,
@@ -42,7 +43,6 @@ from .columns import (
     discover_domains,
     validate_dataset,
 )
-from .card import write_weighting_section
 from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN
 from .loss import (
     chunked_forward_kl,
