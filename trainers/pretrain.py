@@ -59,6 +59,10 @@ class PretrainScriptArguments:
     )
 
 
+DATACLASSES = (PretrainScriptArguments, WeightedTrainingArguments)
+"""What the recipe YAML and the command line fill, in the order ``main`` takes them."""
+
+
 def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingArguments) -> dict:
     model, tokenizer = load_causal_lm(
         script_args.model_name_or_path,
@@ -92,5 +96,5 @@ def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingAr
 
 
 if __name__ == "__main__":
-    parser = TrlParser((PretrainScriptArguments, WeightedTrainingArguments))
+    parser = TrlParser(DATACLASSES)
     main(*parser.parse_args_and_config())

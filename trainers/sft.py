@@ -49,6 +49,10 @@ def load_sft_data(script_args: SFTScriptArguments, seed: int):
     return load_dataset(script_args.dataset_name, script_args.dataset_config)
 
 
+DATACLASSES = (SFTScriptArguments, WeightedSFTConfig, ModelConfig)
+"""What the recipe YAML and the command line fill, in the order ``main`` takes them."""
+
+
 def main(script_args: SFTScriptArguments, training_args: WeightedSFTConfig, model_args: ModelConfig) -> dict:
     if script_args.reference_model_path and training_args.reference_model is None:
         training_args.reference_model = script_args.reference_model_path
@@ -79,5 +83,5 @@ def main(script_args: SFTScriptArguments, training_args: WeightedSFTConfig, mode
 
 
 if __name__ == "__main__":
-    parser = TrlParser((SFTScriptArguments, WeightedSFTConfig, ModelConfig))
+    parser = TrlParser(DATACLASSES)
     main(*parser.parse_args_and_config())

@@ -1,0 +1,112 @@
+"""The README's main command: a chain of weighted training stages on the built-in data, then one summary table.
+
+    python trainers/demo.py --config recipes/tiny/demo.yaml
+    python trainers/demo.py --config recipes/tiny/demo.yaml --max_steps 4      # any extra flag goes to every stage
+
+The pipeline file lists the stages in order; each names an entry point of this directory (``pretrain``, ``sft``,
+``grpo``, ``rloo``) and its recipe. A stage with ``from_previous: true`` starts from the model the stage before it
+saved. Every stage writes to ``<output_dir>/<stage name>``. Stages run one after the other in this process, each
+exactly as its own script would run it (same parser, same ``main``), so a stage can be re-run alone with the command
+printed before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from hfweight.scripts import print_summary  # noqa: E402
+
+
+def load_entry_point(name: str):
+    """``trainers/<name>.py`` as a module (it exposes ``DATACLASSES`` and ``main``)."""
+    module_name = f"hfweight_entry_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = os.path.join(HERE, f"{name}.py")
+    if not os.path.exists(path):
+        raise ValueError(f"pipeline stage script {name!r}: no {path}; valid: pretrain, sft, grpo, rloo")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_pipeline(path: str) -> dict:
+    """The pipeline file, checked: a list of stages, each with a unique ``name``, a ``script`` and a ``config``."""
+    with open(path) as f:
+        pipeline = yaml.safe_load(f) or {}
+    stages = pipeline.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"{path}: `stages` must be a non-empty list of {{name, script, config}} entries.")
+    seen = set()
+    for i, stage in enumerate(stages):
+        missing = [key for key in ("name", "script", "config") if key not in stage]
+        if missing:
+            raise ValueError(f"{path}: stages[{i}] lacks {missing}; each stage needs name, script and config.")
+        if stage["name"] in seen:
+            raise ValueError(f"{path}: stage name {stage['name']!r} is used twice; names become output directories.")
+        seen.add(stage["name"])
+        if i == 0 and stage.get("from_previous"):
+            raise ValueError(f"{path}: the first stage ({stage['name']!r}) has no previous stage to start from.")
+    pipeline.setdefault("output_dir", "outputs/demo")
+    return pipeline
+
+
+def stage_arguments(stage: dict, output_dir: str, previous_output: str | None, extra: list[str]) -> list[str]:
+    """The command-line arguments of one stage: its recipe, where it writes, where it starts, the user's extras."""
+    args = ["--config", os.path.join(ROOT, stage["config"]) if not os.path.isabs(stage["config"]) else stage["config"]]
+    args += ["--output_dir", os.path.join(output_dir, stage["name"])]
+    if stage.get("from_previous"):
+        args += ["--model_name_or_path", previous_output]
+    return args + list(extra)
+
+
+def run_pipeline(pipeline: dict, extra: list[str]) -> list[dict]:
+    """Run every stage in order; return their summaries (as each stage's ``main`` returns them)."""
+    from trl import TrlParser
+
+    summaries, previous = [], None
+    started = time.perf_counter()
+    for number, stage in enumerate(pipeline["stages"], start=1):
+        args = stage_arguments(stage, pipeline["output_dir"], previous, extra)
+        print(f"\n=== stage {number}/{len(pipeline['stages'])}: {stage['name']} ===")
+        print(f"    python trainers/{stage['script']}.py " + " ".join(args), flush=True)
+        module = load_entry_point(stage["script"])
+        configs = TrlParser(module.DATACLASSES).parse_args_and_config(args)
+        stage_started = time.perf_counter()
+        summary = module.main(*configs)
+        summary["stage"] = stage["name"]
+        summary["minutes"] = round((time.perf_counter() - stage_started) / 60, 2)
+        summaries.append(summary)
+        previous = os.path.join(pipeline["output_dir"], stage["name"])
+    total = (time.perf_counter() - started) / 60
+    with open(os.path.join(pipeline["output_dir"], "pipeline_summary.json"), "w") as f:
+        json.dump({"minutes": round(total, 2), "stages": summaries}, f, indent=2)
+    print(f"\n=== pipeline done in {total:.1f} min: {os.path.join(pipeline['output_dir'], 'pipeline_summary.json')} ===")
+    print_summary(summaries)
+    return summaries
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (e.g. recipes/tiny/demo.yaml)")
+    args, extra = parser.parse_known_args(argv)
+    pipeline = read_pipeline(args.config)
+    os.makedirs(pipeline["output_dir"], exist_ok=True)
+    return run_pipeline(pipeline, extra)
+
+
+if __name__ == "__main__":
+    main()
