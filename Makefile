@@ -7,9 +7,9 @@ export PYTHON
 setup:
 	@bash scripts/setup.sh
 
-## demo: the main job on the built-in data (tiny weighted pretraining; prints where the model, logs and plot went)
+## demo: the main job on the built-in data (tiny weighted pretraining → SFT → GRPO; ends with a summary of where the models, logs and plots went)
 demo: setup
-	$(PYTHON) trainers/pretrain.py --config recipes/tiny/pretrain_domain_weights.yaml $(ARGS)
+	$(PYTHON) trainers/demo.py --config recipes/tiny/demo.yaml $(ARGS)
 
 ## test: the whole test suite (about 10 minutes on 2 CPU cores)
 test: setup

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from trl import TrlParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,26 +26,37 @@ def _script(name):
     return module
 
 
+SCRIPTS = ("pretrain", "sft", "grpo", "rloo")
+
+
+def script_for(recipe: str) -> str:
+    """The entry point a recipe is for, from its file name: ``<script>_*.yaml`` or ``demo_<script>.yaml``."""
+    name = os.path.basename(recipe).removeprefix("demo_")
+    for script in SCRIPTS:
+        if name.startswith(script):
+            return script
+    raise AssertionError(f"no entry point for {recipe}: name it <script>_... with script in {SCRIPTS}")
+
+
+def is_pipeline(recipe: str) -> bool:
+    with open(recipe) as f:
+        return "stages" in (yaml.safe_load(f) or {})
+
+
 def parser_for(recipe: str) -> TrlParser:
-    name = os.path.basename(recipe)
-    if name.startswith("pretrain"):
-        module = _script("pretrain")
-        from hfweight import WeightedTrainingArguments
-
-        return TrlParser((module.PretrainScriptArguments, WeightedTrainingArguments))
-    if name.startswith("sft"):
-        from trl import ModelConfig
-
-        from hfweight import WeightedSFTConfig
-
-        return TrlParser((_script("sft").SFTScriptArguments, WeightedSFTConfig, ModelConfig))
-    raise AssertionError(f"no parser for {name}")
+    return TrlParser(_script(script_for(recipe)).DATACLASSES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[os.path.relpath(r, ROOT) for r in RECIPES])
 def test_recipe_parses_and_validates_offline(recipe):
     """Building the config dataclasses runs every validation (strategy names and kwargs) without touching a model."""
     # This machine has no GPU: a bf16 recipe is validated with `use_cpu`, the only check relaxed here.
+    if is_pipeline(recipe):
+        pipeline = _script("demo").read_pipeline(recipe)
+        for stage in pipeline["stages"]:
+            assert script_for(stage["config"]) == stage["script"], stage
+            assert os.path.join(ROOT, stage["config"]) in RECIPES, stage  # validated as a recipe of its own
+        return
     cpu = ["--use_cpu", "true"] if "bf16: true" in open(recipe).read() else []
     configs = parser_for(recipe).parse_args_and_config(["--config", recipe, *cpu])
     training_args = next(c for c in configs if hasattr(c, "weighting_enabled"))
@@ -60,20 +72,28 @@ def _run(args, timeout=600):
 
 @pytest.mark.slow
 def test_main_command_runs_end_to_end(tmp_path):
-    """The README's main job, shortened: a weighted tiny pretraining that saves a model, logs and a plot."""
-    out = tmp_path / "pretrain"
+    """The README's main command (the demo pipeline), shortened: every stage saves a model, logs and a plot, and the
+    pipeline ends with one summary table naming where they are."""
+    root = tmp_path / "demo"
     stdout = _run(
-        ["trainers/pretrain.py", "--config", "recipes/tiny/pretrain_domain_weights.yaml", "--max_steps", "4",
-         "--logging_steps", "2", "--save_steps", "2", "--output_dir", str(out), "--max_eval_samples_per_domain", "8",
-         "--per_device_train_batch_size", "4", "--max_length", "64"]
+        ["trainers/demo.py", "--config", "recipes/tiny/demo.yaml", "--output_dir", str(root), "--max_steps", "4",
+         "--logging_steps", "2", "--max_eval_samples_per_domain", "4", "--per_device_train_batch_size", "4",
+         "--max_length", "64"]
     )
-    for name in ("model.safetensors", "config.json", "weighting.png", "mixture_weights.json", "trainer_log_history.json"):
-        assert (out / name).exists(), name
-    assert (out / "checkpoint-4" / "hfweight_state.pt").exists()
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert set(summary["heldout_loss"]) == {"arithmetic", "code", "noise", "prose", "redundant"}
-    assert summary["weighting"]["mixture"] == "static"
-    assert str(out / "weighting.png") in stdout and "held-out loss by domain" in stdout
+    pipeline = json.loads((root / "pipeline_summary.json").read_text())
+    stages = [s["stage"] for s in pipeline["stages"]]
+    assert stages == [s["name"] for s in _script("demo").read_pipeline("recipes/tiny/demo.yaml")["stages"]]
+    for stage in pipeline["stages"]:
+        out = root / stage["stage"]
+        for name in ("model.safetensors", "config.json", "weighting.png", "weighting_summary.json", "trainer_log_history.json"):
+            assert (out / name).exists(), (stage["stage"], name)
+        assert stage["steps"] == 4 and stage["weighting"] != "off"
+        assert f"[{stage['stage']}] plot:  {out / 'weighting.png'}" in stdout
+    pretrain = pipeline["stages"][0]
+    assert set(pretrain["heldout_loss"]) == {"arithmetic", "code", "noise", "prose", "redundant"}
+    assert (root / "pretrain" / "mixture_weights.json").exists()
+    assert "held-out loss by domain" in stdout and "pipeline done" in stdout
+    out = root / "pretrain"
 
     sft_out = tmp_path / "sft"
     _run(

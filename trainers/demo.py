@@ -102,8 +102,11 @@ def run_pipeline(pipeline: dict, extra: list[str]) -> list[dict]:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="pipeline YAML (e.g. recipes/tiny/demo.yaml)")
+    parser.add_argument("--output_dir", help="where the stages write (default: the pipeline file's output_dir)")
     args, extra = parser.parse_known_args(argv)
     pipeline = read_pipeline(args.config)
+    if args.output_dir:
+        pipeline["output_dir"] = args.output_dir
     os.makedirs(pipeline["output_dir"], exist_ok=True)
     return run_pipeline(pipeline, extra)
 
