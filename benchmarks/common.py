@@ -25,6 +25,7 @@ VARIANT_WEIGHTING: dict[str, dict | None] = {
     "trainer": None,
     "weighted_off": {},
     "weighted_static": {"token_weighting": "static", "sample_weighting": "static"},
+    "weighted_static_fused": {"token_weighting": "static", "sample_weighting": "static"},  # + TRL's fused head forced
     "dft": {"token_weighting": "dft"},
     "focal": {"token_weighting": "focal"},
     "loss": {"sample_weighting": "loss"},
@@ -128,12 +129,15 @@ def make_trainer(variant: str, size: str, seq_len: int, batch_size: int, seed: i
     tokenizer, _ = tokenizer_and_corpus(seed)
     model = build_model(tokenizer, size=size, seed=seed, **model_overrides)
     trainer_cls = Trainer if variant == "trainer" else WeightedTrainer
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         args=_arguments(variant, batch_size),
         train_dataset=weighted_blocks(seq_len, seed=seed),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
+    if variant.endswith("_fused"):
+        trainer.fused_min_logits = 0
+    return trainer
 
 
 def variant_factories(variants, **workload) -> dict:

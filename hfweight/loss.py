@@ -36,8 +36,8 @@ def enable_fused_log_probs(model: nn.Module) -> bool:
     """Patch ``model`` with TRL's fused LM head so that ``model(..., fused_lm_head=True)`` returns per-token
     log-probabilities without materializing the ``(batch, seq, vocab)`` logits (DESIGN.md, "One pipeline").
 
-    Returns False (and leaves the model untouched) when the model has no LM head TRL can drive; the caller then uses
-    :func:`log_probs_from_logits`. The plain forward (no ``fused_lm_head``) stays the original, so evaluation and
+    Returns False (and leaves the model untouched) when the model has no LM head TRL can drive; the caller then
+    computes the log-probs from the model's logits as the parent Trainer computes its loss. The plain forward (no ``fused_lm_head``) stays the original, so evaluation and
     generation are unchanged. Idempotent.
     """
     from trl.trainer.utils import add_fused_lm_head
@@ -64,32 +64,21 @@ def _patch_target(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
-    """``log p(label)`` per position from full logits ``(B, T, V)`` and targets ``(B, T)``; 0 where ignored.
-
-    The fallback for models the fused head cannot patch. Computes ``logit[label] − logsumexp(logits)`` row-chunk by
-    row-chunk so no second full-vocab tensor is created (the model itself has materialized the logits already, as the
-    parent Trainer's forward does).
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    target = labels.reshape(-1)
-    safe = target.clamp(min=0)
-    pieces = []
-    for start in range(0, flat.shape[0], chunk_rows):
-        rows = flat[start : start + chunk_rows].float()
-        picked = rows.gather(-1, safe[start : start + chunk_rows, None]).squeeze(-1)
-        pieces.append(picked - torch.logsumexp(rows, dim=-1))
-    logps = torch.cat(pieces) if pieces else flat.new_zeros(0)
-    return logps.masked_fill(target == IGNORE_INDEX, 0.0).view(labels.shape)
-
-
 FUSED_MIN_LOGITS = 1 << 24
-"""Micro-batches with fewer logits than this (``tokens × vocab``; 2^24 is 64 MiB in fp32) take the full-logits path
-even where the fused head is available. Below it the logits are too small for their memory to matter, and the fused
-head's tiled backward costs time: measured on CPU at 8 × 256 tokens × 2048 vocab, the fused head made a whole
-training step 1.42× slower than ``transformers.Trainer`` while the full-logits path matches it
-(``benchmarks/results/overhead_tiny.md``). Above it — every real model (vocab ≥ 32k, a few thousand tokens) — the
-fused head keeps memory at or below the parent trainer's, which upcasts the whole ``(B, T, V)`` logits to fp32."""
+"""On a GPU, micro-batches with fewer logits than this (``tokens × vocab``; 2^24 is 64 MiB in fp32) take the
+full-logits path: below it their memory does not matter, and the fused head's tiling only adds work."""
+
+FUSED_HEAD_DEVICES = ("cuda", "xpu")
+"""Devices where TRL's fused head runs its Triton kernels. Elsewhere (the CPU) it folds each ``4096 × 32768`` tile with
+plain torch ops, which costs more time *and* memory than the full logits. Measured on 2 CPU cores, vocab 32768,
+batch 4 × 512 (``python benchmarks/bench_memory.py``): fused head 3.1× the step time of ``transformers.Trainer`` and
++2.1 GiB peak over the step vs +0.8 GiB; the full-logits path matches the Trainer in both."""
+
+
+def _triton_device(device: torch.device) -> bool:
+    import importlib.util
+
+    return device.type in FUSED_HEAD_DEVICES and importlib.util.find_spec("triton") is not None
 
 
 def _vocab_size(model: nn.Module) -> int | None:
@@ -102,15 +91,21 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def use_fused_head(model: nn.Module, inputs: dict, fused: bool, min_logits: int | None = None) -> bool:
-    """Whether this micro-batch goes through the fused LM head: it must be available (``fused``) and the logits it
-    avoids must be large enough to matter (at least ``min_logits``, default :data:`FUSED_MIN_LOGITS`), unless the
-    parent trainer itself uses the fused head. Both paths give the same log-probabilities up to float rounding."""
+    """Whether this micro-batch goes through the fused LM head.
+
+    Always when the parent trainer itself computes its loss through it (TRL's SFT/GRPO trainers: parity). Otherwise
+    it must be available (``fused``), on a device where it pays off (:data:`FUSED_HEAD_DEVICES`), and the logits it
+    avoids must be large enough to matter (at least :data:`FUSED_MIN_LOGITS`). ``min_logits`` overrides both the
+    device and the size test (tests use 0 to force the fused head). Both paths give the same log-probabilities up to
+    float rounding; the full-logits path costs exactly what the parent ``transformers.Trainer`` costs."""
     if not fused:
         return False
     if getattr(_patch_target(model), "_hfweight_parent_fused", False):
         # The parent trainer (TRL's SFT/GRPO) computes its own loss through this head at every size: so do we, for
         # bit-for-bit parity (the two paths round differently under bf16 autocast).
         return True
+    if min_logits is None and not _triton_device(inputs["input_ids"].device):
+        return False
     vocab = _vocab_size(model)
     threshold = FUSED_MIN_LOGITS if min_logits is None else min_logits
     return vocab is None or inputs["input_ids"].numel() * vocab >= threshold
@@ -130,9 +125,16 @@ def token_log_probs(
         out = model(**inputs, fused_lm_head=True)
         return out.log_probs, out.label_mask
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    logits = model(**forward_inputs).logits[:, :-1]
+    logits = model(**forward_inputs).logits
     target = shifted_labels(inputs)
-    return log_probs_from_logits(logits, target), target != IGNORE_INDEX
+    # Exactly the parent Trainer's loss computation (transformers' ForCausalLMLoss: fp32 logits, labels shifted by
+    # padding one ignored column, one fused cross-entropy), kept per token: same time, same memory. Slicing the logits
+    # to T-1 positions instead would make them non-contiguous and cost a full copy.
+    padded = torch.nn.functional.pad(target, (0, 1), value=IGNORE_INDEX)
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), padded.view(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return -nll.view(padded.shape)[:, :-1], target != IGNORE_INDEX
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -142,7 +144,7 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def token_log_probs_and_hidden(model: nn.Module, inputs: dict, fused: bool):
+def token_log_probs_and_hidden(model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None):
     """:func:`token_log_probs` plus the backbone's last hidden state ``(B, T, H)`` (kept in the graph).
 
     The forward still goes through ``model`` (so DDP/FSDP see it); a forward hook on the backbone hands back its
@@ -155,7 +157,7 @@ def token_log_probs_and_hidden(model: nn.Module, inputs: dict, fused: bool):
 
     handle = backbone_of(model).register_forward_hook(hook)
     try:
-        logps, mask = token_log_probs(model, inputs, fused)
+        logps, mask = token_log_probs(model, inputs, fused, min_fused_logits)
     finally:
         handle.remove()
     return logps, mask, captured["hidden"]

@@ -127,6 +127,10 @@ class WeightingMixin:
     Subclasses call :meth:`_setup_weighting` at the end of ``__init__``.
     """
 
+    fused_min_logits: int | None = None
+    """When to use TRL's fused LM head: ``None`` follows :func:`hfweight.loss.use_fused_head` (GPU and large logits,
+    or wherever the parent trainer uses it); ``0`` forces it (benchmarks measure it that way)."""
+
     # ---- setup --------------------------------------------------------------------------------------------------
 
     def _setup_weighting(self, reference_model=None) -> None:
@@ -459,7 +463,7 @@ class WeightingMixin:
             with torch.no_grad():
                 for batch in batch_samples:
                     inputs = {k: v for k, v in batch.items() if not k.startswith(BATCH_PREFIX)}
-                    logps, mask = token_log_probs(model, inputs, self._fused)
+                    logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits)
                     segments, num_samples = sample_segments(batch)
                     _, losses = weighted_numerator(-logps, mask, None, None, None, "sample", segments, num_samples)
                     column = per_sample_values(batch.get(BATCH_SAMPLE_WEIGHT), batch, segments, num_samples)
@@ -539,11 +543,11 @@ class WeightingMixin:
         plan = self._step_plan
         kl = None
         if self._needs_reference_model:
-            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused)
+            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused, self.fused_min_logits)
             ref_hidden = reference_hidden_states(self.reference, self.model, inputs)
             kl = chunked_forward_kl(hidden, lm_head_of(model), ref_hidden, lm_head_of(self._reference_module()))
         else:
-            logps, mask = token_log_probs(model, inputs, self._fused)
+            logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits)
         token_loss = -logps
         den_w = extras.get(BATCH_DEN_W)
         loss_w = extra = None
