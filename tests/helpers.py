@@ -154,3 +154,21 @@ def sft_rows(n: int = 24, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def run_two_ranks(script: str, *args: str, timeout: int = 300):
+    """Run ``script`` under ``torchrun --nproc_per_node 2`` (gloo on the CPU, one thread per rank) on a free port;
+    fail with the ranks' stderr if it fails. Returns the completed process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from helpers import GradientCapture, pad_collate, tiny_model, toy_dataset, training_args
+import datasets
+from helpers import GradientCapture, pad_collate, sft_rows, tiny_model, tiny_tokenizer, toy_dataset, training_args
 
-from hfweight import WeightedTrainer, WeightedTrainingArguments
+from hfweight import WeightedSFTConfig, WeightedSFTTrainer, WeightedTrainer, WeightedTrainingArguments
 
 # 8 rows = one optimizer step at (8, 1, 1), (2, 4, 1) and (4, 1, 2). Rows 0 and 1 have every label ignored, so the
 # first micro-batch at (2, 4, 1) has no valid token at all.
@@ -54,3 +55,43 @@ def one_step_gradients(config: dict, batch: int, ga: int, output_dir: str, refer
     trainer.train()
     assert len(capture.steps) == 1
     return capture.steps[0]
+
+
+# WeightedSFTTrainer: the same check through TRL's preparation (tokenized prompt-completion pairs, completion-only
+# loss), with and without packing (packed rows keep each sample's weight and domain).
+SFT_CONFIGS = {
+    "sft_dft+sample/token": dict(token_weighting="dft", sample_weighting="static"),
+    "sft_focal+domain/sample": dict(
+        token_weighting="focal",
+        loss_normalization="sample",
+        mixture="static",
+        mixture_mode="upweight",
+        mixture_kwargs={"weights": {"code": 0.6, "prose": 0.3, "math": 0.1}},
+    ),
+    "sft_packed_sample/token": dict(sample_weighting="static", packing=True, max_length=12),
+}
+
+
+def one_step_sft_gradients(config: dict, batch: int, ga: int, output_dir: str) -> dict:
+    """Gradients of one WeightedSFTTrainer optimizer step over 8 prompt-completion rows (16 when packed)."""
+    config = dict(config)
+    packing = config.pop("packing", False)
+    max_length = config.pop("max_length", 24)
+    model = tiny_model()
+    capture = GradientCapture(model)
+    base = training_args(output_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=ga)
+    args = WeightedSFTConfig(**base, max_length=max_length, packing=packing, bf16=False, **config)
+    trainer = WeightedSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(sft_rows(16 if packing else 8)),
+        processing_class=tiny_tokenizer(),
+        callbacks=[capture],
+    )
+    assert len(trainer.train_dataset) >= 8, "the step needs 8 rows"
+    trainer.train()
+    assert len(capture.steps) == 1
+    return capture.steps[0]
+
+
+SUITES = {"pretrain": (CONFIGS, one_step_gradients), "sft": (SFT_CONFIGS, one_step_sft_gradients)}
