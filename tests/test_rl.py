@@ -299,6 +299,11 @@ def test_artifacts_and_model_card_record_the_final_reward_weights(tmp_path):
     assert summary["final_reward_weights"] == pytest.approx(dict(zip(trainer.reward_func_names, final)))
     assert summary["config"]["reward_weighting"] == "popart"
     assert os.path.exists(tmp_path / "weighting.png")
+    from hfweight.plots import collect_series
+
+    plotted = collect_series(trainer.state.log_history)
+    assert {f"reward_weight/{n}" for n in trainer.reward_func_names} <= set(plotted)
+    assert plotted["reward_weight/hit_reward"][1] == [h["reward_weight/hit_reward"] for h in _weight_logs(trainer)]
     trainer.create_model_card()
     card = open(tmp_path / "README.md").read()
     assert "popart" in card and "hit_reward" in card and "weighting.png" in card
