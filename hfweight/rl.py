@@ -477,12 +477,17 @@ class RewardWeightingMixin(WeightingMixin):
         """Generate on ``eval_dataset``, score with the reward functions, hand the per-reward means to the weighter."""
         self._capture_validation = []
         was_training = self.model.training
+        # evaluate() logs through the callback handler, which clears `should_log`/`should_evaluate`: called from a
+        # step-end callback it would swallow that step's training log. Keep the flags the step had.
+        flags = {k: getattr(self.control, k) for k in ("should_log", "should_evaluate", "should_save")}
         try:
             self.evaluate(metric_key_prefix="reward_validation")
             rows = torch.cat(self._capture_validation) if self._capture_validation else torch.empty(0, 0)
         finally:
             self._capture_validation = None
             self.model.train(was_training)
+            for key, value in flags.items():
+                setattr(self.control, key, value)
         if rows.numel() == 0:
             raise RuntimeError("Reward validation produced no rewards: is `eval_dataset` empty?")
         scores = nan_robust_means(rows)

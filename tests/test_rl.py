@@ -178,6 +178,8 @@ def test_hypervolume_validates_before_training_and_every_n_steps(tmp_path):
                                                                          observe(scores, step))[1]
     trainer.train()
     assert [step for step, _ in seen] == [0, 2, 4]
+    # Validations inside the step-end callback do not swallow the training logs of those steps.
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]
     # Each validation: 8 prompts × 4 generations (8 eval batches of 4); the scores are the NaN-robust column means.
     rows = trainer.recorded["validation_rewards"]
     assert len(rows) == 24 and sum(len(r) for r in rows) == 3 * 32
