@@ -128,10 +128,18 @@ class WeightedGRPOConfig(RewardWeightingArguments, GRPOConfig):
 
 @dataclass
 class WeightedRLOOConfig(RewardWeightingArguments, RLOOConfig):
-    """``trl.RLOOConfig`` plus the weighting fields (:class:`RewardWeightingArguments`)."""
+    """``trl.RLOOConfig`` plus the weighting fields (:class:`RewardWeightingArguments`).
+
+    RLOO does not standardize advantages by default (``normalize_advantages=False``) and folds the KL penalty into the
+    reward, so the absolute scale of the reward weights matters, not only their ratios. Every built-in dynamic
+    weighter keeps the total of the initial weights fixed (``saw``, ``gradient``, ``hypervolume`` per-objective,
+    ``constrained``: ``Σ w = K − 1``); ``popart`` does so here by default (``fixed_sum=True`` unless set).
+    """
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reward_weighting == "popart" and "fixed_sum" not in self.reward_weighting_kwargs:
+            self.reward_weighting_kwargs = {**self.reward_weighting_kwargs, "fixed_sum": True}
         self.validate_rl_weighting()
 
 

@@ -326,6 +326,23 @@ def test_constant_objective_gets_zero_weight_and_nan_rows_are_harmless(tmp_path)
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
+def test_rloo_keeps_the_total_of_the_weights_fixed(tmp_path):
+    """RLOO is sensitive to the weights' absolute scale: popart defaults to fixed_sum there, and every weighter keeps
+    Σ w at its initial total (K − 1 = 2 for constrained)."""
+    assert WeightedRLOOConfig(**rl_args(str(tmp_path), reward_weighting="popart")).reward_weighting_kwargs == {
+        "fixed_sum": True
+    }
+    assert WeightedGRPOConfig(**rl_args(str(tmp_path), reward_weighting="popart")).reward_weighting_kwargs == {}
+    for name, total, kwargs in (("popart", 3.0, {}), ("saw", 3.0, {}), ("constrained", 2.0, {"thresholds": [0.9, 0.5]})):
+        trainer = make_trainer(
+            recording(WeightedRLOOTrainer), WeightedRLOOConfig, tmp_path / name, reward_weighting=name,
+            reward_weighting_kwargs=kwargs, per_device_train_batch_size=8, max_steps=2,
+        )
+        trainer.train()
+        for w in trainer.recorded["weights"]:
+            assert float(w.abs().sum()) == pytest.approx(total, rel=1e-5), name
+
+
 @pytest.mark.parametrize("name,kwargs", [("popart", {"fixed_sum": True}), ("saw", {}), ("constrained", {}),
                                          ("gradient", {})])
 def test_one_objective_keeps_its_weight(name, kwargs, tmp_path):
