@@ -5,7 +5,7 @@ exact match (greedy decoding), mean ± std over seeds.
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py              # 4 methods × 3 seeds, < 10 min
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py --quick      # a smoke run (1 seed, 10 steps)
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py --methods nll dft rho1 prior focal rho1_start \\
-        prior_clean --seeds 0 1 2 3 4 --steps 300                                # the fuller version (~45 min)
+        prior_start --seeds 0 1 2 3 4 --steps 300                                # the fuller version (~45 min)
 
 Setup (every expensive piece is built once and cached under ``$HFWEIGHT_CACHE/bench_sft``):
 
@@ -16,14 +16,15 @@ Setup (every expensive piece is built once and cached under ``$HFWEIGHT_CACHE/be
   by ``trl.SFTTrainer``'s own preparation (chat template, completion-only labels, ``max_length`` 96).
 - **Held-out rows**: another draw (``sft_dataset(seed=7)``) with every prompt seen in training or by the reference
   removed; 64 rows per domain for the NLL, the first 48 arithmetic ones for exact match.
-- **References** (Rho-1 and PRIOR need one; each method uses the reference its paper prescribes):
-  ``clean`` = the starting model fine-tuned with plain NLL, same budget, on the *clean* domains only (arithmetic and
-  code, from a separate draw ``sft_dataset(seed=1)``; the redundant echo rows are left out, as the corpus's
-  ``redundant`` domain is the low-value one) — Rho-1's "reference trained on high-quality data";
-  ``start`` = the starting model itself — PRIOR's reference "lacking the information the target model should learn".
-  ``rho1_start`` and ``prior_clean`` (not run by default) swap them. Reference scores are precomputed once as a
-  ``ref_logps`` column (``hfweight.reference.score_dataset``), which gives exactly the live reference's loss.
-- **Runs**: ``WeightedSFTTrainer`` from the starting model, batch 16, lr 1e-3 cosine (5 warmup steps), ``--steps``
+- **Reference** (Rho-1 and PRIOR need one): ``clean`` = the starting model fine-tuned with plain NLL, same budget,
+  on the *clean* domains only (arithmetic and code, from a separate draw ``sft_dataset(seed=1)``; the redundant echo
+  rows are left out, as the corpus's ``redundant`` domain is the low-value one) — Rho-1's "reference trained on
+  high-quality data". ``rho1_start`` / ``prior_start`` (not run by default) use the starting model itself instead
+  (PRIOR's "reference lacking the information to learn"); from a model this weak, ``p_ref`` is tiny on completion
+  tokens, ``(1 − p_ref)^α ≈ 1`` and ``prior_start`` is plain NLL to 3 decimals (measured). Reference scores are
+  precomputed once as a ``ref_logps`` column (``hfweight.reference.score_dataset``), which gives exactly the live
+  reference's loss.
+- **Runs**: ``WeightedSFTTrainer`` from the starting model, batch 8, lr 1e-3 cosine (5 warmup steps), ``--steps``
   steps; the seed changes the data order only. Held-out NLL is computed in plain PyTorch (unweighted mean NLL per
   completion token), identical for every method.
 """
@@ -59,7 +60,7 @@ REFERENCE_ROWS, REFERENCE_DATA_SEED = 2000, 1
 HELDOUT_ROWS, HELDOUT_SEED = 800, 7
 EVAL_PER_DOMAIN, EXACT_MATCH_ROWS = 64, 48
 MAX_LENGTH, EVAL_MAX_LENGTH = 96, 256
-BATCH_SIZE, LEARNING_RATE = 16, 1e-3
+BATCH_SIZE, LEARNING_RATE = 8, 1e-3
 START_STEPS = 150
 
 # method → (weighting fields of WeightedSFTConfig, reference: None, "start" or "clean")
@@ -67,11 +68,11 @@ METHODS: dict[str, tuple[dict, str | None]] = {
     "nll": ({}, None),
     "dft": ({"token_weighting": "dft"}, None),
     "rho1": ({"token_weighting": "rho1", "token_weighting_kwargs": {"keep_percent": 60}}, "clean"),
-    "prior": ({"token_weighting": "prior", "token_weighting_kwargs": {"alpha": 1.0}}, "start"),
+    "prior": ({"token_weighting": "prior", "token_weighting_kwargs": {"alpha": 1.0}}, "clean"),
     # not in the default comparison
     "focal": ({"token_weighting": "focal", "token_weighting_kwargs": {"gamma": 1.0}}, None),
     "rho1_start": ({"token_weighting": "rho1", "token_weighting_kwargs": {"keep_percent": 60}}, "start"),
-    "prior_clean": ({"token_weighting": "prior", "token_weighting_kwargs": {"alpha": 1.0}}, "clean"),
+    "prior_start": ({"token_weighting": "prior", "token_weighting_kwargs": {"alpha": 1.0}}, "start"),
 }
 DEFAULT_METHODS = ["nll", "dft", "rho1", "prior"]
 
@@ -242,6 +243,7 @@ def evaluate(model, heldout_tokenized, heldout) -> dict:
 def train_once(method: str, seed: int, data, start_dir: str, steps: int):
     """Fine-tune the starting model with ``method`` for ``steps`` steps; return the trained model and train losses."""
     from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
 
     from hfweight import WeightedSFTTrainer
 
@@ -260,6 +262,7 @@ def train_once(method: str, seed: int, data, start_dir: str, steps: int):
             train_dataset=data,
             processing_class=sft_tokenizer(),
         )
+        trainer.remove_callback(PrinterCallback)  # one line per run instead
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return trainer.model, losses
@@ -281,7 +284,7 @@ def to_markdown(result: dict) -> str:
         f"pretrained {s['start']}. Held-out: mean NLL per completion token over {EVAL_PER_DOMAIN} unseen rows per "
         f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts. "
         f"Cells: mean ± std over seeds (sample std). Reference `clean` = starting model fine-tuned {s['steps']} steps "
-        "on arithmetic + code only; `start` = the starting model. "
+        "on arithmetic + code only (rows of its own draw); `start` = the starting model. "
         f"1-minute load average: {s['load_min']:.1f}–{s['load_max']:.1f}; OMP_NUM_THREADS={s['omp_threads']}; "
         f"wall time {s['wall_minutes']:.1f} min.",
         "",

@@ -41,7 +41,7 @@ def test_every_variant_builds_and_trains_one_step(step_losses):
             assert not hasattr(trainer.args, "weighting_enabled"), variant
             continue
         assert trainer.args.token_weighting == weighting.get("token_weighting"), variant
-        assert (trainer.reference is not None) == live, variant
+        assert (getattr(trainer, "reference", None) is not None) == live, variant
         for column in ("token_weights", "ref_logps"):
             assert (column in trainer.train_dataset.column_names) == (column in columns), (variant, column)
 
@@ -53,8 +53,9 @@ def test_variants_that_must_agree(step_losses):
     assert loss["prior_cached"] == pytest.approx(loss["prior_live"], rel=1e-5)
     assert loss["weighted_off"] == loss["sft_trainer"]
     assert loss["dft"] == pytest.approx(loss["sft_trainer_dft"], rel=1e-5)
-    # and the weightings do change the loss (the comparison is not of identical computations)
-    for variant in ("static", "dft", "focal", "rho1_cached", "prior_cached"):
+    # and the weightings do change the loss (the comparison is not of identical computations). Not `prior`: with the
+    # randomly initialised reference p_ref ≈ 1/vocab, so (1 − p_ref)^α renormalized per sequence is ≈ 1 everywhere.
+    for variant in ("static", "dft", "focal", "rho1_cached"):
         assert abs(loss[variant] - loss["sft_trainer"]) > 1e-4, variant
 
 
