@@ -2,9 +2,10 @@
 off, ``static``, ``dft``, ``focal``, and ``rho1``/``prior`` with a live reference model or a cached ``ref_logps``
 column, on the built-in tiny model and the built-in SFT data (same model weights, rows, order and seed everywhere).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_sft_overhead.py            # every variant, ~7 min on 2 shared cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_sft_overhead.py            # every variant, ~8 min on 2 shared cores (load ~5)
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_overhead.py --quick    # a smoke run, ~1 min
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_overhead.py --isolate  # + peak memory (fresh process per run)
+    OMP_NUM_THREADS=1 python benchmarks/bench_sft_overhead.py --isolate --repeats 1 --steps 6 --warmup 2  # ~5 min
 
 What to expect: weighting off calls the parent directly (ratio ≈ 1); ``static``/``dft``/``focal`` swap the model's
 loss for per-token log-probabilities and a few vector operations (goal ≤ 1.05); a cached reference reads one more
@@ -15,6 +16,10 @@ The rows are the built-in SFT pairs tokenized once by TRL's own preparation (cha
 ``max_length`` 128) and cached on disk with a ``token_weights`` column (uniform in [0.5, 1.5]) and a ``ref_logps``
 column scored by the same frozen reference model the live variants run, so cached and live variants compute the same
 loss. Each variant receives only the columns it uses.
+
+On a shared machine read the CPU-time ratio: wall time follows the other processes' load. Weighted variants can be
+*cheaper* than ``SFTTrainer``: TRL's fused LM head also computes each token's entropy and top-1 hit for its
+``entropy`` / ``mean_token_accuracy`` logs, which the weighted loss path does not compute (nor log).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ VARIANTS: dict[str, tuple[dict | None, tuple[str, ...], bool]] = {
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("sft_trainer_dft", "asft_live")]
 PARENT_VARIANTS = ("sft_trainer", "sft_trainer_dft")
 
-# (steps, warmup, repeats): full ≈ 7 min for the 9 default variants on 2 shared cores with OMP_NUM_THREADS=1.
+# (steps, warmup, repeats): full ≈ 8 min for the 9 default variants on 2 shared cores with OMP_NUM_THREADS=1.
 FULL = (10, 2, 3)
 QUICK = (3, 1, 1)
 
@@ -78,7 +83,9 @@ def _build_workload(rows: int, max_length: int, seed: int):
     tokenizer = sft_tokenizer(seed)
     data = tokenize_like_trl(sft_dataset(seed=seed, n=rows), tokenizer, max_length)
     rng = np.random.default_rng(seed)
-    data = data.add_column("token_weights", [rng.uniform(*WEIGHT_RANGE, size=len(ids)).tolist() for ids in data["input_ids"]])
+    data = data.add_column(
+        "token_weights", [rng.uniform(*WEIGHT_RANGE, size=len(ids)).tolist() for ids in data["input_ids"]]
+    )
     with tempfile.TemporaryDirectory() as scores:
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         return score_dataset(reference_model(seed), data, collator, scores, batch_size=32)
@@ -157,7 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs per variant (order alternates between repeats)")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the benchmark")
-    parser.add_argument("--isolate", action="store_true", help="each run in a fresh subprocess: peak memory comparable")
+    parser.add_argument(
+        "--isolate", action="store_true", help="each run in a fresh subprocess: peak memory comparable"
+    )
     parser.add_argument(
         "--variants",
         nargs="+",

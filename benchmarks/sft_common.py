@@ -45,9 +45,7 @@ def tokenize_like_trl(raw: datasets.Dataset, tokenizer, max_length: int) -> data
         config = SFTConfig(
             output_dir=out, max_length=max_length, report_to="none", use_cpu=True, shuffle_dataset=False, bf16=False
         )
-        trainer = SFTTrainer(
-            model=build_model(tokenizer), args=config, train_dataset=raw, processing_class=tokenizer
-        )
+        trainer = SFTTrainer(model=build_model(tokenizer), args=config, train_dataset=raw, processing_class=tokenizer)
         prepared = trainer.train_dataset
     return prepared.select_columns(["input_ids", "labels", "domain"])
 

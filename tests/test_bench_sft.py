@@ -78,6 +78,9 @@ def test_completion_nll_equals_trl_loss():
         theirs = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}).loss
     assert ours["all"] == pytest.approx(float(theirs), rel=1e-5)
     assert set(ours) == {*set(data["domain"]), "all"}
-    counts = {d: sum(sum(y != -100 for y in row[1:]) for row, dd in zip(data["labels"], data["domain"]) if dd == d) for d in set(data["domain"])}
+    counts = {
+        d: sum(sum(y != -100 for y in row[1:]) for row, dd in zip(data["labels"], data["domain"]) if dd == d)
+        for d in set(data["domain"])
+    }
     total = sum(counts.values())
     assert ours["all"] == pytest.approx(sum(ours[d] * counts[d] for d in counts) / total, rel=1e-6)
