@@ -1,0 +1,133 @@
+"""Domain mixtures through the trainer: DGA's gradient alignment against a plain-PyTorch re-computation, streaming
+resample mode (weights reach the stream at step boundaries; exact resume), the final mixture reused by ``static``,
+and the edge cases and bad configurations of issue 5."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import GradientCapture, pad_collate, tiny_model, toy_dataset, toy_rows, training_args
+
+from hfweight import WeightedTrainer, WeightedTrainingArguments
+from hfweight.sampling import MixtureIterableDataset
+
+NAMES = ["code", "math", "prose"]  # sorted domains of toy_rows
+
+
+class RecordingCollator:
+    """pad_collate that keeps every collated batch (the loader reads ahead: the first GA batches are step 0's)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, features):
+        batch = pad_collate(features)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def _trainer(tmp_path, dataset, collator=pad_collate, eval_dataset=None, callbacks=None, **overrides):
+    weighting = {k: overrides.pop(k) for k in list(overrides) if k.startswith("mixture") or k == "domain_column"}
+    args = WeightedTrainingArguments(**training_args(str(tmp_path), **overrides), **weighting)
+    return WeightedTrainer(
+        model=tiny_model(), args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
+        callbacks=callbacks,
+    )
+
+
+def _token_sum(model, batch, select=None):
+    """Σ of token losses (optionally over selected shifted positions) and the token count, in plain PyTorch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+    keep = (labels != -100).reshape(-1)
+    if select is not None:
+        keep = keep & select.reshape(-1)
+    return (nll * keep).sum(), keep.sum()
+
+
+# ---- DGA ----------------------------------------------------------------------------------------------------------
+
+
+def test_dga_alignment_equals_plain_pytorch_and_leaves_training_gradients_alone(tmp_path):
+    """One step (batch 2 × GA 2, resample): the per-domain inner products with the target gradient, the squared norms,
+    the normalized signal and the updated mixture equal an independent autograd computation on the same rows; the
+    gradient the optimizer then receives is the plain token-mean gradient of those rows."""
+    train, heldout = toy_dataset(24), toy_dataset(9, seed=1)
+    collator = RecordingCollator()
+    model_probe = tiny_model()
+    capture = GradientCapture(model_probe)
+    eta = 0.7
+    args = WeightedTrainingArguments(
+        **training_args(str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        mixture="dga", mixture_mode="resample",
+        mixture_kwargs={"target": "math", "target_batch_size": 3, "update_every": 1, "eta": eta, "min_prob": 0},
+    )
+    trainer = WeightedTrainer(model=model_probe, args=args, train_dataset=train, eval_dataset=heldout,
+                              data_collator=collator, callbacks=[capture])
+    trainer.train()
+    got = trainer.last_alignment
+    assert got["step"] == 0
+
+    # independent: the step's 4 rows (its first two micro-batches), their domains, the 3 held-out math rows
+    domain_of = {tuple(r["input_ids"]): r["domain"] for r in toy_rows(24)}
+    model = tiny_model()
+    params = list(model.parameters())
+    step_batches = collator.batches[:2]
+    total = {d: 0 for d in NAMES}
+    for b in step_batches:
+        for row, ids in zip(b["labels"], b["input_ids"]):
+            n = int((row[1:] != -100).sum())
+            total[domain_of[tuple(ids[ids != 0].tolist())]] += n
+
+    def domain_grad(d):
+        loss = 0
+        for b in step_batches:
+            rows = torch.tensor([domain_of[tuple(ids[ids != 0].tolist())] == d for ids in b["input_ids"]])
+            select = rows[:, None].expand(-1, b["labels"].shape[1] - 1)
+            s, _ = _token_sum(model, b, select)
+            loss = loss + s
+        return torch.autograd.grad(loss / total[d], params, allow_unused=True)
+
+    target_rows = [r for i, r in enumerate(toy_rows(9, seed=1)) if r["domain"] == "math"]
+    tb = pad_collate(target_rows)
+    s, n = _token_sum(model, tb)
+    g_t = torch.autograd.grad(s / n, params)
+    flat = lambda g: torch.cat([x.reshape(-1) for x in g]).double()  # noqa: E731
+    dots, sq = [], []
+    for d in NAMES:
+        g = flat(domain_grad(d))
+        dots.append(float(g @ flat(g_t)))
+        sq.append(float(g @ g))
+    present = np.array([total[d] > 0 for d in NAMES])
+    assert 0 < present.sum() < 3  # a domain absent from the step: no gradient, NaN signal, weight unchanged
+    dots, sq = np.where(present, dots, np.nan), np.where(present, sq, np.nan)
+    np.testing.assert_allclose(got["inner_products"].numpy(), dots, rtol=1e-5)
+    np.testing.assert_allclose(got["squared_norms"].numpy(), sq, rtol=1e-5)
+    signal = dots / (np.sqrt(sq[present]).mean() + 1e-6)
+    np.testing.assert_allclose(got["signal"].numpy(), signal, rtol=1e-5)
+    z = np.log(np.full(3, 1 / 3)) + eta * np.nan_to_num(signal)
+    np.testing.assert_allclose(trainer.mixture.probabilities().numpy(), np.exp(z) / np.exp(z).sum(), rtol=1e-6)
+
+    # the optimizer's gradient: the plain token mean of the step's 4 rows
+    s_all = sum(_token_sum(model, b)[0] for b in step_batches)
+    n_all = sum(_token_sum(model, b)[1] for b in step_batches)
+    expected = torch.autograd.grad(s_all / n_all, params)
+    for (name, _), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(capture.steps[0][name], e, rtol=1e-5, atol=1e-7)
+
+
+def test_dga_without_a_target_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"mixture='dga' aligns each domain's gradient with a target set's"):
+        _trainer(tmp_path, toy_dataset(8), eval_dataset=toy_dataset(6, seed=1), mixture="dga", mixture_mode="upweight")
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['target'\] names \['poetry'\], not found in `eval_dataset`"):
+        _trainer(tmp_path, toy_dataset(8), eval_dataset=toy_dataset(6, seed=1), mixture="dga", mixture_mode="upweight",
+                 mixture_kwargs={"target": "poetry"})
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['target'\] must name the target set"):
+        WeightedTrainingArguments(**training_args(str(tmp_path)), mixture="dga", mixture_kwargs={"target": {"a": 1}})
