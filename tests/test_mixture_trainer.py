@@ -4,6 +4,9 @@ and the edge cases and bad configurations of issue 5."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import datasets
 import numpy as np
 import pytest
@@ -229,3 +232,119 @@ def test_hf_iterable_dataset_with_a_domain_column(tmp_path):
     assert drawn == {"code"}
     with pytest.raises(ValueError, match=r"list the domains in mixture_kwargs\['domains'\]"):
         _stream_trainer(tmp_path, 4, hf, "static", {"weights": {"code": 1}})
+
+
+# ---- the final mixture, reused by `static` ------------------------------------------------------------------------
+
+
+def test_final_mixture_json_loads_into_static(tmp_path):
+    """DoReMi writes its time-averaged mixture to mixture_weights.json; mixture='static' with that path trains on it."""
+    trainer = _trainer(tmp_path / "doremi", toy_dataset(24), max_steps=3, mixture="doremi", mixture_mode="upweight")
+    trainer.train()
+    path = tmp_path / "doremi" / "mixture_weights.json"
+    saved = json.loads(path.read_text())["weights"]
+    average = trainer.mixture.average_probabilities()
+    assert saved == pytest.approx(dict(zip(NAMES, average.tolist())), rel=1e-12)
+    assert not torch.allclose(average, torch.full((3,), 1 / 3, dtype=torch.float64))  # it learned something
+    static = _trainer(tmp_path / "static", toy_dataset(24), max_steps=1, mixture="static", mixture_mode="resample",
+                      mixture_kwargs={"weights": str(path)})
+    assert static.mixture.probabilities().tolist() == pytest.approx([saved[n] for n in NAMES], rel=1e-12)
+    static.train()
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['weights'\]='nope.json': no such file"):
+        WeightedTrainingArguments(**training_args(str(tmp_path)), mixture="static", mixture_kwargs={"weights": "nope.json"})
+
+
+# ---- edge cases -----------------------------------------------------------------------------------------------------
+
+
+def test_a_domain_that_runs_out_of_rows_is_repeated_pass_by_pass(tmp_path):
+    """Resample with 90 % on a 2-row domain: its rows come back pass after pass, each pass a permutation of both."""
+    rows = [r for r in toy_rows(40) if r["domain"] != "math"] + [r for r in toy_rows(40) if r["domain"] == "math"][:2]
+    math_rows = {tuple(r["input_ids"]) for r in rows if r["domain"] == "math"}
+    trainer = _stream_trainer(tmp_path, 5, datasets.Dataset.from_list(rows), "static",
+                              {"weights": {"code": 0.05, "math": 0.9, "prose": 0.05}})
+    trainer.train()
+    drawn = [tuple(x for x in row if x != 0) for _, ids in trainer.seen for row in ids.tolist()]
+    math_drawn = [r for r in drawn if r in math_rows]
+    assert len(math_drawn) >= 12  # 20 draws at 0.9: far more than the domain's 2 rows
+    for i in range(0, len(math_drawn) - 1, 2):  # pass p = draws 2p, 2p+1: both rows, in some order
+        assert set(math_drawn[i : i + 2]) == math_rows
+
+
+def test_a_domain_absent_from_the_step(tmp_path):
+    """ODM starting with math at weight 0: math is absent from step 1, gets no reward and no logged loss; the others
+    train and the mixture stays a distribution."""
+    trainer = _trainer(tmp_path, toy_dataset(40), max_steps=1, per_device_train_batch_size=8, mixture="odm",
+                       mixture_mode="resample",
+                       mixture_kwargs={"warmup_steps": 0, "initial_weights": {"code": 1, "prose": 1}, "min_prob": 0})
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if h.get("step") == 1 and "loss" in h)
+    assert "domain_loss/math" not in first and "domain_loss/code" in first
+    rewards = trainer.mixture._rewards
+    assert float(rewards[1]) == 0.0 and float(rewards[0]) > 0 and float(rewards[2]) > 0
+    p = trainer.mixture.probabilities()
+    assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-12 and float(p[1]) > 0  # ε exploration
+
+
+@pytest.mark.parametrize("mixture,kwargs", [("odm", {"warmup_steps": 0}), ("doremi", {})])
+def test_nan_loss_in_one_domain(tmp_path, mixture, kwargs):
+    """The model's logits are NaN on math rows for one step: the controller skips that domain's signal (DoReMi keeps
+    its last score, ODM gives no reward) and the mixture stays finite; the per-domain logs keep the others."""
+    math_rows = {tuple(r["input_ids"]) for r in toy_rows(40) if r["domain"] == "math"}
+    trainer = _trainer(tmp_path, toy_dataset(40), max_steps=1, per_device_train_batch_size=6, mixture=mixture,
+                       mixture_mode="upweight", mixture_kwargs=kwargs, train_sampling_strategy="sequential")
+    model = trainer.model
+    seen = {}
+    model.register_forward_pre_hook(lambda m, args, kw: seen.update(ids=kw["input_ids"]), with_kwargs=True)
+
+    def poison(module, args, output):
+        rows = torch.tensor([tuple(x for x in ids.tolist() if x != 0) in math_rows for ids in seen["ids"]])
+        return torch.where(rows[:, None, None], torch.full_like(output, float("nan")), output)
+
+    model.lm_head.register_forward_hook(poison)
+    before = trainer.mixture.probabilities()
+    with pytest.warns(UserWarning) if mixture == "doremi" else _no_warning():
+        trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert "domain_loss/math" not in logged  # a NaN domain loss is not logged
+    assert math.isfinite(logged["domain_loss/code"]) and math.isfinite(logged["domain_loss/prose"])
+    p = trainer.mixture.probabilities()
+    assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-12
+    if mixture == "odm":
+        assert float(trainer.mixture._rewards[1]) == 0.0 and float(trainer.mixture._rewards[0]) > 0
+    else:
+        assert float(trainer.mixture._scores[1]) == 0.0  # kept its initial score
+        assert not torch.equal(p, before)  # the finite domains still moved it
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_single_domain(tmp_path):
+    rows = [dict(r, domain="code") for r in toy_rows(12)]
+    trainer = _trainer(tmp_path, datasets.Dataset.from_list(rows), max_steps=2, mixture="odm", mixture_mode="resample",
+                       mixture_kwargs={"warmup_steps": 0})
+    trainer.train()
+    assert trainer.mixture.probabilities().tolist() == [1.0]
+    assert json.loads((tmp_path / "mixture_weights.json").read_text()) == {"weights": {"code": 1.0}}
+
+
+@pytest.mark.parametrize(
+    "mixture,kwargs,message",
+    [
+        ("static", {"weights": {"poetry": 1.0}}, r"unknown domain\(s\) \['poetry'\]; the dataset's domains are"),
+        ("static", {"weights": {"code": -1.0}}, r"gives domain 'code' the weight -1.0; weights must be finite"),
+        ("skillit", {"graph": [[1, 0], [0, 1]]}, r"'graph'\] has shape 2×2; expected 3×3 for the domains"),
+        ("dga", {}, r"aligns each domain's gradient with a target set's and has none"),
+        ("aioli", {"lp_steps": 5, "update_every": 10}, r"one LearnParams phase takes k·lp_rounds·lp_steps = 3·2·5"),
+    ],
+)
+def test_bad_config_through_the_trainer(tmp_path, mixture, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, toy_dataset(8), eval_dataset=toy_dataset(6, seed=1), mixture=mixture,
+                 mixture_mode="upweight", mixture_kwargs=kwargs).train()
