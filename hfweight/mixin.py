@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .card import write_weighting_section
 from .columns import (
@@ -303,7 +303,11 @@ class WeightingMixin:
         losses = torch.full((len(self.domain_names),), float("nan"), dtype=torch.float64)
         for i, name in enumerate(self.domain_names):
             if name in self._domain_eval_sets:
-                metrics = self.evaluate(eval_dataset=self._domain_eval_sets[name], metric_key_prefix=f"mixture_eval_{name}")
+                # transformers.Trainer.evaluate directly: these sets are slices of the already prepared eval_dataset,
+                # which TRL's SFTTrainer.evaluate would tokenize (and map domains) a second time.
+                metrics = Trainer.evaluate(
+                    self, eval_dataset=self._domain_eval_sets[name], metric_key_prefix=f"mixture_eval_{name}"
+                )
                 losses[i] = metrics[f"mixture_eval_{name}_loss"]
         self.mixture.observe_eval(losses, self.state.global_step)
 

@@ -348,3 +348,31 @@ def test_bad_config_through_the_trainer(tmp_path, mixture, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path, toy_dataset(8), eval_dataset=toy_dataset(6, seed=1), mixture=mixture,
                  mixture_mode="upweight", mixture_kwargs=kwargs).train()
+
+
+# ---- WeightedSFTTrainer, per-domain evaluation and the plot ------------------------------------------------------------
+
+
+def test_sft_aioli_and_dga_with_per_domain_evals_and_plot(tmp_path):
+    """Through WeightedSFTTrainer (TRL's preparation maps domains to indices): Aioli's per-domain held-out evals are
+    logged and plotted, DGA finds its target among the prepared eval rows."""
+    from helpers import sft_rows, tiny_tokenizer
+
+    from hfweight import WeightedSFTConfig, WeightedSFTTrainer
+    from hfweight.plots import collect_series
+
+    for mixture, kwargs in [("aioli", {"lp_rounds": 1, "lp_steps": 1, "update_every": 4}),
+                            ("dga", {"target": "math", "update_every": 2, "eta": 0.5})]:
+        out = tmp_path / mixture
+        args = WeightedSFTConfig(**training_args(str(out), max_steps=4, per_device_train_batch_size=2), max_length=24,
+                                 bf16=False, mixture=mixture, mixture_mode="resample", mixture_kwargs=kwargs)
+        trainer = WeightedSFTTrainer(model=tiny_model(), args=args, train_dataset=datasets.Dataset.from_list(sft_rows(24)),
+                                     eval_dataset=datasets.Dataset.from_list(sft_rows(9, seed=1)),
+                                     processing_class=tiny_tokenizer())
+        trainer.train()
+        series = collect_series(trainer.state.log_history)
+        wanted = "mixture_eval_math_loss" if mixture == "aioli" else "dga_alignment/math"
+        assert len(series[wanted][0]) >= 2, sorted(series)
+        assert (out / "weighting.png").exists() and (out / "mixture_weights.json").exists()
+        p = trainer.mixture.probabilities()
+        assert not torch.allclose(p, torch.full((3,), 1 / 3, dtype=torch.float64))
