@@ -371,8 +371,9 @@ def test_sft_aioli_and_dga_with_per_domain_evals_and_plot(tmp_path):
                                      processing_class=tiny_tokenizer())
         trainer.train()
         series = collect_series(trainer.state.log_history)
-        wanted = "mixture_eval_math_loss" if mixture == "aioli" else "dga_alignment/math"
-        assert len(series[wanted][0]) >= 2, sorted(series)
+        prefix = "mixture_eval_" if mixture == "aioli" else "dga_alignment/"
+        steps = {s for key, (xs, _) in series.items() if key.startswith(prefix) for s in xs}
+        assert len(steps) >= 2, sorted(series)  # logged at every evaluation / alignment
         assert (out / "weighting.png").exists() and (out / "mixture_weights.json").exists()
         p = trainer.mixture.probabilities()
         assert not torch.allclose(p, torch.full((3,), 1 / 3, dtype=torch.float64))
