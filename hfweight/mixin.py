@@ -140,6 +140,19 @@ class _StreamAtStep:
         self.stream.load_state_dict(state)
 
 
+class _AlignmentPosition:
+    """How many target batches DGA has taken (the next one continues the cycle through the target set)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"calls": self.trainer._alignment_calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer._alignment_calls = int(state["calls"])
+
+
 @dataclass
 class _StepPlan:
     """What the prepare phase decided for the optimizer step in progress."""
@@ -301,6 +314,10 @@ class WeightingMixin:
         if requested is None or not requested():
             return
         losses = torch.full((len(self.domain_names),), float("nan"), dtype=torch.float64)
+        # evaluate() logs, and the callback handler's on_log/on_evaluate clear the step's pending should_log /
+        # should_evaluate / should_save: keep them, or the step's own training log and save would be dropped.
+        control = self.control
+        pending = (control.should_log, control.should_evaluate, control.should_save)
         for i, name in enumerate(self.domain_names):
             if name in self._domain_eval_sets:
                 # transformers.Trainer.evaluate directly: these sets are slices of the already prepared eval_dataset,
@@ -309,6 +326,7 @@ class WeightingMixin:
                     self, eval_dataset=self._domain_eval_sets[name], metric_key_prefix=f"mixture_eval_{name}"
                 )
                 losses[i] = metrics[f"mixture_eval_{name}_loss"]
+        control.should_log, control.should_evaluate, control.should_save = pending
         self.mixture.observe_eval(losses, self.state.global_step)
 
     # ---- streaming mixtures (resample mode over an IterableDataset) -----------------------------------------------
@@ -909,6 +927,8 @@ class WeightingMixin:
             parts["domain_sampler"] = _SamplerAtStep(self._domain_sampler, self.state)
         if getattr(self, "_mixture_stream", None) is not None:
             parts["mixture_stream"] = _StreamAtStep(self._mixture_stream, self.state, self._stream_rows_per_step)
+        if getattr(self, "_alignment_target", None) is not None:
+            parts["gradient_alignment"] = _AlignmentPosition(self)
         return parts
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -377,3 +377,39 @@ def test_sft_aioli_and_dga_with_per_domain_evals_and_plot(tmp_path):
         assert (out / "weighting.png").exists() and (out / "mixture_weights.json").exists()
         p = trainer.mixture.probabilities()
         assert not torch.allclose(p, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+# ---- resume of the held-out and gradient protocols (map-style) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mixture,kwargs",
+    [
+        ("dga", {"target": ["math", "prose"], "target_batch_size": 2, "update_every": 2, "eta": 2.0}),
+        ("aioli", {"lp_rounds": 1, "lp_steps": 1, "update_every": 4}),
+    ],
+)
+def test_resume_of_eval_and_gradient_protocols(tmp_path, mixture, kwargs):
+    """6 steps straight equal 3 + checkpoint + resume + 3 for DGA (target batches continue their cycle) and Aioli
+    (its probe phase and pending evaluations continue): the same losses, per-domain losses and mixtures."""
+
+    def make(out, steps):
+        return _trainer(out, toy_dataset(40), eval_dataset=toy_dataset(12, seed=1), max_steps=steps,
+                        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                        optim="adamw_torch", save_strategy="steps", save_steps=3, mixture=mixture,
+                        mixture_mode="resample", mixture_kwargs=kwargs)
+
+    straight = make(tmp_path / "straight", 6)
+    straight.train()
+    make(tmp_path / "resumed", 3).train()
+    resumed = make(tmp_path / "resumed", 6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+
+    def logged(trainer):
+        keys = ["loss"] + [f"mixture/{n}" for n in NAMES] + [f"domain_loss/{n}" for n in NAMES]
+        return {h["step"]: tuple(h.get(k) for k in keys) for h in trainer.state.log_history if "loss" in h}
+
+    expected, got = logged(straight), logged(resumed)
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, nan_ok=True), step
+    assert torch.equal(resumed.mixture.probabilities(), straight.mixture.probabilities())
