@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import tempfile
 
+import torch.nn.functional as F
 from helpers import pad_collate, tiny_model, toy_dataset, toy_rows, training_args
 from transformers import TrainerCallback
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments
-from hfweight.sampling import DomainSampler
+from hfweight.sampling import DomainSampler, MixtureIterableDataset
 
 ROW_INDEX = {tuple(r["input_ids"]): i for i, r in enumerate(toy_rows(40))}
 
@@ -68,3 +69,75 @@ def dga_alignment(batch: int, ga: int) -> dict:
                               eval_dataset=toy_dataset(12, seed=1), data_collator=pad_collate)
     trainer.train()
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in trainer.last_alignment.items()}
+
+
+# ---- shared by tests/test_mixture_trainer.py and tests/test_mixture_resume.py -------------------------------------
+
+NAMES = ["code", "math", "prose"]  # sorted domains of toy_rows
+
+
+class RecordingCollator:
+    """pad_collate that keeps every collated batch (the loader reads ahead: the first GA batches are step 0's)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, features):
+        batch = pad_collate(features)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def _trainer(tmp_path, dataset, collator=pad_collate, eval_dataset=None, callbacks=None, **overrides):
+    weighting = {k: overrides.pop(k) for k in list(overrides) if k.startswith("mixture") or k == "domain_column"}
+    args = WeightedTrainingArguments(**training_args(str(tmp_path), **overrides), **weighting)
+    return WeightedTrainer(
+        model=tiny_model(), args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
+        callbacks=callbacks,
+    )
+
+
+def _token_sum(model, batch, select=None):
+    """Σ of token losses (optionally over selected shifted positions) and the token count, in plain PyTorch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
+    keep = (labels != -100).reshape(-1)
+    if select is not None:
+        keep = keep & select.reshape(-1)
+    return (nll * keep).sum(), keep.sum()
+
+
+class RecordingTrainer(WeightedTrainer):
+    """Records the rows of every micro-batch trained on, and the mixture at each step."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = getattr(self, "seen", [])
+        self.seen.append((self.state.global_step, inputs["input_ids"].clone()))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _stream(rows=None, **kwargs):
+    rows = rows if rows is not None else toy_rows(30)
+    by_domain = {}
+    for r in rows:
+        by_domain.setdefault(r["domain"], []).append({k: r[k] for k in ("input_ids", "labels")})
+    return MixtureIterableDataset(by_domain, seed=3, **kwargs)
+
+
+def _stream_trainer(out, max_steps, dataset, mixture="odm", kwargs=None, cls=RecordingTrainer):
+    args = WeightedTrainingArguments(
+        **training_args(
+            str(out), max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            learning_rate=1e-2, optim="adamw_torch", save_strategy="steps", save_steps=3,
+        ),
+        mixture=mixture, mixture_mode="resample", mixture_kwargs=kwargs if kwargs is not None else {"warmup_steps": 1},
+    )
+    return cls(model=tiny_model(), args=args, train_dataset=dataset, data_collator=pad_collate)
+
+
+def _by_step(trainer):
+    out = {}
+    for step, ids in trainer.seen:
+        out.setdefault(step, []).append(ids.tolist())
+    return out
