@@ -43,6 +43,7 @@ SEQ_LEN = 64
 BATCH = 16
 HELDOUT_PER_DOMAIN = 32  # blocks per domain in each of the validation and test halves
 METHODS = ("stratified", "temperature", "doremi", "odm", "aioli", "dga", "dga_arithmetic")
+OPTIONAL = ("dga_tempered",)  # DGA with a smaller step and an EMA of the mixture (--methods ... dga_tempered)
 
 
 def mixture_config(method: str, steps: int) -> dict:
@@ -62,6 +63,9 @@ def mixture_config(method: str, steps: int) -> dict:
     if method == "dga":
         return {"mixture": "dga", "mixture_kwargs": {"target": list(CLEAN), "target_batch_size": BATCH,
                                                      "update_every": 5, "eta": 1.0}}
+    if method == "dga_tempered":
+        return {"mixture": "dga", "mixture_kwargs": {"target": list(CLEAN), "target_batch_size": BATCH,
+                                                     "update_every": 5, "eta": 0.2, "ema": 0.5}}
     if method == "dga_arithmetic":
         return {"mixture": "dga", "mixture_kwargs": {"target": "arithmetic", "target_batch_size": BATCH,
                                                      "update_every": 5, "eta": 1.0}}
@@ -174,7 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval_every", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + OPTIONAL)
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps: a smoke test")
     parser.add_argument("--name", default=None)
     parser.add_argument("--threads", type=int, default=1,
