@@ -77,6 +77,42 @@ def main(argv=None) -> None:
         settings={"model": args.model, "batch": BATCH_SIZE, "seq": SEQ_LEN[args.model]},
     )
     report(result, args.name, title=f"Step-time overhead, {args.model} model")
+    if args.mixtures:
+        append_mean_ratios(args.name)
+
+
+def append_mean_ratios(name: str) -> None:
+    """Medians hide periodic costs (Aioli's evaluations, DGA's alignment every 10 steps): append paired ratios of
+    *mean* step times (wall and CPU) and the slowest step, from the JSON the report wrote."""
+    import json
+    import statistics
+
+    from harness import RESULTS_DIR
+
+    with open(os.path.join(RESULTS_DIR, f"{name}.json")) as f:
+        data = json.load(f)
+    base = data["variants"][data["baseline"]]["runs"]
+    lines = [
+        "",
+        f"Mean step time (periodic costs included), paired ratio vs `{data['baseline']}`, median [min, max] over "
+        "repeats; slowest single step:",
+        "",
+        "| variant | mean-wall ratio | mean-CPU ratio | slowest step CPU (ms) |",
+        "|---|---|---|---|",
+    ]
+    for variant, entry in data["variants"].items():
+        runs = entry["runs"]
+        wall = [statistics.mean(r["step_times"]) / statistics.mean(b["step_times"]) for r, b in zip(runs, base)]
+        cpu = [statistics.mean(r["cpu_times"]) / statistics.mean(b["cpu_times"]) for r, b in zip(runs, base)]
+        slowest = max(max(r["cpu_times"]) for r in runs) * 1000
+        lines.append(
+            f"| `{variant}` | {statistics.median(wall):.3f} [{min(wall):.3f}, {max(wall):.3f}] | "
+            f"{statistics.median(cpu):.3f} [{min(cpu):.3f}, {max(cpu):.3f}] | {slowest:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "a") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":
