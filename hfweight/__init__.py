@@ -8,12 +8,17 @@ from .registry import (
     register_sample_weighting,
     register_token_weighting,
 )
+from .rl import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer
 from .sft import WeightedSFTConfig, WeightedSFTTrainer
 from .trainer import WeightedTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "WeightedGRPOConfig",
+    "WeightedGRPOTrainer",
+    "WeightedRLOOConfig",
+    "WeightedRLOOTrainer",
     "WeightedSFTConfig",
     "WeightedSFTTrainer",
     "WeightedTrainer",

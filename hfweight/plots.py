@@ -1,4 +1,5 @@
-"""A PNG of the weighting trajectory: loss, per-domain losses, mixture probabilities and weight statistics."""
+"""A PNG of the weighting trajectory: loss, per-domain losses, mixture probabilities, weight statistics and, for
+GRPO/RLOO, rewards, reward weights, Lagrange multipliers and held-out reward means."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ PANELS = (
     ),
     ("dga_alignment/", "DGA gradient alignment with the target", lambda key: key.startswith("dga_alignment/")),
     ("weights/", "sample-weight ESS fraction", lambda key: key == "weights/ess_fraction"),
-    ("reward_weights/", "reward weights", lambda key: key.startswith("reward_weights/")),
+    ("reward", "mean training reward", lambda key: key == "reward"),
+    ("reward_weight/", "reward weights", lambda key: key.startswith("reward_weight/")),
+    ("lagrange/", "Lagrange multipliers", lambda key: key.startswith("lagrange/")),
+    ("validation/", "held-out reward means", lambda key: key.startswith("validation/")),
 )
 
 

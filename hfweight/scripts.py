@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 BUILTIN = "builtin"
@@ -103,14 +104,149 @@ def _describe(weighting) -> str:
 def print_summary(summaries: list[dict]) -> None:
     """A short table per stage: weighting, held-out losses, where the files are."""
     print("\n" + "=" * 100)
-    print(f"{'stage':<10} {'steps':>6}  {'weighting':<40} held-out loss by domain")
+    print(f"{'stage':<10} {'steps':>6}  {'weighting':<40} held-out loss by domain / mean reward by function")
     print("-" * 100)
     for s in summaries:
-        losses = ", ".join(f"{d} {v:.3f}" for d, v in s.get("heldout_loss", {}).items())
-        print(f"{s['stage']:<10} {s['steps']:>6}  {_describe(s['weighting']):<40} {losses}")
+        if "heldout_reward" in s:
+            results = "reward: " + ", ".join(f"{d} {v:.3f}" for d, v in s["heldout_reward"].items())
+        else:
+            results = "loss: " + ", ".join(f"{d} {v:.3f}" for d, v in s.get("heldout_loss", {}).items())
+        print(f"{s['stage']:<10} {s['steps']:>6}  {_describe(s['weighting']):<40} {results}")
     print("-" * 100)
     for s in summaries:
         print(f"[{s['stage']}] model: {s['model_dir']}")
         print(f"[{s['stage']}] logs:  {s['log_history']}")
         print(f"[{s['stage']}] plot:  {s['plot']}")
     print("=" * 100)
+
+
+# ---- GRPO / RLOO ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLScriptArguments:
+    """Where the prompts come from and how completions are scored (the model comes from `ModelConfig`)."""
+
+    dataset_name: str = field(default=BUILTIN, metadata={"help": "'builtin' or a hub dataset id / local path."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_eval_split: str | None = field(
+        default="test", metadata={"help": "Held-out prompts (validation for hypervolume/Nelder–Mead, final rewards)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["correctness", "brevity", "format"],
+        metadata={
+            "help": "Reward functions, in order: built-in names (correctness, brevity, format), functions of "
+            "trl.rewards (e.g. accuracy_reward), or import paths 'package.module:function'."
+        },
+    )
+    builtin_rows: int = field(default=1000, metadata={"help": "Prompts of the built-in task (10% held out)."})
+    builtin_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the built-in tokenizer."})
+    max_eval_samples_per_domain: int | None = field(default=32, metadata={"help": "Held-out prompts per domain."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Accepted for pipeline-wide flags; GRPO lengths are max_completion_length."}
+    )
+
+BUILTIN_REWARDS = {
+    "correctness": "hfweight.defaults.tasks:correctness_reward",
+    "brevity": "hfweight.defaults.tasks:brevity_reward",
+    "format": "hfweight.defaults.tasks:format_reward",
+}
+
+
+def resolve_reward_functions(names: list[str]) -> list:
+    """Reward functions from names: a built-in (``correctness``, ``brevity``, ``format``), a function of
+    ``trl.rewards`` (e.g. ``accuracy_reward``), or an import path ``package.module:function``."""
+    import importlib
+
+    import trl.rewards
+
+    if not names:
+        raise ValueError("`reward_funcs` is empty: name at least one reward function.")
+    functions = []
+    for name in names:
+        path = BUILTIN_REWARDS.get(name)
+        if path is None and hasattr(trl.rewards, name):
+            functions.append(getattr(trl.rewards, name))
+            continue
+        path = path or name
+        module_name, _, attribute = path.partition(":")
+        if not attribute:
+            raise ValueError(
+                f"reward function {name!r}: not a built-in ({sorted(BUILTIN_REWARDS)}), not in trl.rewards, and not an "
+                "import path of the form 'package.module:function'."
+            )
+        try:
+            functions.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"reward function {name!r} could not be imported: {err}") from err
+    return functions
+
+
+def load_prompt_data(script_args: Any, seed: int):
+    """``DatasetDict`` with train and held-out prompt splits: the built-in arithmetic prompts or a hub dataset."""
+    if script_args.dataset_name == BUILTIN:
+        from .defaults import grpo_dataset
+
+        return grpo_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.1, seed=seed)
+    from datasets import load_dataset
+
+    return load_dataset(script_args.dataset_name, script_args.dataset_config)
+
+
+def heldout_prompts(dataset, domain_column: str, max_per_domain: int | None):
+    """At most ``max_per_domain`` held-out prompts of each domain (all of them without a domain column)."""
+    from datasets import concatenate_datasets
+
+    sets = per_domain_eval_sets(dataset, domain_column, max_per_domain)
+    return concatenate_datasets(list(sets.values()))
+
+
+def rl_summary(trainer, eval_dataset, stage: str) -> dict:
+    """Held-out reward means per reward function, the weighting used, and where the model, logs and plot are."""
+    heldout = {}
+    if eval_dataset is not None:
+        metrics = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="heldout")
+        for name in trainer.reward_func_names:
+            key = f"heldout_rewards/{name}/mean"
+            key = key if key in metrics else f"eval_rewards/{name}/mean"
+            if key in metrics:
+                heldout[name] = metrics[key]
+    summary = final_summary(trainer, {}, stage)
+    summary.pop("heldout_loss")
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h and "loss" in h]
+    summary.update(final_train_reward=rewards[-1] if rewards else None, heldout_reward=heldout)
+    return summary
+
+
+def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, stage: str) -> dict:
+    """Shared body of ``trainers/grpo.py`` and ``trainers/rloo.py``."""
+    from trl import get_peft_config
+
+    rewards = resolve_reward_functions(script_args.reward_funcs)
+    model, tokenizer = load_causal_lm(
+        model_args.model_name_or_path or "builtin:tiny", vocab_size=script_args.builtin_vocab_size, seed=training_args.seed
+    )
+    data = load_prompt_data(script_args, training_args.seed)
+    eval_dataset = None
+    if script_args.dataset_eval_split and script_args.dataset_eval_split in data:
+        eval_dataset = heldout_prompts(
+            data[script_args.dataset_eval_split], training_args.domain_column, script_args.max_eval_samples_per_domain
+        )
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=data[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    summary = rl_summary(trainer, eval_dataset, stage)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print_summary([summary])
+    return summary

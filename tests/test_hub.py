@@ -131,3 +131,30 @@ def test_sft_push_to_hub_card(tmp_path, fake_hub):
     assert "TRL" in card  # TRL's own card is kept
     assert "| `token_weighting` | `dft` |" in card and "![weighting](weighting.png)" in card
     assert {"README.md", "weighting_summary.json", "weighting.png"} <= _uploaded_files(fake_hub.uploads[0])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_rl_push_to_hub_card_has_final_reward_weights_and_multipliers(algo, tmp_path, fake_hub):
+    from helpers_rl import make_trainer
+
+    from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer
+
+    trainer_cls, config_cls = {"grpo": (WeightedGRPOTrainer, WeightedGRPOConfig),
+                               "rloo": (WeightedRLOOTrainer, WeightedRLOOConfig)}[algo]
+    trainer = make_trainer(
+        trainer_cls, config_cls, tmp_path, max_steps=2, hub_model_id=f"someone/tiny-{algo}",
+        reward_weighting="constrained", reward_weighting_kwargs={"thresholds": [0.9, 0.5]},
+        mixture="odm", mixture_kwargs={"warmup_steps": 0},
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    card = (tmp_path / "README.md").read_text()
+    assert "| `reward_weighting` | `constrained` |" in card and "![weighting](weighting.png)" in card
+    summary = json.loads((tmp_path / "weighting_summary.json").read_text())
+    for name, w in summary["final_reward_weights"].items():
+        assert name in card and f"{w:.4f}" in card
+    assert set(summary["final_multipliers"]) == {"short_reward", "low_reward"}
+    assert set(summary["final_mixture"]) == {"a", "b", "c"}
+    assert {"README.md", "weighting_summary.json", "mixture_weights.json", "weighting.png"} <= _uploaded_files(
+        fake_hub.uploads[0]
+    )

@@ -61,6 +61,16 @@ def test_recipe_parses_and_validates_offline(recipe):
     configs = parser_for(recipe).parse_args_and_config(["--config", recipe, *cpu])
     training_args = next(c for c in configs if hasattr(c, "weighting_enabled"))
     assert training_args.output_dir
+    if getattr(training_args, "reward_weighting", None) is not None:
+        # GRPO/RLOO: the reward functions resolve and the weighter binds to their names (weights, thresholds, task).
+        import torch
+
+        from hfweight.scripts import resolve_reward_functions
+
+        script_args = configs[0]
+        names = [f.__name__ for f in resolve_reward_functions(script_args.reward_funcs)]
+        weighter = training_args.build_reward_weighting()
+        weighter.bind(names, torch.ones(len(names)))
 
 
 def _run(args, timeout=600):

@@ -1,0 +1,420 @@
+"""Effectiveness of per-token weighting in SFT: plain NLL vs DFT vs Rho-1 vs PRIOR on the built-in SFT data, from a
+briefly pretrained tiny model, fixed step budget, several seeds; held-out completion NLL per domain and arithmetic
+exact match (greedy decoding), mean ± std over seeds.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py              # 4 methods × 3 seeds: ~5.5 min, ~8.5 min cold
+    OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py --quick      # a smoke run (1 seed, 10 steps)
+    OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py --methods nll dft rho1 prior focal rho1_start \\
+        prior_start --seeds 0 1 2 3 4 --steps 300                                # the fuller version (~1 h)
+
+Setup (every expensive piece is built once and cached under ``$HFWEIGHT_CACHE/bench_sft``):
+
+- **Starting model**: the built-in tiny Llama pretrained with plain NLL for ``--start_steps`` (150) steps on the
+  built-in five-domain corpus by ``trainers/pretrain.py``'s ``main`` (or ``--start_model DIR``, e.g. the demo's
+  ``outputs/tiny/demo/pretrain``).
+- **Training rows**: ``sft_dataset(seed=0, n=2000)`` (arithmetic 50 %, code 35 %, redundant echo 15 %), tokenized once
+  by ``trl.SFTTrainer``'s own preparation (chat template, completion-only labels, ``max_length`` 96).
+- **Held-out rows**: another draw (``sft_dataset(seed=7)``) with every prompt seen in training or by the reference
+  removed; 64 rows per domain for the NLL, the first 48 arithmetic ones for exact match.
+- **Reference** (Rho-1 and PRIOR need one): ``clean`` = the starting model fine-tuned with plain NLL, same budget,
+  on the *clean* domains only (arithmetic and code, from a separate draw ``sft_dataset(seed=1)``; the redundant echo
+  rows are left out, as the corpus's ``redundant`` domain is the low-value one) — Rho-1's "reference trained on
+  high-quality data". ``rho1_start`` / ``prior_start`` (not run by default) use the starting model itself instead
+  (PRIOR's "reference lacking the information to learn"); from a model this weak, ``p_ref`` is tiny on completion
+  tokens, ``(1 − p_ref)^α ≈ 1`` and ``prior_start`` is plain NLL to 3 decimals (measured). Reference scores are
+  precomputed once as a ``ref_logps`` column (``hfweight.reference.score_dataset``), which gives exactly the live
+  reference's loss.
+- **Runs**: ``WeightedSFTTrainer`` from the starting model, batch 8, lr 1e-3 cosine (5 warmup steps), ``--steps``
+  steps; the seed changes the data order only. Held-out NLL is computed in plain PyTorch (unweighted mean NLL per
+  completion token), identical for every method.
+
+Findings (60 steps, 3 seeds; ``results/sft_effectiveness.md`` and ``sft_effectiveness_extras.md``): no method beats
+plain NLL on any domain. DFT fails badly from this weak model (``p`` is small on most target tokens, so it mostly
+sharpens what the model already predicts; held-out NLL ends *above* the starting model's on code and redundant).
+Rho-1 with the clean reference matches NLL on arithmetic/code and drops the redundant tokens, as designed (their
+reference loss is high, so their excess loss is low). PRIOR with the clean reference down-weights the arithmetic
+tokens the reference already predicts and learns arithmetic more slowly. Exact match stays at the floor (≤ 1/48).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import quiet  # noqa: E402
+from harness import RESULTS_DIR, _load_average  # noqa: E402
+from sft_common import (  # noqa: E402
+    arithmetic_exact_match,
+    cache_root,
+    cached_dataset,
+    completion_nll,
+    mean_std,
+    sft_tokenizer,
+    tokenize_like_trl,
+)
+
+DOMAINS = ("arithmetic", "code", "redundant")
+CLEAN_DOMAINS = ("arithmetic", "code")
+TRAIN_ROWS, TRAIN_SEED = 2000, 0
+REFERENCE_ROWS, REFERENCE_DATA_SEED = 2000, 1
+HELDOUT_ROWS, HELDOUT_SEED = 800, 7
+EVAL_PER_DOMAIN, EXACT_MATCH_ROWS = 64, 48
+MAX_LENGTH, EVAL_MAX_LENGTH = 96, 256
+BATCH_SIZE, LEARNING_RATE = 8, 1e-3
+START_STEPS = 150
+
+# method → (weighting fields of WeightedSFTConfig, reference: None, "start" or "clean")
+METHODS: dict[str, tuple[dict, str | None]] = {
+    "nll": ({}, None),
+    "dft": ({"token_weighting": "dft"}, None),
+    "rho1": ({"token_weighting": "rho1", "token_weighting_kwargs": {"keep_percent": 60}}, "clean"),
+    "prior": ({"token_weighting": "prior", "token_weighting_kwargs": {"alpha": 1.0}}, "clean"),
+    # not in the default comparison
+    "focal": ({"token_weighting": "focal", "token_weighting_kwargs": {"gamma": 1.0}}, None),
+    "rho1_start": ({"token_weighting": "rho1", "token_weighting_kwargs": {"keep_percent": 60}}, "start"),
+    "prior_start": ({"token_weighting": "prior", "token_weighting_kwargs": {"alpha": 1.0}}, "start"),
+}
+DEFAULT_METHODS = ["nll", "dft", "rho1", "prior"]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- the pieces (each cached) ----------------------------------------------------------------------------------------
+
+
+def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
+    """The starting model: the built-in tiny Llama after ``steps`` steps of plain-NLL pretraining on the built-in corpus
+    (``trainers/pretrain.py``'s ``main``), built once in the cache."""
+    from hfweight.defaults.corpus import atomic_build, cache_key
+
+    params = {"steps": steps, "seed": seed, "lr": 3e-3, "batch": 16, "max_length": 128, "v": 1}
+    path = os.path.join(cache_root(), f"start-{cache_key(params)}")
+    if os.path.isdir(path):
+        return path
+
+    def write(out: str) -> None:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trainers"))
+        import pretrain
+
+        from hfweight import WeightedTrainingArguments
+
+        script = pretrain.PretrainScriptArguments(max_length=128, max_eval_samples_per_domain=32)
+        args = WeightedTrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=3e-3,
+            lr_scheduler_type="cosine",
+            warmup_steps=10,
+            weight_decay=0.01,
+            logging_steps=50,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=seed,
+        )
+        pretrain.main(script, args)
+
+    log(f"pretraining the starting model ({steps} steps) into {path}")
+    atomic_build(path, write)
+    return path
+
+
+def _prompt_key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+def heldout_raw():
+    """Held-out rows: a separate draw with every prompt of the training and reference rows removed."""
+    from hfweight.defaults import sft_dataset
+
+    seen = {_prompt_key(p) for p in sft_dataset(seed=TRAIN_SEED, n=TRAIN_ROWS)["prompt"]}
+    seen |= {_prompt_key(p) for p in sft_dataset(seed=REFERENCE_DATA_SEED, n=REFERENCE_ROWS)["prompt"]}
+    data = sft_dataset(seed=HELDOUT_SEED, n=HELDOUT_ROWS)
+    data = data.filter(lambda row: _prompt_key(row["prompt"]) not in seen)
+    keep, counts = [], dict.fromkeys(DOMAINS, 0)
+    for i, domain in enumerate(data["domain"]):
+        if counts[domain] < EVAL_PER_DOMAIN:
+            keep.append(i)
+            counts[domain] += 1
+    if min(counts.values()) < EVAL_PER_DOMAIN // 2:
+        raise RuntimeError(f"too few unseen held-out rows per domain: {counts}")
+    return data.select(keep)
+
+
+def reference_rows():
+    """The clean reference's training rows: arithmetic and code from a separate draw, held-out prompts removed."""
+    from hfweight.defaults import sft_dataset
+
+    heldout = {_prompt_key(p) for p in heldout_raw()["prompt"]}
+    data = sft_dataset(seed=REFERENCE_DATA_SEED, n=REFERENCE_ROWS)
+    return data.filter(lambda row: row["domain"] in CLEAN_DOMAINS and _prompt_key(row["prompt"]) not in heldout)
+
+
+def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
+    from hfweight import WeightedSFTConfig
+
+    return WeightedSFTConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=5,
+        max_length=MAX_LENGTH,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        **weighting,
+    )
+
+
+def clean_reference_dir(start_dir: str, steps: int) -> str:
+    """The ``clean`` reference: the starting model fine-tuned with plain NLL on :func:`reference_rows`."""
+    from transformers import AutoModelForCausalLM
+
+    from hfweight import WeightedSFTTrainer
+    from hfweight.defaults.corpus import atomic_build, cache_key
+
+    params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": REFERENCE_ROWS, "v": 1}
+    path = os.path.join(cache_root(), f"reference-clean-{cache_key(params)}")
+    if os.path.isdir(path):
+        return path
+
+    def write(out: str) -> None:
+        tokenizer = sft_tokenizer()
+        data = tokenize_like_trl(reference_rows(), tokenizer, MAX_LENGTH)
+        trainer = WeightedSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(start_dir),
+            args=sft_arguments(out, steps, seed=0),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        trainer.save_model(out)
+
+    log(f"fine-tuning the clean reference ({steps} steps on arithmetic + code) into {path}")
+    atomic_build(path, write)
+    return path
+
+
+def train_rows(references: dict[str, str]):
+    """Tokenized training rows with one ``ref_logps_<name>`` column per reference (precomputed, cached)."""
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+
+    from hfweight.defaults import sft_dataset
+    from hfweight.reference import score_dataset
+
+    tokenizer = sft_tokenizer()
+
+    def build():
+        data = tokenize_like_trl(sft_dataset(seed=TRAIN_SEED, n=TRAIN_ROWS), tokenizer, MAX_LENGTH)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        for name, path in references.items():
+            log(f"scoring the training rows with the {name!r} reference")
+            with tempfile.TemporaryDirectory() as scores:
+                scored = score_dataset(
+                    AutoModelForCausalLM.from_pretrained(path), data, collator, scores, batch_size=32
+                )
+            data = data.add_column(f"ref_logps_{name}", scored["ref_logps"])
+        return data
+
+    params = {"references": {k: os.path.abspath(v) for k, v in references.items()}, "max_length": MAX_LENGTH, "v": 1}
+    return cached_dataset("train", params, build)
+
+
+# ---- one run and its evaluation --------------------------------------------------------------------------------------
+
+
+def evaluate(model, heldout_tokenized, heldout) -> dict:
+    exact_rows = heldout.filter(lambda row: row["domain"] == "arithmetic").select(range(EXACT_MATCH_ROWS))
+    return {
+        "heldout_nll": completion_nll(model, heldout_tokenized),
+        "arithmetic_exact_match": arithmetic_exact_match(model, sft_tokenizer(), exact_rows),
+    }
+
+
+def train_once(method: str, seed: int, data, start_dir: str, steps: int):
+    """Fine-tune the starting model with ``method`` for ``steps`` steps; return the trained model and train losses."""
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
+
+    from hfweight import WeightedSFTTrainer
+
+    weighting, reference = METHODS[method]
+    columns = ["input_ids", "labels", "domain"]
+    if reference is not None:
+        data = data.select_columns([*columns, f"ref_logps_{reference}"]).rename_column(
+            f"ref_logps_{reference}", "ref_logps"
+        )
+    else:
+        data = data.select_columns(columns)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = WeightedSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(start_dir),
+            args=sft_arguments(out, steps, seed, **weighting),
+            train_dataset=data,
+            processing_class=sft_tokenizer(),
+        )
+        trainer.remove_callback(PrinterCallback)  # one line per run instead
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return trainer.model, losses
+
+
+# ---- report ----------------------------------------------------------------------------------------------------------
+
+
+def _cell(stat: dict, fmt: str = ".3f") -> str:
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+
+
+def to_markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        "### Per-token weighting effectiveness (tiny model, built-in SFT data)",
+        "",
+        f"{len(s['seeds'])} seeds × {s['steps']} steps (batch {s['batch']}, lr {s['lr']} cosine) from a tiny Llama "
+        f"pretrained {s['start']}. Held-out: mean NLL per completion token over {EVAL_PER_DOMAIN} unseen rows per "
+        f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts. "
+        f"Cells: mean ± std over seeds (sample std). Reference `clean` = starting model fine-tuned {s['steps']} steps "
+        "on arithmetic + code only (rows of its own draw); `start` = the starting model. "
+        f"1-minute load average: {s['load_min']:.1f}–{s['load_max']:.1f}; OMP_NUM_THREADS={s['omp_threads']}; "
+        f"wall time {s['wall_minutes']:.1f} min.",
+        "",
+        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["baselines"].items():
+        nll = row["heldout_nll"]
+        lines.append(
+            f"| ({name}) | – | {nll['arithmetic']:.3f} | {nll['code']:.3f} | {nll['redundant']:.3f} | {nll['all']:.3f} "
+            f"| {row['arithmetic_exact_match']:.3f} |"
+        )
+    for method, row in result["methods"].items():
+        nll = row["heldout_nll"]
+        cells = [_cell(nll[d]) for d in (*DOMAINS, "all")]
+        lines.append(
+            f"| `{method}` | {row['reference'] or '–'} | "
+            + " | ".join(cells)
+            + f" | {_cell(row['arithmetic_exact_match'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (and for the clean reference)")
+    parser.add_argument("--start_steps", type=int, default=START_STEPS, help="pretraining steps of the starting model")
+    parser.add_argument("--start_model", help="use this pretrained model directory as the starting model instead")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 10 steps: a smoke test of the benchmark")
+    parser.add_argument(
+        "--name", help="result file name under benchmarks/results (default: sft_effectiveness[_quick])"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps = args.seeds[:1], 10
+    args.name = args.name or "sft_effectiveness" + ("_quick" if args.quick else "")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    quiet()
+    began = time.time()
+    loads = [_load_average()]
+    start_dir = args.start_model or start_model_dir(args.start_steps)
+    needed = {METHODS[m][1] for m in args.methods} - {None}
+    references = {}
+    if "start" in needed:
+        references["start"] = start_dir
+    if "clean" in needed:
+        references["clean"] = clean_reference_dir(start_dir, args.steps)
+    data = train_rows(references)
+    heldout = heldout_raw()
+    heldout_tokenized = tokenize_like_trl(heldout, sft_tokenizer(), EVAL_MAX_LENGTH)
+
+    from transformers import AutoModelForCausalLM
+
+    baselines = {
+        "starting model": evaluate(AutoModelForCausalLM.from_pretrained(start_dir), heldout_tokenized, heldout)
+    }
+    if "clean" in references:
+        model = AutoModelForCausalLM.from_pretrained(references["clean"])
+        baselines["clean reference"] = evaluate(model, heldout_tokenized, heldout)
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            model, losses = train_once(method, seed, data, start_dir, args.steps)
+            metrics = evaluate(model, heldout_tokenized, heldout)
+            metrics["train_losses"] = losses
+            runs[method].append(metrics)
+            loads.append(_load_average())
+            nll = metrics["heldout_nll"]
+            log(
+                f"{method} seed {seed}: held-out NLL "
+                + ", ".join(f"{d} {nll[d]:.3f}" for d in (*DOMAINS, "all"))
+                + f"; exact match {metrics['arithmetic_exact_match']:.3f}"
+            )
+    methods = {}
+    for method, method_runs in runs.items():
+        methods[method] = {
+            "reference": METHODS[method][1],
+            "weighting": METHODS[method][0],
+            "heldout_nll": {d: mean_std([r["heldout_nll"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
+            "arithmetic_exact_match": mean_std([r["arithmetic_exact_match"] for r in method_runs]),
+            "runs": method_runs,
+        }
+    loads = [v for v in loads if v is not None] or [float("nan")]
+    result = {
+        "settings": {
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "batch": BATCH_SIZE,
+            "lr": LEARNING_RATE,
+            "max_length": MAX_LENGTH,
+            "start": f"from {args.start_model}"
+            if args.start_model
+            else f"{args.start_steps} steps on the built-in corpus",
+            "start_dir": start_dir,
+            "references": references,
+            "train_rows": len(data),
+            "heldout_rows": {d: sum(1 for x in heldout["domain"] if x == d) for d in DOMAINS},
+            "exact_match_rows": EXACT_MATCH_ROWS,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "load_min": min(loads),
+            "load_max": max(loads),
+            "wall_minutes": (time.time() - began) / 60,
+        },
+        "baselines": baselines,
+        "methods": methods,
+    }
+    markdown = to_markdown(result)
+    print(markdown)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{args.name}.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
