@@ -4,6 +4,7 @@ token and sample weights, on the same model, data, order and seed.
     python benchmarks/bench_overhead.py --model tiny            # batch 8 × seq 256
     python benchmarks/bench_overhead.py --model small           # batch 8 × seq 512, ~20M parameters
     python benchmarks/bench_overhead.py --quick                 # a smoke run, under 2 minutes on 2 cores
+    python benchmarks/bench_overhead.py --mixtures              # every mixture controller vs static resampling
 
 Weighting off must cost nothing (each override calls the parent directly); static weights add the prepare phase
 (the step denominator, one all-reduce when distributed) and swap the model's loss for the fused per-token
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import VARIANT_WEIGHTING, VARIANTS, quiet, variant_factories  # noqa: E402
+from common import MIXTURE_VARIANTS, VARIANT_WEIGHTING, VARIANTS, quiet, variant_factories  # noqa: E402
 from harness import compare, report  # noqa: E402
 
 SEQ_LEN = {"tiny": 256, "small": 512}
@@ -44,8 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=list(VARIANTS),
         help="variants to compare; the first is the baseline of the ratios (default: %(default)s)",
     )
+    parser.add_argument(
+        "--mixtures",
+        action="store_true",
+        help="compare every mixture controller against static resampling (MIXTURE_VARIANTS; result overhead_mixtures_*)",
+    )
     parser.add_argument("--name", help="result file name under benchmarks/results (default: overhead_<model>)")
     args = parser.parse_args(argv)
+    if args.mixtures:
+        args.variants = list(MIXTURE_VARIANTS)
+        args.name = args.name or f"overhead_mixtures_{args.model}" + ("_quick" if args.quick else "")
     steps, warmup, repeats = (QUICK if args.quick else FULL)[args.model]
     args.steps = args.steps or steps
     args.warmup = warmup if args.warmup is None else args.warmup
@@ -68,6 +77,42 @@ def main(argv=None) -> None:
         settings={"model": args.model, "batch": BATCH_SIZE, "seq": SEQ_LEN[args.model]},
     )
     report(result, args.name, title=f"Step-time overhead, {args.model} model")
+    if args.mixtures:
+        append_mean_ratios(args.name)
+
+
+def append_mean_ratios(name: str) -> None:
+    """Medians hide periodic costs (Aioli's evaluations, DGA's alignment every 10 steps): append paired ratios of
+    *mean* step times (wall and CPU) and the slowest step, from the JSON the report wrote."""
+    import json
+    import statistics
+
+    from harness import RESULTS_DIR
+
+    with open(os.path.join(RESULTS_DIR, f"{name}.json")) as f:
+        data = json.load(f)
+    base = data["variants"][data["baseline"]]["runs"]
+    lines = [
+        "",
+        f"Mean step time (periodic costs included), paired ratio vs `{data['baseline']}`, median [min, max] over "
+        "repeats; slowest single step:",
+        "",
+        "| variant | mean-wall ratio | mean-CPU ratio | slowest step CPU (ms) |",
+        "|---|---|---|---|",
+    ]
+    for variant, entry in data["variants"].items():
+        runs = entry["runs"]
+        wall = [statistics.mean(r["step_times"]) / statistics.mean(b["step_times"]) for r, b in zip(runs, base)]
+        cpu = [statistics.mean(r["cpu_times"]) / statistics.mean(b["cpu_times"]) for r, b in zip(runs, base)]
+        slowest = max(max(r["cpu_times"]) for r in runs) * 1000
+        lines.append(
+            f"| `{variant}` | {statistics.median(wall):.3f} [{min(wall):.3f}, {max(wall):.3f}] | "
+            f"{statistics.median(cpu):.3f} [{min(cpu):.3f}, {max(cpu):.3f}] | {slowest:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "a") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

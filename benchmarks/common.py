@@ -42,7 +42,39 @@ VARIANT_WEIGHTING: dict[str, dict | None] = {
         "mixture_mode": "resample",
         "mixture_kwargs": {"stages": [{"until": 0.5, "temperature": 1.0}, {"until": 1.0, "temperature": 3.0}]},
     },
+    # Dynamic mixtures with their authors' cadences, against `mixture_static_resample` (bench_overhead.py --mixtures).
+    "mixture_static_resample": {
+        "mixture": "static",
+        "mixture_mode": "resample",
+        "mixture_kwargs": {"weights": {"code": 2.0, "prose": 1.0, "arithmetic": 1.0, "redundant": 0.5, "noise": 0.5}},
+    },
+    "odm_resample": {"mixture": "odm", "mixture_mode": "resample"},
+    "doremi_cached_resample": {"mixture": "doremi", "mixture_mode": "resample"},  # ref_logps column: no live reference
+    "aioli_resample": {"mixture": "aioli", "mixture_mode": "resample"},  # probes 2 × 5 × 10 steps, evals every 10
+    "skillit_resample": {
+        "mixture": "skillit",
+        "mixture_mode": "resample",
+        "mixture_kwargs": {"graph": [[1.0 if i == j else 0.1 for j in range(5)] for i in range(5)], "update_every": 1000},
+    },
+    "dga_resample": {"mixture": "dga", "mixture_mode": "resample", "mixture_kwargs": {"target": "arithmetic"}},
+    "policy_resample": {
+        "mixture": "policy",
+        "mixture_mode": "resample",
+        "mixture_kwargs": {"policy": "hfweight.policies:upweight_high_loss"},
+    },
 }
+MIXTURE_VARIANTS = (
+    "mixture_static_resample",
+    "temperature_resample",
+    "schedule_resample",
+    "odm_resample",
+    "doremi_cached_resample",
+    "aioli_resample",
+    "skillit_resample",
+    "dga_resample",
+    "policy_resample",
+)
+HELDOUT_BLOCKS = 40  # per-domain held-out rows for aioli/skillit evaluations and dga's target (8 per domain)
 VARIANTS = ("trainer", "weighted_off", "weighted_static")  # the default comparison
 CORPUS_ROWS = 1500  # tokenizing a sample of the corpus is enough for a few hundred blocks and takes ~1 s
 WEIGHT_RANGE = (0.5, 1.5)
@@ -85,7 +117,18 @@ def weighted_blocks(seq_len: int, num_blocks: int = 256, seed: int = 0) -> datas
     for block in blocks:
         block["sample_weight"] = float(rng.uniform(*WEIGHT_RANGE))
         block["token_weights"] = rng.uniform(*WEIGHT_RANGE, size=seq_len).tolist()
+    ref_rng = np.random.default_rng(seed + 1)  # cached reference log-probs (DoReMi without a live reference model)
+    for block in blocks:
+        block["ref_logps"] = (-ref_rng.uniform(0.5, 8.0, size=seq_len)).tolist()
     return datasets.Dataset.from_list(blocks)
+
+
+@functools.cache
+def heldout_blocks(seq_len: int, seed: int = 0) -> datasets.Dataset:
+    """``HELDOUT_BLOCKS`` rows of the corpus's held-out split, cut like :func:`weighted_blocks` (with ``domain``)."""
+    tokenizer, corpus = tokenizer_and_corpus(seed)
+    tokenized = lm_dataset(tokenizer, corpus["heldout"], max_length=1 << 16)
+    return datasets.Dataset.from_list(_chunk_by_domain(tokenized, seq_len, HELDOUT_BLOCKS))
 
 
 def _arguments(variant: str, batch_size: int):
@@ -129,11 +172,16 @@ def make_trainer(variant: str, size: str, seq_len: int, batch_size: int, seed: i
     tokenizer, _ = tokenizer_and_corpus(seed)
     model = build_model(tokenizer, size=size, seed=seed, **model_overrides)
     trainer_cls = Trainer if variant == "trainer" else WeightedTrainer
+    args = _arguments(variant, batch_size)
+    extra = {}
+    if getattr(args, "mixture", None) in ("aioli", "skillit", "dga"):
+        extra["eval_dataset"] = heldout_blocks(seq_len, seed=seed)
     trainer = trainer_cls(
         model=model,
-        args=_arguments(variant, batch_size),
+        args=args,
         train_dataset=weighted_blocks(seq_len, seed=seed),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        **extra,
     )
     if variant.endswith("_fused"):
         trainer.fused_min_logits = 0

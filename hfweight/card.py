@@ -27,7 +27,7 @@ _WEIGHT_TABLES = {
 
 def _cell(value) -> str:
     """A table cell: strings as code, everything else as compact JSON; pipes escaped so the table holds."""
-    text = f"`{value}`" if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    text = f"`{value}`" if isinstance(value, str) else json.dumps(value, sort_keys=True, default=repr)
     return text.replace("|", "\\|")
 
 

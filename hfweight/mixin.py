@@ -19,6 +19,7 @@ With every weighting switch off, none of this runs: each override calls the pare
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .card import write_weighting_section
 from .columns import (
@@ -76,15 +77,32 @@ class _MixtureCallback(TrainerCallback):
         if hasattr(mixture, "set_total_steps"):
             mixture.set_total_steps(state.max_steps)
         self.trainer._serve_eval_request()
+        self.trainer._push_stream_probabilities()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._serve_eval_request()
+        self.trainer._push_stream_probabilities()
 
 # Keys the prepare phase adds to each micro-batch (stripped with the other hfw_* keys before the forward).
 BATCH_V = "hfw_v"  # per-sample weights (S,)
 BATCH_DEN_W = "hfw_den_w"  # denominator token weights (B, T-1)
 BATCH_SEGMENTS = "hfw_segments"  # sample index of each shifted position (B, T-1)
 BATCH_SAMPLE_DOMAIN = "hfw_sample_domain"  # domain index per sample (S,)
+
+
+def _is_mixture_stream(dataset) -> bool:
+    from .sampling import MixtureIterableDataset
+
+    return isinstance(dataset, MixtureIterableDataset)
+
+
+def _is_hf_stream(dataset) -> bool:
+    try:
+        import datasets
+
+        return isinstance(dataset, datasets.IterableDataset)
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def _is_map_dataset(dataset) -> bool:
@@ -107,6 +125,32 @@ class _SamplerAtStep:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+class _StreamAtStep:
+    """The streaming mixture's position at the last consumed optimizer step (the loader reads ahead of training)."""
+
+    def __init__(self, stream, state, rows_per_step: int):
+        self.stream, self.state, self.rows_per_step = stream, state, rows_per_step
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict(consumed_draws=self.state.global_step * self.rows_per_step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+class _AlignmentPosition:
+    """How many target batches DGA has taken (the next one continues the cycle through the target set)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"calls": self.trainer._alignment_calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer._alignment_calls = int(state["calls"])
 
 
 @dataclass
@@ -193,6 +237,8 @@ class WeightingMixin:
         sizes = None
         if _is_map_dataset(self.train_dataset) and column in self.train_dataset.column_names:
             self._domain_values, sizes = discover_domains(self.train_dataset, column)
+        elif self.mixture is not None and _is_mixture_stream(self.train_dataset):
+            self._domain_values = list(self.train_dataset.domain_names)
         elif self.mixture is not None:
             declared = (self.args.mixture_kwargs or {}).get("domains")
             if not declared:
@@ -220,14 +266,13 @@ class WeightingMixin:
     def _setup_mixture_protocols(self) -> None:
         """Check what the controller needs (held-out sets, a target set) and hook its step-boundary duties."""
         self._domain_sampler = None
+        self._mixture_stream = None
+        self._alignment_target = None
         self._domain_eval_sets: dict = {}
         if self.mixture is None:
             return
         if getattr(self.mixture, "needs_target", False):
-            raise ValueError(
-                f"mixture={self.args.mixture!r} needs per-domain gradients against a target set; the trainer glue "
-                "for gradient-based mixtures is not available yet in this version of hfweight."
-            )
+            self._setup_gradient_alignment()
         if getattr(self.mixture, "needs_eval", False):
             self._domain_eval_sets = self._split_eval_by_domain()
             missing = [d for d in self.domain_names if d not in self._domain_eval_sets]
@@ -238,10 +283,7 @@ class WeightingMixin:
                 )
         if self.args.mixture_mode == "resample":
             if not _is_map_dataset(self.train_dataset):
-                raise ValueError(
-                    "mixture_mode='resample' needs a map-style training dataset here; for a streaming dataset build "
-                    "an `hfweight.sampling.MixtureIterableDataset` or use mixture_mode='upweight'."
-                )
+                self._setup_streaming_mixture()
             if getattr(self.args, "packing", False):
                 raise ValueError(
                     "mixture_mode='resample' draws whole rows by domain, but packed rows mix domains; use "
@@ -272,11 +314,256 @@ class WeightingMixin:
         if requested is None or not requested():
             return
         losses = torch.full((len(self.domain_names),), float("nan"), dtype=torch.float64)
+        # evaluate() logs, and the callback handler's on_log/on_evaluate clear the step's pending should_log /
+        # should_evaluate / should_save: keep them, or the step's own training log and save would be dropped.
+        control = self.control
+        pending = (control.should_log, control.should_evaluate, control.should_save)
         for i, name in enumerate(self.domain_names):
             if name in self._domain_eval_sets:
-                metrics = self.evaluate(eval_dataset=self._domain_eval_sets[name], metric_key_prefix=f"mixture_eval_{name}")
+                # transformers.Trainer.evaluate directly: these sets are slices of the already prepared eval_dataset,
+                # which TRL's SFTTrainer.evaluate would tokenize (and map domains) a second time.
+                metrics = Trainer.evaluate(
+                    self, eval_dataset=self._domain_eval_sets[name], metric_key_prefix=f"mixture_eval_{name}"
+                )
                 losses[i] = metrics[f"mixture_eval_{name}_loss"]
+        control.should_log, control.should_evaluate, control.should_save = pending
         self.mixture.observe_eval(losses, self.state.global_step)
+
+    # ---- streaming mixtures (resample mode over an IterableDataset) -----------------------------------------------
+
+    def _setup_streaming_mixture(self) -> None:
+        """Resample mode over a stream: interleave per-domain streams with the controller's ``α``.
+
+        ``train_dataset`` may be an :class:`hfweight.sampling.MixtureIterableDataset` (one stream per domain: the
+        efficient form, e.g. one hub config or data file per domain) or a ``datasets.IterableDataset`` with the domain
+        column, whose domains must be listed in ``mixture_kwargs['domains']``; it is then split into one filtered
+        stream per domain (each filter reads the whole stream, so rare domains cost reading). New weights are written
+        into the stream at every optimizer-step boundary (``_MixtureCallback``); DataLoader workers see them through
+        shared memory. The stream's position is checkpointed at the last consumed step and restored on resume, so
+        Trainer does not skip batches on top of it; with ``dataloader_num_workers=0`` the resumed run yields the same
+        rows in the same order as an uninterrupted one (see ``MixtureIterableDataset``).
+        """
+        from .sampling import MixtureIterableDataset
+
+        dataset = self.train_dataset
+        column = self.args.domain_column
+        if _is_hf_stream(dataset):
+            declared = (self.args.mixture_kwargs or {}).get("domains")
+            by_name = {str(v): v for v in declared}
+            sources = {name: dataset.filter(lambda row, v=value: row[column] == v) for name, value in by_name.items()}
+            dataset = MixtureIterableDataset(
+                sources, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            )
+            self._domain_values = [by_name[n] for n in dataset.domain_names]
+            self.train_dataset = dataset
+        elif not _is_mixture_stream(dataset):
+            raise ValueError(
+                "mixture_mode='resample' needs a map-style `datasets.Dataset`, an `hfweight.sampling."
+                f"MixtureIterableDataset` or a `datasets.IterableDataset`; got {type(dataset).__name__}. Use "
+                "mixture_mode='upweight' for other datasets."
+            )
+        if dataset.domain_column is None:
+            dataset.domain_column = column  # rows carry their domain name: per-domain statistics need it
+        if dataset.domain_column != column:
+            raise ValueError(
+                f"The MixtureIterableDataset labels rows with domain_column={dataset.domain_column!r} but the trainer "
+                f"reads `domain_column={column!r}`; use the same name."
+            )
+        if list(dataset.domain_names) != self.domain_names:
+            raise ValueError(f"The stream's domains {dataset.domain_names} differ from the mixture's {self.domain_names}.")
+        if getattr(self.args, "packing", False):
+            raise ValueError("mixture_mode='resample' over a stream cannot pack rows of several domains; drop packing.")
+        # Every process that iterates the stream reads the whole global batch (accelerate dispatches it from rank 0
+        # or shards it after reading), so one optimizer step consumes this many draws.
+        self._stream_rows_per_step = (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self._data_parallel_size()
+        )
+        dataset.track_steps(self._stream_rows_per_step)
+        dataset.set_probabilities(self.mixture.probabilities())
+        self._mixture_stream = dataset
+
+    def _push_stream_probabilities(self) -> None:
+        """At an optimizer-step boundary: hand the controller's current ``α`` to the stream (and its workers)."""
+        if getattr(self, "_mixture_stream", None) is not None:
+            self._mixture_stream.set_probabilities(self.mixture.probabilities())
+
+    # ---- gradient alignment (DGA) ------------------------------------------------------------------------------------
+
+    def _setup_gradient_alignment(self) -> None:
+        """Resolve DGA's target set (``mixture_kwargs['target']``) from ``eval_dataset`` and check the setup."""
+        name = self.args.mixture
+        target = getattr(self.mixture, "target", None)
+        how = (
+            "set mixture_kwargs['target'] to a key of the `eval_dataset` dict, a domain of `eval_dataset`'s domain "
+            "column (e.g. {'target': 'arithmetic'}), a list of those, or 'eval' for the whole `eval_dataset`"
+        )
+        if not target:
+            raise ValueError(f"mixture={name!r} aligns each domain's gradient with a target set's and has none: {how}.")
+        if getattr(self, "is_deepspeed_enabled", False) or self.get_tp_size() > 1:
+            raise ValueError(
+                f"mixture={name!r} computes per-domain gradients with extra backward passes, which DeepSpeed's engine "
+                "and tensor parallelism do not allow outside its step; train with DDP or FSDP2 "
+                "(accelerate_configs/ddp.yaml, fsdp2.yaml) or pick another mixture."
+            )
+        sets = self._named_eval_sets()
+        if list(target) == ["eval"]:
+            chosen = list(sets.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            if not chosen or chosen[0] is None:
+                raise ValueError(f"mixture={name!r} with target 'eval' needs an `eval_dataset`.")
+        else:
+            missing = [t for t in target if str(t) not in sets]
+            if missing:
+                raise ValueError(
+                    f"mixture_kwargs['target'] names {missing}, not found in `eval_dataset` (it offers {sorted(sets)}): "
+                    f"{how}."
+                )
+            chosen = [sets[str(t)] for t in target]
+        import datasets
+
+        if len(chosen) > 1:
+            common = set.intersection(*(set(d.column_names) for d in chosen))
+            chosen = [d.select_columns([c for c in d.column_names if c in common]) for d in chosen]
+        target_set = datasets.concatenate_datasets(chosen) if len(chosen) > 1 else chosen[0]
+        if len(target_set) == 0:
+            raise ValueError(f"mixture={name!r}: the target set {target} has no rows.")
+        self._alignment_target = target_set  # unused columns are dropped at first use (the signature is known then)
+        self._alignment_target_ready = False
+        self._alignment_calls = 0
+        self.last_alignment: dict | None = None
+
+    def _named_eval_sets(self) -> dict:
+        """``{name: dataset}``: the keys of a dict ``eval_dataset``, else its split by domain value and name."""
+        eval_dataset = self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            return {str(k): v for k, v in eval_dataset.items()}
+        out = {}
+        if _is_map_dataset(eval_dataset) and self.args.domain_column in eval_dataset.column_names:
+            values = eval_dataset[self.args.domain_column]
+            names = dict(zip(self._domain_values, self.domain_names))
+            for value in sorted(set(values), key=str):
+                rows = [i for i, v in enumerate(values) if v == value]
+                out[names.get(value, str(value))] = eval_dataset.select(rows)
+        return out
+
+    def _alignment_batch(self) -> dict | None:
+        """This rank's slice of the next global target batch (rows taken in order from the target set, cycling)."""
+        if not self._alignment_target_ready:
+            if _is_map_dataset(self._alignment_target):
+                self._alignment_target = self._remove_unused_columns(self._alignment_target, description="dga target")
+            self._alignment_target_ready = True
+        target = self._alignment_target
+        world, rank = self._data_parallel_size(), self.args.process_index
+        size = self.mixture.target_batch_size or self.args.per_device_train_batch_size * world
+        start = self._alignment_calls * size
+        self._alignment_calls += 1
+        rows = [(start + i) % len(target) for i in range(size)]
+        per_rank = -(-size // world)
+        mine = rows[rank * per_rank : (rank + 1) * per_rank]
+        if not mine:
+            return None
+        weighting_columns = set(self._column_spec.names)  # a plain token-mean loss: no weights, no domain lookup
+        batch = self.data_collator([{c: v for c, v in target[i].items() if c not in weighting_columns} for i in mine])
+        return {k: v.to(self.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def _align_gradients(self, batch_samples: list[dict]) -> None:
+        """DGA's signal for this step, from the step's prefetched micro-batches and a target batch.
+
+        Runs at the start of the optimizer step, before any backward of it. Per domain ``d`` (and the target) the
+        gradient of the token-mean loss over the *whole* step — all micro-batches, all ranks — is built by backward
+        passes through the data-parallel wrapper (``no_sync`` until the last micro-batch), so DDP averages it and FSDP2
+        reduce-scatters it exactly as for training (each loss is a local sum over the global count, times the
+        data-parallel size that the wrapper's mean divides out). Inner products with the target gradient and squared
+        norms come from per-shard partial sums and one all-reduce (:mod:`hfweight.gradalign`). Every rank runs the
+        same number of forward/backward passes (a zero-weighted row where it has no row of a domain), because
+        FSDP's all-gathers and DDP's buffer broadcasts are collective. The optimizer's gradients are set aside and put
+        back untouched. Cost: one forward+backward of the step's rows plus one of the target batch, every
+        ``update_every`` steps.
+        """
+        from .gradalign import complete_products, partial_products, snapshot_gradients
+
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        world = self._data_parallel_size()
+        k = len(self.domain_names)
+        pieces = []  # per micro-batch: (model inputs, per-position domain (B, T-1) or -1, label mask)
+        counts = torch.zeros(k + 1, dtype=torch.float64, device=self.args.device)
+        for batch in batch_samples:
+            mask = shifted_labels(batch) != -100
+            segments, num_samples = sample_segments(batch)
+            domains = per_sample_values(batch.get(BATCH_DOMAIN), batch, segments, num_samples)
+            where = torch.full_like(segments, -1) if domains is None else domains.to(segments.device)[segments]
+            where = torch.where(mask, where, torch.full_like(where, -1))
+            counts[:k] += torch.bincount(where[where >= 0].flatten(), minlength=k)[:k].to(counts)
+            pieces.append(({key: v for key, v in batch.items() if not key.startswith(BATCH_PREFIX)}, where))
+        target = self._alignment_batch()
+        if target is not None:
+            target = {key: v for key, v in target.items() if not key.startswith(BATCH_PREFIX)}
+            counts[k] = (shifted_labels(target) != -100).sum()
+        counts = self._all_reduce(counts)
+
+        def backward(inputs: dict, select, total: float, sync: bool) -> None:
+            """Backward of Σ_selected ℓ / total · W (W undoes the wrapper's mean over ranks)."""
+            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+            with context, self.compute_loss_context_manager():
+                logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits)
+                keep = mask if select is None else mask & select
+                loss = -(logps * keep).sum() / max(total, 1.0) * world
+                if not bool(keep.any()):
+                    loss = loss * 0.0
+            loss.backward()
+
+        def rows_of(inputs: dict, where: torch.Tensor, d: int):
+            """The rows of ``inputs`` holding a token of domain ``d`` (one zero-weighted row if none)."""
+            rows = (where == d).any(dim=1)
+            if not bool(rows.any()):
+                rows = torch.zeros_like(rows)
+                rows[0] = True
+            width = where.shape[0]
+            sub = {key: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == width else v for key, v in inputs.items()}
+            return sub, where[rows] == d
+
+        saved = [p.grad for p in params]
+        was_training = model.training
+        model.train()
+        try:
+            for p in params:
+                p.grad = None
+            if target is None:  # this rank has no target row: a zero-weighted pass keeps the collectives in step
+                backward(pieces[0][0], torch.zeros_like(pieces[0][1], dtype=torch.bool), 1.0, sync=True)
+            else:
+                backward(target, None, float(counts[k]), sync=True)
+            target_grad = snapshot_gradients(params)
+            sums = torch.full((2, k), float("nan"), dtype=torch.float64)
+            partials = []
+            for d in range(k):
+                if float(counts[d]) == 0:  # absent from the whole step on every rank: no gradient, NaN signal
+                    continue
+                for p in params:
+                    p.grad = None
+                for j, (inputs, where) in enumerate(pieces):
+                    sub, select = rows_of(inputs, where, d)
+                    backward(sub, select, float(counts[d]), sync=j == len(pieces) - 1)
+                partial, _ = partial_products(params, [target_grad], world)
+                partials.append((d, partial))
+            sharded = self._parameters_sharded()
+            if partials:
+                stacked = torch.stack([p for _, p in partials])
+                reduced = complete_products(stacked, sharded, world, lambda t: self._all_reduce(t).cpu())
+                for row, (d, _) in enumerate(partials):
+                    sums[0, d], sums[1, d] = reduced[row, 0], reduced[row, 1]
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            model.train(was_training)
+        from .strategies.mixture import alignment_signal
+
+        signal = alignment_signal(sums[0], sums[1])
+        self.last_alignment = {"step": self.state.global_step, "inner_products": sums[0], "squared_norms": sums[1],
+                               "signal": signal}
+        for name, value in zip(self.domain_names, signal.tolist()):
+            if not math.isnan(value):
+                self._weighting_metrics[f"dga_alignment/{name}"].append(value)
+        self.mixture.observe_gradients(signal, self.state.global_step)
 
     def _get_train_sampler(self, train_dataset=None):
         if getattr(self, "weighting_enabled", False) and self.mixture is not None and self.args.mixture_mode == "resample":
@@ -346,6 +633,8 @@ class WeightingMixin:
 
     def _prepare_step(self, batch_samples: list[dict]) -> None:
         """Compute each micro-batch's pre-forward weights and the step denominator ``Z`` (METHODS §0, items 1–5)."""
+        if getattr(self, "_alignment_target", None) is not None and self.mixture.gradients_requested():
+            self._align_gradients(batch_samples)
         normalization = self.args.loss_normalization
         local_den = torch.zeros((), dtype=torch.float64, device=self.args.device)
         moments = torch.zeros(4, dtype=torch.float64, device=self.args.device)
@@ -636,6 +925,10 @@ class WeightingMixin:
         parts = {"token_weighting": self.token_weighting, "sample_weighting": self.sample_weighting, "mixture": self.mixture}
         if getattr(self, "_domain_sampler", None) is not None:
             parts["domain_sampler"] = _SamplerAtStep(self._domain_sampler, self.state)
+        if getattr(self, "_mixture_stream", None) is not None:
+            parts["mixture_stream"] = _StreamAtStep(self._mixture_stream, self.state, self._stream_rows_per_step)
+        if getattr(self, "_alignment_target", None) is not None:
+            parts["gradient_alignment"] = _AlignmentPosition(self)
         return parts
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -691,7 +984,7 @@ class WeightingMixin:
                 json.dump({"weights": record["final_mixture"]}, f, indent=2)
         paths["summary"] = os.path.join(output_dir, "weighting_summary.json")
         with open(paths["summary"], "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(record, f, indent=2, default=repr)  # e.g. a policy callable in mixture_kwargs
         plot = plot_weighting_history(self.state.log_history, os.path.join(output_dir, "weighting.png"))
         if plot is not None:
             paths["plot"] = plot

@@ -12,6 +12,12 @@ PANELS = (
     ("loss", "training loss", lambda key: key == "loss"),
     ("domain_loss/", "per-domain loss", lambda key: key.startswith("domain_loss/")),
     ("mixture/", "mixture probabilities", lambda key: key.startswith("mixture/")),
+    (
+        "heldout",
+        "held-out loss by domain (mixture evaluations)",
+        lambda key: key.startswith("mixture_eval_") and key.endswith("_loss"),
+    ),
+    ("dga_alignment/", "DGA gradient alignment with the target", lambda key: key.startswith("dga_alignment/")),
     ("weights/", "sample-weight ESS fraction", lambda key: key == "weights/ess_fraction"),
     ("reward", "mean training reward", lambda key: key == "reward"),
     ("reward_weight/", "reward weights", lambda key: key.startswith("reward_weight/")),
@@ -53,7 +59,8 @@ def plot_weighting_history(log_history: list[dict], path: str) -> str | None:
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for key in keys:
             steps, values = series[key]
-            ax.plot(steps, values, label=key.split("/", 1)[-1])
+            label = key.split("/", 1)[-1] if "/" in key else key.removeprefix("mixture_eval_").removesuffix("_loss")
+            ax.plot(steps, values, label=label)
         ax.set_title(title, fontsize=10)
         if len(keys) > 1:
             ax.legend(fontsize=7, ncol=min(len(keys), 4))

@@ -348,9 +348,17 @@ class MixtureIterableDataset(IterableDataset):
 
     Resume (:meth:`state_dict` / :meth:`load_state_dict`): per worker, the draw counter and per domain the pass number
     and the rows consumed in the current pass, kept in shared memory; a resumed iterator reopens each stream at its
-    pass and skips the consumed rows. Exact when nothing was prefetched beyond what training consumed
-    (``num_workers=0``); with workers, rows prefetched but not trained on are skipped. Resume with the same number of
-    workers.
+    pass and skips the consumed rows. Resume with the same number of workers.
+
+    Exact resume under a reading-ahead loader (the trainer's case). Loaders draw rows before training consumes them
+    (accelerate fetches one batch ahead; the Trainer prefetches a step's micro-batches), and those rows were drawn with
+    the ``α`` of their time. With :meth:`track_steps` (the glue calls it with the rows of one optimizer step) the
+    dataset keeps, in the process that iterates it with ``num_workers=0``, the position at the start of each of the
+    last ``snapshots`` steps and a log of the ``α`` used from each draw on; ``state_dict(consumed_draws=n)`` then saves
+    the position at draw ``n`` (what training consumed) plus the ``α`` of the draws already made after it, and a
+    resumed iterator replays those draws with their recorded ``α`` before following :meth:`set_probabilities` again:
+    the same rows in the same order as the uninterrupted run. With DataLoader workers the state is the workers' live
+    position (rows prefetched but not trained on are skipped).
 
     Args:
         sources: ``{domain: iterable}``.
@@ -392,6 +400,15 @@ class MixtureIterableDataset(IterableDataset):
         self.worker_split = worker_split
         self.max_workers = int(max_workers)
         self._weights = torch.zeros(self.k, dtype=_F64).share_memory_()
+        self._version = torch.zeros(1, dtype=torch.long).share_memory_()  # bumped by every set_probabilities
+        # step-boundary tracking (main process, num_workers=0): see track_steps()
+        self.rows_per_step: int | None = None
+        self.snapshots = 16
+        self._ring: OrderedDict[int, torch.Tensor] = OrderedDict()  # draw index → progress row at that draw
+        self._alpha_log: list[tuple[int, torch.Tensor]] = []  # (first draw, α used from it on)
+        self._replay: list[tuple[int, torch.Tensor]] = []  # restored α log for already-made draws
+        self._replay_end = 0
+        self._iterated = False
         # per worker: [draws, pos_0..pos_{k-1}, passes_0..passes_{k-1}, dead_0..dead_{k-1}]
         self._progress = torch.zeros(self.max_workers, 1 + 3 * self.k, dtype=torch.long).share_memory_()
         self.set_probabilities(torch.full((self.k,), 1.0 / self.k, dtype=_F64) if probabilities is None else probabilities)
@@ -399,6 +416,25 @@ class MixtureIterableDataset(IterableDataset):
     def set_probabilities(self, probabilities) -> None:
         """Overwrite the shared ``α`` in place (workers see it at their next draw)."""
         self._weights.copy_(_check_probabilities(probabilities, self.k, self.domain_names, "MixtureIterableDataset"))
+        self._version += 1
+
+    def track_steps(self, rows_per_step: int, snapshots: int = 16) -> None:
+        """Keep the position at every ``rows_per_step``-th draw (the last ``snapshots`` of them) and a log of the ``α``
+        used by each draw, so :meth:`state_dict` can save the position at a step boundary behind the read-ahead."""
+        if int(rows_per_step) < 1 or int(snapshots) < 1:
+            raise ValueError("MixtureIterableDataset.track_steps: rows_per_step and snapshots must be ≥ 1.")
+        self.rows_per_step, self.snapshots = int(rows_per_step), int(snapshots)
+
+    def _replayed_alpha(self, draw: int):
+        """The recorded ``α`` of an already-made draw (after a resume), or None past the replayed range."""
+        if draw >= self._replay_end or not self._replay:
+            return None
+        chosen = None
+        for start, alpha in self._replay:
+            if start > draw:
+                break
+            chosen = alpha
+        return chosen
 
     def probabilities(self) -> torch.Tensor:
         return self._weights.clone()
@@ -426,7 +462,11 @@ class MixtureIterableDataset(IterableDataset):
         # progress written here is seen by state_dict() (cheap element access on the per-row path).
         progress = self._progress[worker].numpy()
         weights = self._weights.numpy()
+        version = self._version.numpy()
         pos, passes, dead = 1, 1 + k, 1 + 2 * k
+        tracking = self.rows_per_step is not None and info is None
+        self._iterated = self._iterated or info is None
+        logged = None  # identity of the α last written to the log: ("replay", start) or ("live", version)
         if self.on_exhausted == "stop" and progress[dead:].any():
             return
         iterators: list[_RawCounter | None] = [None] * k
@@ -435,11 +475,29 @@ class MixtureIterableDataset(IterableDataset):
             quota = self.num_samples // workers + (1 if worker < self.num_samples % workers else 0)
         produced = 0
         while quota is None or produced < quota:
-            alpha = [0.0 if progress[dead + d] else float(weights[d]) for d in range(k)]
+            draw = int(progress[0])
+            source, identity = weights, None
+            if tracking:
+                if draw % self.rows_per_step == 0:
+                    self._ring[draw] = self._progress[worker].clone()
+                    while len(self._ring) > self.snapshots:
+                        self._ring.popitem(last=False)
+                replayed = self._replayed_alpha(draw)
+                if replayed is not None:
+                    source, identity = replayed.numpy(), ("replay", id(replayed))
+                else:
+                    identity = ("live", int(version[0]))
+                if identity != logged:
+                    self._alpha_log.append((draw, torch.tensor(source, dtype=_F64)))
+                    logged = identity
+                    if len(self._alpha_log) > 4 * self.snapshots + 4:
+                        oldest = next(iter(self._ring), draw)
+                        keep = [i for i, (start, _) in enumerate(self._alpha_log) if start <= oldest]
+                        del self._alpha_log[: keep[-1] if keep else 0]
+            alpha = [0.0 if progress[dead + d] else float(source[d]) for d in range(k)]
             total = sum(alpha)
             if total <= 0:
                 return
-            draw = int(progress[0])
             progress[0] = draw + 1
             u = _uniform(self.seed, worker, draw) * total
             d, acc = k - 1, 0.0
@@ -486,9 +544,34 @@ class MixtureIterableDataset(IterableDataset):
         progress[1 + d] = it.consumed
         return row
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "domain_names": list(self.domain_names), "progress": self._progress.clone(),
-                "probabilities": self._weights.clone()}
+    def state_dict(self, consumed_draws: int | None = None) -> dict:
+        """The stream position.
+
+        Args:
+            consumed_draws: Draws (rows over all domains) training has consumed, counted over the stream's life; with
+                :meth:`track_steps` on and a multiple of ``rows_per_step``, the state is taken at that draw and the
+                draws already made after it are recorded for replay. ``None`` (or a process that never iterated the
+                dataset, e.g. a non-zero rank whose batches are dispatched from rank 0): the live position.
+        """
+        progress = self._progress.clone()
+        replay: list[tuple[int, torch.Tensor]] = []
+        replay_end = 0
+        if consumed_draws is not None and self.rows_per_step is not None and self._iterated:
+            n, drawn = int(consumed_draws), int(self._progress[0, 0])
+            if n != drawn:
+                if n not in self._ring:
+                    raise ValueError(
+                        f"MixtureIterableDataset.state_dict(consumed_draws={n}): draw {n} is not among the retained "
+                        f"step snapshots {list(self._ring)} (drawn: {drawn}); raise `snapshots` above the read-ahead."
+                    )
+                progress[0] = self._ring[n]
+                log = self._alpha_log + [(drawn, None)]
+                for (start, alpha), (end, _) in zip(log, log[1:]):
+                    if end > n and start < drawn:
+                        replay.append((max(start, n), alpha.clone()))
+                replay_end = drawn
+        return {"seed": self.seed, "domain_names": list(self.domain_names), "progress": progress,
+                "probabilities": self._weights.clone(), "replay": replay, "replay_end": replay_end}
 
     def load_state_dict(self, state: dict) -> None:
         if state["domain_names"] != self.domain_names or state["seed"] != self.seed:
@@ -503,6 +586,11 @@ class MixtureIterableDataset(IterableDataset):
         rows = min(saved.shape[0], self._progress.shape[0])
         self._progress[:rows].copy_(saved[:rows])
         self._weights.copy_(state["probabilities"])
+        self._version += 1
+        self._replay = [(int(start), alpha.clone().to(_F64)) for start, alpha in state.get("replay", [])]
+        self._replay_end = int(state.get("replay_end", 0))
+        self._ring.clear()
+        self._alpha_log = []
 
 
 _END = object()

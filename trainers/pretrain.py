@@ -50,7 +50,13 @@ class PretrainScriptArguments:
     dataset_eval_split: str | None = field(
         default="heldout", metadata={"help": "Held-out split evaluated per domain at the end (None to skip)."}
     )
-    dataset_streaming: bool = field(default=False, metadata={"help": "Stream the hub dataset (IterableDataset)."})
+    dataset_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data (IterableDataset; the built-in corpus too). With a mixture in resample "
+            "mode, list the domains in mixture_kwargs['domains']."
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
     max_length: int = field(default=256, metadata={"help": "Tokens per training sequence (longer texts are cut)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
@@ -71,22 +77,27 @@ def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingAr
         seed=training_args.seed,
     )
     raw = load_text_dataset(script_args, seed=training_args.seed)
-    train = tokenize_for_lm(raw[script_args.dataset_train_split], tokenizer, script_args, training_args)
+    train_raw = raw[script_args.dataset_train_split]
+    if script_args.dataset_streaming and script_args.dataset_name == BUILTIN:
+        train_raw = train_raw.to_iterable_dataset()  # the built-in corpus as a stream (the held-out split stays)
+    train = tokenize_for_lm(train_raw, tokenizer, script_args, training_args)
     if script_args.max_train_samples is not None and not script_args.dataset_streaming:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
+    eval_sets = {}
+    if script_args.dataset_eval_split and script_args.dataset_eval_split in raw:
+        heldout = tokenize_for_lm(raw[script_args.dataset_eval_split], tokenizer, script_args, training_args)
+        eval_sets = per_domain_eval_sets(heldout, training_args.domain_column, script_args.max_eval_samples_per_domain)
     trainer = WeightedTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
+        # Per-domain held-out sets: what aioli/skillit evaluate and where dga finds its target set.
+        eval_dataset=eval_sets or None,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    eval_sets = {}
-    if script_args.dataset_eval_split and script_args.dataset_eval_split in raw:
-        heldout = tokenize_for_lm(raw[script_args.dataset_eval_split], tokenizer, script_args, training_args)
-        eval_sets = per_domain_eval_sets(heldout, training_args.domain_column, script_args.max_eval_samples_per_domain)
     summary = final_summary(trainer, eval_sets, stage="pretrain")
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:

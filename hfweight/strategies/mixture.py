@@ -90,6 +90,31 @@ def normalize_domain_weights(weights, domain_names: list[str], field: str = "mix
     return torch.tensor(values, dtype=_F64) / total
 
 
+def load_weights_file(path, field: str = "mixture_kwargs['weights']") -> dict:
+    """Read a mixture from a JSON file: ``{"weights": {domain: weight}}`` (what the trainer writes to
+    ``mixture_weights.json`` at the end of every run) or a bare ``{domain: weight}`` object."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{field}={path!r}: no such file; give a {{domain: weight}} dict, a list, or a JSON file path.")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{field}={path!r} is not readable JSON: {err}") from err
+    if isinstance(data, Mapping) and isinstance(data.get("weights"), Mapping):
+        data = data["weights"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{field}={path!r} must hold {{'weights': {{domain: weight}}}} or {{domain: weight}}.")
+    return dict(data)
+
+
+def _resolve_weight_spec(weights, field: str):
+    """A weights spec with a file path replaced by the mapping it holds (see :func:`load_weights_file`)."""
+    if isinstance(weights, str | os.PathLike):
+        return load_weights_file(weights, field)
+    return weights
+
+
 def _check_weight_spec(weights, field: str) -> None:
     """Construction-time check of a weights spec (dict or list): numbers, finite, ≥ 0. Names are checked at bind."""
     if weights is None:
@@ -357,11 +382,15 @@ class StaticMixture(_Controller):
     """A fixed mixture ``α`` given as ``weights`` (normalized to probabilities), applied exactly (no floor).
 
     Args:
-        weights: ``{domain: weight}`` or a list in sorted-domain order. ``None`` means the natural mixture
-            (proportional to domain sizes), which in ``upweight`` mode changes nothing.
+        weights: ``{domain: weight}``, a list in sorted-domain order, or the path of a JSON file holding either
+            ``{"weights": {domain: weight}}`` — the ``mixture_weights.json`` every run writes to its output dir, so a
+            learned mixture (e.g. DoReMi's average) is reused with ``mixture_kwargs={"weights": "run/mixture_weights.json"}``
+            — or a bare ``{domain: weight}``. ``None`` means the natural mixture (proportional to domain sizes), which in
+            ``upweight`` mode changes nothing.
     """
 
     def __init__(self, weights=None, domains=None):
+        weights = _resolve_weight_spec(weights, "mixture_kwargs['weights']")
         _check_weight_spec(weights, "mixture_kwargs['weights']")
         super().__init__(min_prob=0.0, domains=domains)
         self.weights = weights
@@ -596,6 +625,7 @@ class DoReMiMixture(_Controller):
         super().__init__(min_prob=min_prob, domains=domains)
         self.eta = _positive(eta, "eta")
         self.smoothing = _fraction(smoothing, "smoothing", closed_right=True)
+        initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         self.initial_weights = initial_weights
         self.initial_score = float(initial_score)
@@ -701,6 +731,7 @@ class ODMMixture(_Controller):
         self.reward = reward
         self.smoothing_factor = _fraction(smoothing_factor, "smoothing_factor")
         self.reward_scale = _positive(reward_scale, "reward_scale")
+        initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         self.initial_weights = initial_weights
 
@@ -804,6 +835,7 @@ class AioliMixture(_Controller):
         self.update_every = _count(update_every, "update_every")
         self.one_hot_factor = _fraction(one_hot_factor, "one_hot_factor", closed_right=True)
         self.normalize_A, self.diagonal = bool(normalize_A), bool(diagonal)
+        prior = _resolve_weight_spec(prior, "mixture_kwargs['prior']")
         _check_weight_spec(prior, "mixture_kwargs['prior']")
         self.prior = prior
         self.seed = _count(seed, "seed", minimum=0)
@@ -1014,6 +1046,7 @@ class SkillItMixture(_Controller):
         self.eta = _positive(eta, "eta")
         self.window = _count(window, "window")
         self.update_every = _count(update_every, "update_every")
+        initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         self.initial_weights = initial_weights
 
@@ -1086,6 +1119,27 @@ class SkillItMixture(_Controller):
 # ---- DGA ----------------------------------------------------------------------------------------------------------
 
 
+def alignment_signal(inner_products, squared_norms, eps: float = 1e-6) -> torch.Tensor:
+    """DGA's per-domain signal from the gradient inner products with the target, normalized as DoGE does:
+
+        s_d = ⟨g_d, g_target⟩ / (mean_j ‖g_j‖ + eps)
+
+    (``HazyResearch/aioli`` ``trainer/doge_trainer.py``, ``DogeTrainer.update_domain_weights``: ``scores / (avg_norm +
+    1e-6)``, ``avg_norm`` the mean over domains of the domain-gradient norms; their ``lr`` factor and the division by
+    ``μ`` are folded into DGA's η). Domains with a NaN inner product (absent from the step) are left out of the mean
+    and keep NaN, which :meth:`DGAMixture.observe_gradients` reads as "no information". All NaN → all NaN.
+    """
+    ip = torch.as_tensor(inner_products, dtype=_F64).flatten()
+    sq = torch.as_tensor(squared_norms, dtype=_F64).flatten()
+    if ip.shape != sq.shape:
+        raise ValueError(f"alignment_signal: {ip.numel()} inner products but {sq.numel()} squared norms.")
+    present = torch.isfinite(ip) & torch.isfinite(sq)
+    if not present.any():
+        return torch.full_like(ip, float("nan"))
+    mean_norm = sq[present].clamp_min(0).sqrt().mean()
+    return torch.where(present, ip / (mean_norm + eps), torch.full_like(ip, float("nan")))
+
+
 @register_mixture("dga")
 class DGAMixture(_Controller):
     """Dynamic Gradient Alignment (Fan et al. 2024): upweight domains whose gradient aligns with a target set's.
@@ -1093,15 +1147,25 @@ class DGAMixture(_Controller):
     No public code for DGA. The update follows the paper and the authors' earlier DoGE code (``Olivia-fsm/DoGE``, as
     adapted in ``HazyResearch/aioli`` ``trainer/doge_trainer.py``: ``log α += lr·⟨g_d, g_tgt⟩ / (μ·avg‖g‖)``):
 
-        log α ← log α + η · ⟨g_d, g_target⟩        (then renormalized and floored, :func:`mix_update`)
+        log α ← log α + η · ⟨g_d, g_target⟩ / mean_j ‖g_j‖      (then renormalized and floored, :func:`mix_update`)
 
-    The glue computes the inner products (already all-reduced and normalized, e.g. divided by the mean domain-gradient
-    norm) every ``update_every`` steps (``gradients_requested()``) and calls :meth:`observe_gradients`; a NaN entry (a
-    domain absent from the step) leaves that domain's weight unchanged. With ``ema=β`` the exposed mixture is an EMA
-    of the raw one, ``ᾱ ← β·ᾱ + (1 − β)·α``.
+    ``g_d``: the gradient of domain ``d``'s token-mean training loss on the current step's batch (all micro-batches,
+    all ranks); ``g_target``: the gradient of the token-mean loss on a batch of the target set. The glue
+    (:meth:`hfweight.mixin.WeightingMixin._align_gradients`) computes the inner products and norms every
+    ``update_every`` steps (``gradients_requested()``), at the start of the step, without touching the optimizer's
+    gradients; :func:`alignment_signal` normalizes them and :meth:`observe_gradients` applies them. A NaN entry (a
+    domain absent from the step) leaves that domain's weight unchanged. With ``ema=β`` the exposed mixture is an EMA of
+    the raw one, ``ᾱ ← β·ᾱ + (1 − β)·α``. Divergences from DoGE: no per-domain gradient clipping before the inner
+    products, and no clipping of the scores to ``[0, 5·lr]``.
 
     Args:
-        eta: Step size η (default 1e-3, METHODS §3's μ; DoGE's update is ``lr/μ``, so η here plays that role).
+        target: What the target set is — required by the trainer: a key (or list of keys) of an ``eval_dataset`` dict,
+            a domain value (or list) of ``eval_dataset``'s domain column, or ``"eval"`` for the whole ``eval_dataset``.
+            E.g. ``{"target": "arithmetic"}`` aligns training with the held-out arithmetic rows.
+        target_batch_size: Target rows per alignment, over all ranks (default: one per-device batch per rank). The
+            rows are taken in order from the target set, cycling, so successive alignments see different rows.
+        eta: Step size η (default 1e-3; it plays DoGE's ``lr/μ``. With the normalized signal, values around 0.1–1 move
+            the mixture within tens of updates).
         update_every: Gradient cadence in optimizer steps (default 10).
         ema: EMA weight β of the previous mixture (default ``None``: no EMA).
         initial_weights: Starting mixture (default uniform).
@@ -1110,12 +1174,23 @@ class DGAMixture(_Controller):
 
     needs_target = True
 
-    def __init__(self, eta: float = 1e-3, update_every: int = 10, ema: float | None = None, initial_weights=None,
-                 min_prob: float = 1e-4, domains=None):
+    def __init__(self, target=None, target_batch_size: int | None = None, eta: float = 1e-3, update_every: int = 10,
+                 ema: float | None = None, initial_weights=None, min_prob: float = 1e-4, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
+        if target is not None:
+            targets = [target] if isinstance(target, str | int) else list(target) if isinstance(target, Sequence) else None
+            if not targets or any(not isinstance(t, str | int) or isinstance(t, bool) for t in targets):
+                raise ValueError(
+                    f"mixture_kwargs['target'] must name the target set: a key of the eval_dataset dict, a domain of "
+                    f"eval_dataset, a list of those, or 'eval'; got {target!r}."
+                )
+            target = targets
+        self.target = target
+        self.target_batch_size = None if target_batch_size is None else _count(target_batch_size, "target_batch_size")
         self.eta = _positive(eta, "eta")
         self.update_every = _count(update_every, "update_every")
         self.ema = None if ema is None else _fraction(ema, "ema")
+        initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         self.initial_weights = initial_weights
 
@@ -1184,6 +1259,7 @@ class PolicyMixture(_Controller):
         self.policy = _load_callable(policy, "mixture_kwargs['policy']")
         self.update_every = _count(update_every, "update_every")
         self.history_size = None if history_size is None else _count(history_size, "history_size")
+        initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         self.initial_weights = initial_weights
 

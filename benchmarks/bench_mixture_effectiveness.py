@@ -1,0 +1,254 @@
+"""Do dynamic domain mixtures beat stratified sampling? Held-out loss on a target mix after a fixed budget.
+
+    python benchmarks/bench_mixture_effectiveness.py              # 3 seeds × 60 steps: ~10 min on 2 shared cores
+    python benchmarks/bench_mixture_effectiveness.py --quick      # 1 seed, 20 steps: a smoke test
+    python benchmarks/bench_mixture_effectiveness.py --steps 400 --seeds 0 1 2 3 4    # the full version (~1 h)
+
+Setup (issue 5). The built-in corpus (five domains: code, prose, arithmetic, redundant, noise), cut into fixed-length
+blocks; the tiny built-in Llama from scratch; every method gets the same budget (steps × batch), seed, model init and
+optimizer. The target is the *uniform mix of the clean domains* (code, prose, arithmetic) on held-out text: the
+reported loss is the mean of their held-out token-mean losses on a *test* half of the held-out split; the methods
+that learn from held-out data (Aioli's probes, DGA's target gradient) see only the other, *validation* half, and only
+its clean domains. Methods: stratified (uniform, τ = inf), temperature (τ = 2 over block counts), DoReMi (reference =
+the stratified model of the same seed, weights applied online), ODM, Aioli, DGA (target = the clean mix), plus DGA
+with a specific target (arithmetic only; scored on arithmetic). Reported per method: the target loss after the budget
+and the steps needed to reach stratified's final loss (evaluated every ``--eval_every`` steps), mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from common import quiet, tokenizer_and_corpus  # noqa: E402
+from harness import RESULTS_DIR  # noqa: E402
+
+from hfweight.defaults import build_model  # noqa: E402
+from hfweight.defaults.tasks import lm_dataset  # noqa: E402
+
+CLEAN = ("arithmetic", "code", "prose")
+SEQ_LEN = 64
+BATCH = 16
+HELDOUT_PER_DOMAIN = 32  # blocks per domain in each of the validation and test halves
+METHODS = ("stratified", "temperature", "doremi", "odm", "aioli", "dga", "dga_arithmetic")
+OPTIONAL = ("dga_tempered",)  # DGA with a smaller step and an EMA of the mixture (--methods ... dga_tempered)
+
+
+def mixture_config(method: str, steps: int) -> dict:
+    """The weighting fields of each method, with cadences scaled to the budget."""
+    if method == "stratified":
+        return {"mixture": "temperature", "mixture_kwargs": {"temperature": "inf"}}
+    if method == "temperature":
+        return {"mixture": "temperature", "mixture_kwargs": {"temperature": 2.0}}
+    if method == "doremi":
+        return {"mixture": "doremi", "mixture_kwargs": {"eta": 1.0, "smoothing": 1e-3}}
+    if method == "odm":
+        return {"mixture": "odm", "mixture_kwargs": {"warmup_steps": max(1, steps // 10)}}
+    if method == "aioli":
+        lp_steps = max(1, steps // 50)
+        return {"mixture": "aioli", "mixture_kwargs": {"lp_rounds": 1, "lp_steps": lp_steps,
+                                                       "update_every": max(5 * lp_steps + 1, steps // 4)}}
+    if method == "dga":
+        return {"mixture": "dga", "mixture_kwargs": {"target": list(CLEAN), "target_batch_size": BATCH,
+                                                     "update_every": 5, "eta": 1.0}}
+    if method == "dga_tempered":
+        return {"mixture": "dga", "mixture_kwargs": {"target": list(CLEAN), "target_batch_size": BATCH,
+                                                     "update_every": 5, "eta": 0.2, "ema": 0.5}}
+    if method == "dga_arithmetic":
+        return {"mixture": "dga", "mixture_kwargs": {"target": "arithmetic", "target_batch_size": BATCH,
+                                                     "update_every": 5, "eta": 1.0}}
+    raise ValueError(method)
+
+
+@functools.cache
+def data(seed: int = 0):
+    """(train blocks with `domain`, {domain: validation blocks}, {domain: test blocks})."""
+    tokenizer, corpus = tokenizer_and_corpus(seed)
+    train_tok = lm_dataset(tokenizer, corpus["train"], max_length=1 << 16)
+    train = datasets.Dataset.from_list([row for rows in _chunk_all(train_tok).values() for row in rows])
+    held = _chunk_all(lm_dataset(tokenizer, corpus["heldout"], max_length=1 << 16))
+    validation, test = {}, {}
+    for domain, blocks in held.items():
+        half = min(HELDOUT_PER_DOMAIN, len(blocks) // 2)
+        validation[domain] = datasets.Dataset.from_list(blocks[:half])
+        test[domain] = datasets.Dataset.from_list(blocks[half : 2 * half])
+    return tokenizer, train, validation, test
+
+
+def _chunk_all(tokenized) -> dict[str, list[dict]]:
+    streams = defaultdict(list)
+    for ids, domain in zip(tokenized["input_ids"], tokenized["domain"]):
+        streams[domain].extend(ids)
+    return {d: [{"input_ids": ids[i : i + SEQ_LEN], "domain": d} for i in range(0, len(ids) - SEQ_LEN + 1, SEQ_LEN)]
+            for d, ids in streams.items()}
+
+
+@torch.no_grad()
+def test_losses(model, test: dict) -> dict[str, float]:
+    """Token-mean held-out loss per domain (fixed-length blocks: every position but the first is a label)."""
+    was = model.training
+    model.eval()
+    out = {}
+    for domain, rows in test.items():
+        if domain not in CLEAN:
+            continue
+        ids = torch.tensor(rows["input_ids"])
+        total, count = 0.0, 0
+        for start in range(0, len(ids), 32):
+            chunk = ids[start : start + 32]
+            logits = model(input_ids=chunk).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            total, count = total + float(nll), count + chunk[:, 1:].numel()
+        out[domain] = total / count
+    model.train(was)
+    return out
+
+
+def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> dict:
+    from transformers import DataCollatorForLanguageModeling, TrainerCallback
+
+    from hfweight import WeightedTrainer, WeightedTrainingArguments
+
+    tokenizer, train, validation, test = data()
+
+    class Curve(TrainerCallback):
+        def __init__(self):
+            self.points = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % eval_every == 0 or state.global_step == steps:
+                self.points.append((state.global_step, test_losses(model, test)))
+
+    config = mixture_config(method, steps)
+    args = WeightedTrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix=f"mixeff_{method}_"), max_steps=steps, per_device_train_batch_size=BATCH,
+        learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.01,
+        logging_steps=max(1, steps // 10), save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=seed, data_seed=seed, dataloader_num_workers=0, mixture_mode="resample", **config,
+    )
+    curve = Curve()
+    started = time.perf_counter()
+    model = build_model(tokenizer, size="tiny", seed=seed)
+    trainer = WeightedTrainer(
+        model=model, args=args, train_dataset=train,
+        eval_dataset={d: validation[d] for d in CLEAN}, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[curve], reference_model=reference if method == "doremi" else None,
+    )
+    trainer.train()
+    final = curve.points[-1][1]
+    return {
+        "method": method, "seed": seed, "seconds": time.perf_counter() - started,
+        "curve": curve.points, "final": final,
+        "mixture": dict(zip(trainer.domain_names, trainer.mixture.final_probabilities().tolist())),
+        "model": model,
+    }
+
+
+def target_loss(losses: dict, method: str) -> float:
+    return losses["arithmetic"] if method == "dga_arithmetic" else sum(losses[d] for d in CLEAN) / len(CLEAN)
+
+
+def steps_to_reach(curve, threshold: float, method: str) -> int | None:
+    return next((step for step, losses in curve if target_loss(losses, method) <= threshold), None)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval_every", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + OPTIONAL)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps: a smoke test")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine, 2 threads ran 4x slower per step)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds, args.eval_every = 20, [0], 5
+    name = args.name or ("mixture_effectiveness" + ("_quick" if args.quick else ""))
+    quiet()
+    torch.set_num_threads(args.threads)
+    loads, results = [os.getloadavg()[0]], []
+    wall = time.perf_counter()
+    for seed in args.seeds:
+        reference = None
+        for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
+            out = run(method, seed, args.steps, args.eval_every, reference)
+            if method == "stratified":
+                reference = out["model"]
+            out.pop("model")
+            loads.append(os.getloadavg()[0])
+            print(f"[seed {seed}] {method:<15} target loss {target_loss(out['final'], method):.4f}  "
+                  f"({out['seconds']:.0f} s)  mixture {json.dumps({k: round(v, 3) for k, v in out['mixture'].items()})}",
+                  flush=True)
+            results.append(out)
+    by = {(r["method"], r["seed"]): r for r in results}
+    rows = []
+    for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
+        finals, reach, deltas, missed = [], [], [], 0
+        for seed in args.seeds:
+            r, base = by[(method, seed)], by[("stratified", seed)]
+            score = target_loss(r["final"], method)
+            base_final = target_loss(base["final"], method)  # arithmetic for dga_arithmetic, the clean mix otherwise
+            finals.append(score)
+            deltas.append(score - base_final)
+            step = steps_to_reach(r["curve"], base_final, method)
+            reach.append(step) if step is not None else None
+            missed += step is None
+        rows.append({"method": method, "final": finals, "delta_vs_stratified": deltas, "steps_to_reach": reach,
+                     "missed": missed, "beats_stratified": sum(d < 0 for d in deltas)})
+    minutes = (time.perf_counter() - wall) / 60
+    lines = [
+        f"### Mixture effectiveness: tiny Llama, built-in corpus, {args.steps} steps × batch {BATCH} × seq {SEQ_LEN}",
+        "",
+        f"Seeds {args.seeds}; target = uniform mix of the clean domains {list(CLEAN)} (held-out test half; "
+        "`dga_arithmetic`: arithmetic only, compared with stratified's arithmetic loss). Wall time "
+        f"{minutes:.1f} min; 1-minute load average {min(loads):.1f}–{max(loads):.1f} (2 shared cores).",
+        "",
+        "| method | target loss (mean ± std) | Δ vs stratified (same seed) | seeds beating stratified | "
+        f"steps to stratified's final loss (of {args.steps}) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        reach = mean_std([float(s) for s in row["steps_to_reach"]]).replace(".0000", "")
+        if row["missed"]:
+            reach += f" ({row['missed']} of {len(args.seeds)} seeds never)"
+        lines.append(f"| `{row['method']}` | {mean_std(row['final'])} | {mean_std(row['delta_vs_stratified'])} | "
+                     f"{row['beats_stratified']}/{len(args.seeds)} | {reach} |")
+    lines += ["", "Final mixtures (seed " + str(args.seeds[0]) + "):", ""]
+    for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
+        mix = by[(method, args.seeds[0])]["mixture"]
+        lines.append(f"- `{method}`: " + ", ".join(f"{k} {v:.3f}" for k, v in mix.items()))
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+        json.dump({"settings": vars(args), "rows": rows, "runs": results, "load": loads,
+                   "finite": all(math.isfinite(v) for r in rows for v in r["final"])}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
