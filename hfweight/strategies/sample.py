@@ -635,27 +635,40 @@ def meta_objective(scales: torch.Tensor, per_sample_losses_after_lookahead: torc
 
 
 def lookahead_surrogate(
-    train_scales: torch.Tensor, directional_derivatives: torch.Tensor, lookahead_lr: float
+    train_scales: torch.Tensor,
+    directional_derivatives: torch.Tensor,
+    lookahead_lr: float,
+    static: torch.Tensor | None = None,
+    denominators: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A scalar whose gradient w.r.t. ω is the meta gradient through the one-step look-ahead, obtained without
     differentiating through the model (no ``create_graph``, no Hessian)::
 
-        S(ω) = −η Σ_i v̂_i(ω) d_i,    v̂_i = s_i / Σ_k s_k,    d_i = ⟨∇_θ ℓ_i(θ), g_val⟩  (detached)
+        S(ω) = −η Σ_i c_i s_i(ω) d_i / Σ_k c_k s_k(ω) D_k,      d_i = ⟨∇_θ N_i(θ), g_val⟩  (detached)
 
-    where ``g_val = ∇_θ Σ_j v̂_j^val ℓ_j(θ')`` is the gradient of :func:`meta_objective` w.r.t. the model at θ'.
-    Then ``∂S/∂s_k = −η (d_k − Σ_i v̂_i d_i) / Σ s = ∂L_meta(θ'(ω))/∂s_k`` exactly: ``θ' = θ − η Σ v̂_i ∇ℓ_i(θ)`` is
-    linear in v̂ at fixed θ, so ``∂θ'/∂s_k = −η (∇ℓ_k − ∇L_train) / Σ s`` involves no second derivative of the model
-    (the tests check this against the second-order graph). The ``d_i`` for all samples at once come from two extra
-    forwards by central differences, ``d_i ≈ (ℓ_i(θ + δ g_val) − ℓ_i(θ − δ g_val)) / (2δ)``: the only approximation.
-    Non-finite ``d_i`` (samples without a valid token) are left out.
+    for a training step whose loss is ``L_train = Σ_i c_i s_i N_i(θ) / Σ_k c_k s_k D_k`` (METHODS §0): ``N_i`` the
+    sample's numerator (its token-loss sum in token normalization, its mean token loss in sample normalization),
+    ``D_i`` its share of the denominator (its token count, or 1), ``c_i`` the static part of its weight
+    (``static``: the ``sample_weight`` column × domain factor; default 1), and ``g_val = ∇_θ L_meta(θ')`` the
+    gradient of :func:`meta_objective` at the look-ahead ``θ' = θ − η ∇_θ L_train``. Then
+    ``∂S/∂s_k = −η c_k (d_k − D_k d̄) / Z = ∂L_meta(θ'(ω))/∂s_k`` exactly (``Z = Σ c s D``, ``d̄ = Σ c s d / Z =
+    ⟨∇L_train, g_val⟩``): θ' is linear in the normalized weights at fixed θ, so ``∂θ'/∂s_k = −η c_k (∇N_k − D_k
+    ∇L_train) / Z`` involves no second derivative of the model (the tests check it against the second-order graph,
+    on a regression model here and on the tiny Llama through the trainer). With ``static`` and ``denominators``
+    ``None`` this is ``−η Σ_i (s_i / Σ s) d_i``. The ``d_i`` for all samples at once come from two extra forwards by
+    central differences, ``d_i ≈ (N_i(θ + δ g_val) − N_i(θ − δ g_val)) / (2δ)``: the only approximation.
+    Non-finite ``d_i`` (samples without a valid token) are left out. The derivation is the first-order form of the
+    Meta-Weight-Net / learning-to-reweight look-ahead gradient that Heck et al. (AAAI 2025) build STORM on.
     """
     d = directional_derivatives.detach().flatten().to(train_scales.dtype)
     s = train_scales.flatten()
-    valid = torch.isfinite(d)
+    c = torch.ones_like(d) if static is None else static.detach().flatten().to(d)
+    den = torch.ones_like(d) if denominators is None else denominators.detach().flatten().to(d)
+    valid = torch.isfinite(d) & torch.isfinite(c) & torch.isfinite(den)
     if not bool(valid.any()):
         return (s * 0.0).sum()
-    s, d = s[valid], d[valid]
-    return -float(lookahead_lr) * (s / s.sum().clamp(min=1e-12) * d).sum()
+    s, d, c, den = s[valid], d[valid], c[valid], den[valid]
+    return -float(lookahead_lr) * (c * s * d).sum() / (c * s * den).sum().clamp(min=1e-12)
 
 
 @register_sample_weighting("storm")
@@ -732,6 +745,8 @@ class MetaRescaler(SampleWeighting):
 
     needs_losses = True
     supports_rescale = True
+    needs_meta_step = True
+    """The glue runs :meth:`WeightingMixin._storm_meta_step` after each step's backward (every ``meta_every``)."""
 
     def __init__(
         self,
