@@ -50,8 +50,12 @@ class WeightRecorder(TrainerCallback):
 
 
 def run_steps(config: dict, batch: int, ga: int, output_dir: str, steps: int = STEPS) -> dict:
-    """``{"gradients": [per step {param: grad}], "weights": [per step {"losses", "weights"}]}`` of this rank."""
-    model = tiny_model()
+    """``{"gradients": [per step {param: grad}], "weights": [per step {"losses", "weights"}]}`` of this rank.
+
+    The model is float64: loss-based weights amplify the last-bit differences between batch layouts (the loss range
+    of an untrained model is ~0.1, so ``h = 2ℓ/range`` scales a 1-ulp float32 loss difference by ~20), and the check
+    is about exactness, not about float32 rounding."""
+    model = tiny_model().double()
     capture, recorder = GradientCapture(model), WeightRecorder()
     base = training_args(
         output_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=ga, max_steps=steps, learning_rate=0.1

@@ -1,13 +1,12 @@
 """Loss-based sample weighting inside the trainers (METHODS §0 and §1): both exact modes give the same gradients at
 (batch 8, GA 1, 1 rank), (2, 4, 1) and (4, 1, 2 ranks); each rank's weights are its slice of the 1-rank computation on
-the global batch, and equal an independent NumPy computation; resume is exact for `loss`, `truncation` and `storm`;
-STORM's meta step gives the exact look-ahead meta gradient of the trainer's real loss.
+the global batch, and equal an independent NumPy computation; STORM's meta step gives the exact look-ahead meta
+gradient of the trainer's real loss. Resume: tests/test_sample_resume.py.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import numpy as np
@@ -29,11 +28,19 @@ from hfweight import WeightedTrainer, WeightedTrainingArguments, register_sample
 from hfweight.strategies.base import SampleWeighting
 
 HERE = os.path.dirname(__file__)
-TOLERANCE = 1e-5
+TOLERANCE = 1e-12  # float64 model (see helpers_sample.run_steps); float32 gives ~1e-6, loss-amplified to ~1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_plots():
+    """The end-of-training plot (tested elsewhere) costs ~1.5 s per run here; these tests run ~25 trainers."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("hfweight.plots.plot_weighting_history", lambda *args, **kwargs: None)
+        yield
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, no_plots):
     out = str(tmp_path_factory.mktemp("ref"))
     return {name: run_steps(config, 8, 1, out) for name, config in CONFIGS.items()}
 
@@ -44,12 +51,14 @@ def _normalized(w: torch.Tensor) -> np.ndarray:
     return w / w[w > 0].mean() if (w > 0).any() else w
 
 
-def _assert_same_run(got: dict, expected: dict):
+def _assert_same_run(got: dict, expected: dict, tolerance: float = TOLERANCE, weight_rtol: float = 1e-6):
     for step, (g, e) in enumerate(zip(got["gradients"], expected["gradients"])):
-        assert max_relative_difference(g, e) <= TOLERANCE, f"step {step + 1}"
+        assert max_relative_difference(g, e) <= tolerance, f"step {step + 1}"
         assert any(d.abs().sum() > 0 for d in e.values())
     for step, (g, e) in enumerate(zip(got["weights"], expected["weights"])):
-        np.testing.assert_allclose(g["weights"].numpy(), e["weights"].numpy(), rtol=1e-4, atol=1e-5, err_msg=f"step {step + 1}")
+        np.testing.assert_allclose(
+            g["weights"].numpy(), e["weights"].numpy(), rtol=weight_rtol, atol=weight_rtol, err_msg=f"step {step + 1}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -83,8 +92,8 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(reference, tmp_path):
                     np.testing.assert_allclose(
                         ranks[r][name]["weights"][step][key].numpy(),
                         expected["weights"][step][key][4 * r : 4 * r + 4].numpy(),
-                        rtol=1e-4,
-                        atol=1e-5,
+                        rtol=1e-6,
+                        atol=1e-7,
                         err_msg=f"{name} rank {r} step {step + 1} {key}",
                     )
 
@@ -148,55 +157,8 @@ def test_sft_trainer_rescale_is_invariant_to_gradient_accumulation(tmp_path):
     a = run_sft_steps(config, 8, 1, str(tmp_path / "a"))
     b = run_sft_steps(config, 2, 4, str(tmp_path / "b"))
     assert len(a["gradients"]) == 2
-    _assert_same_run(b, a)
+    _assert_same_run(b, a, tolerance=1e-5, weight_rtol=1e-4)  # float32 here (see TOLERANCE)
     assert len(np.unique(np.round(_normalized(a["weights"][1]["weights"]), 4))) > 1  # step 2 is really weighted
-
-
-# ---- resume ---------------------------------------------------------------------------------------------------------
-
-
-def _trainer(out, max_steps, kwargs, name):
-    args = WeightedTrainingArguments(
-        **training_args(
-            str(out), max_steps=max_steps, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-            learning_rate=1e-2, optim="adamw_torch", train_sampling_strategy="random", save_strategy="steps", save_steps=3,
-        ),
-        sample_weighting=name,
-        sample_weighting_kwargs=kwargs,
-    )
-    return WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(40), data_collator=pad_collate)
-
-
-def _logged(trainer):
-    keys = ("loss", "weights/min", "weights/max", "weights/ess", "storm/meta_objective")
-    return {h["step"]: tuple(h.get(k, math.nan) for k in keys) for h in trainer.state.log_history if "loss" in h}
-
-
-@pytest.mark.parametrize(
-    "name,kwargs",
-    [
-        ("loss", {"strategy": "quadratic", "temperature": 0.3}),
-        ("storm", {"meta_lr": 0.05, "hidden": 4, "meta_every": 2}),
-    ],
-    ids=["loss_rescale", "storm_rescale_every2"],
-)
-def test_resume_continues_exactly(tmp_path, name, kwargs):
-    """6 steps straight = 3 steps, checkpoint, resume, 3 steps: the same loss, weights and meta objective at every
-    step (`loss` keeps the previous step's range; `storm` its rescaler, Adam state, statistics and meta batch)."""
-    straight = _trainer(tmp_path / "straight", 6, kwargs, name)
-    straight.train()
-    _trainer(tmp_path / "resumed", 3, kwargs, name).train()
-    resumed = _trainer(tmp_path / "resumed", 6, kwargs, name)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
-    expected, got = _logged(straight), _logged(resumed)
-    for step in (4, 5, 6):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, nan_ok=True), step
-    if name == "storm":
-        assert straight.sample_weighting.meta_steps == resumed.sample_weighting.meta_steps > 0
-        for a, b in zip(straight.sample_weighting.rescaler.parameters(), resumed.sample_weighting.rescaler.parameters()):
-            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-        assert any(not math.isnan(expected[step][4]) for step in (4, 5, 6))  # a meta step ran after the resume
-    assert len({round(v[2], 6) for v in expected.values()}) > 1  # the weights changed from step to step
 
 
 # ---- STORM: the meta gradient of the trainer equals the second-order look-ahead ------------------------------------

@@ -15,6 +15,9 @@ from helpers_sample import CONFIGS, run_steps  # noqa: E402
 
 
 def main():
+    import hfweight.plots
+
+    hfweight.plots.plot_weighting_history = lambda *args, **kwargs: None  # not under test here; ~1.5 s per run
     out, batch, ga = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     results = {name: run_steps(kwargs, batch, ga, f"/tmp/hfw_sample_worker_{os.getpid()}") for name, kwargs in CONFIGS.items()}
     torch.save(results, f"{out}.rank{os.environ.get('RANK', '0')}.pt")
