@@ -172,12 +172,12 @@ def steps_to_reach(curve: list[dict], target: float) -> int | None:
     return None
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarize(results: list[dict], args) -> tuple[str, dict]:
@@ -194,7 +194,7 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
             "delta_vs_uniform": [r["final_clean"] - uniform_final[r["seed"]] for r in runs],
             "seconds": [r["seconds"] for r in runs],
         }
-        steps = mean_std([float(s) for s in got]).replace(".000", "")
+        steps = mean_std([float(s) for s in got], digits=0)
         rows.append(
             f"| `{variant}` | {mean_std(summary[variant]['final_clean'])} | "
             f"{mean_std(summary[variant]['delta_vs_uniform'])} | {steps} | {len(reached) - len(got)}/{len(reached)} | "

@@ -13,6 +13,14 @@ How a training step runs with weighting on:
    ``w``, the local numerator ``Σ v w ℓ``; the returned loss is ``numerator / Z · W`` (``W`` cancels DDP's mean), and
    the Trainer is told not to divide by the accumulation steps again (``loss_is_scaled_for_ga``).
 3. On the last micro-batch of the step, per-domain statistics are all-reduced once and handed to the mixture.
+4. Loss-based sample weights (``loss``, ``truncation``, ``storm``) come in two exact modes
+   (:data:`hfweight.strategies.sample.SAMPLE_MODES`): ``score`` weighs the global batch in step 1 after a no-grad
+   scoring forward (:meth:`~WeightingMixin._loss_based_weights`); ``rescale`` (the default) weighs each micro-batch in
+   step 2 from its own forward with unnormalized weights (:meth:`~WeightingMixin._rescale_micro_batch`), and after the
+   last backward :meth:`~WeightingMixin.training_step` rescales the gradients by the global denominator before
+   clipping (:meth:`~WeightingMixin._rescale_gradients`). STORM's meta step runs there too
+   (:meth:`~WeightingMixin._storm_meta_step`). ``trainer.last_sample_weights`` holds this rank's weights and losses
+   of the last step (``{"losses", "weights"}``, the strategy's weights up to a per-step factor, times the column).
 
 With every weighting switch off, none of this runs: each override calls the parent unchanged (bit-for-bit parity).
 """
