@@ -198,7 +198,7 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         rows.append(
             f"| `{variant}` | {mean_std(summary[variant]['final_clean'])} | "
             f"{mean_std(summary[variant]['delta_vs_uniform'])} | {steps} | {len(reached) - len(got)}/{len(reached)} | "
-            + " | ".join(mean_std(summary[variant]["final_by_domain"][d]) for d in ("redundant", "noise"))
+            + " | ".join(mean_std(summary[variant]["final_by_domain"][d], digits=2) for d in DOMAINS)
             + f" | {statistics.fmean(summary[variant]['seconds']):.0f} |"
         )
     header = (
@@ -208,8 +208,11 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         f"'clean' = mean held-out token loss of {', '.join(CLEAN)}; 'Δ' = variant − uniform (same seed; < 0 is "
         f"better); 'steps' = first evaluation at or below uniform's final clean loss (seeds that reached it); "
         f"load average at the end: {_load_average()}.\n\n"
-        "| variant | clean loss | Δ vs uniform | steps to uniform's final | not reached | redundant | noise | s/run |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "| variant | clean loss | Δ vs uniform | steps to uniform's final | not reached | "
+        + " | ".join(DOMAINS)
+        + " | s/run |\n|---|---|---|---|---|"
+        + "---|" * len(DOMAINS)
+        + "---|\n"
     )
     return header + "\n".join(rows) + "\n", summary
 
