@@ -69,7 +69,7 @@ from .reference import load_reference_model, reference_hidden_states, reference_
 from .state import load_state, save_state
 from .stats import summarize_weights, weight_extremes, weight_moments
 from .strategies.base import DomainStats, SampleContext, TokenContext
-from .strategies.sample import lookahead_surrogate, meta_objective
+from .strategies.sample import lookahead_surrogate, meta_objective, scales_kl_to_uniform
 
 logger = logging.getLogger(__name__)
 
@@ -848,9 +848,12 @@ class WeightingMixin:
         ell_v = torch.cat(val_losses) if val_losses else torch.zeros(0, dtype=torch.float64, device=device)
         ell_v = self._all_gather_rows(ell_v.view(-1, 1).to(device, torch.float64))[0][:, 0].cpu()
         # 5. ω ← Adam(∇_ω [outer term + look-ahead term])
+        train_scales = storm.scales(features)
         objective = meta_objective(storm.scales(meta.features), ell_v) + lookahead_surrogate(
-            storm.scales(features), table[:, 0], lr, static=table[:, 2], denominators=table[:, 1]
+            train_scales, table[:, 0], lr, static=table[:, 2], denominators=table[:, 1]
         )
+        if storm.kl_weight > 0:
+            objective = objective + storm.kl_weight * scales_kl_to_uniform(train_scales)
         grad_norm = storm.meta_update(objective)
         self._weighting_metrics["storm/meta_objective"].append(float(objective.detach()))
         self._weighting_metrics["storm/meta_grad_norm"].append(grad_norm)

@@ -24,6 +24,7 @@ from hfweight.strategies.sample import (
     normalize_losses,
     normalize_losses_in_range,
     sample_features,
+    scales_kl_to_uniform,
     softmax_weights,
     unnormalized_softmax_weights,
 )
@@ -512,6 +513,17 @@ def test_storm_rescale_weights_are_per_sample_and_end_step_updates_like_weights(
     assert torch.isfinite(u).all() and (u > 0).all() and len(set(u.tolist())) == 3
 
 
+def test_scales_kl_to_uniform_by_hand():
+    s = torch.tensor([1.0, 3.0, float("nan")], requires_grad=True)
+    kl = scales_kl_to_uniform(s)
+    assert kl.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    kl.backward()
+    # d/ds_k Σ v log(N v) with v = s/Σs: (log(N v_k) − KL) / Σ s
+    assert s.grad.tolist()[:2] == pytest.approx([(math.log(0.5) - kl.item()) / 4, (math.log(1.5) - kl.item()) / 4])
+    assert scales_kl_to_uniform(torch.full((4,), 2.0)).item() == pytest.approx(0.0, abs=1e-7)
+    assert scales_kl_to_uniform(torch.tensor([2.0])).item() == 0.0
+
+
 # ---- config-time validation ---------------------------------------------------------------------------------------
 
 
@@ -540,6 +552,7 @@ def _args(tmp_path, name, kwargs):
         ("storm", {"meta_lr": 0}, r"`meta_lr` must be a finite number > 0"),
         ("storm", {"feature_momentum": 1.0}, r"`feature_momentum` must be in \[0, 1\)"),
         ("storm", {"meta_every": 0}, r"`meta_every` must be an integer ≥ 1"),
+        ("storm", {"kl_weight": -1.0}, r"`kl_weight` must be a finite number ≥ 0"),
     ],
 )
 def test_bad_kwargs_fail_at_config_time(tmp_path, name, kwargs, message):

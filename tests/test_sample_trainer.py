@@ -185,7 +185,7 @@ def test_storm_meta_gradient_is_the_second_order_lookahead(tmp_path, mode, norma
     args = WeightedTrainingArguments(
         **training_args(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=lr),
         sample_weighting="storm",
-        sample_weighting_kwargs={"hidden": 6, "meta_lr": 0.01, "mode": mode},
+        sample_weighting_kwargs={"hidden": 6, "meta_lr": 0.01, "mode": mode, "kl_weight": 0.0},  # KL: unit-tested
         loss_normalization=normalization,
     )
     trainer = WeightedTrainer(model=model, args=args, train_dataset=toy_dataset(8), data_collator=pad_collate)
