@@ -28,8 +28,16 @@ VARIANT_WEIGHTING: dict[str, dict | None] = {
     "weighted_static_fused": {"token_weighting": "static", "sample_weighting": "static"},  # + TRL's fused head forced
     "dft": {"token_weighting": "dft"},
     "focal": {"token_weighting": "focal"},
+    # Loss-based sample weights (the dataset's `sample_weight` column multiplies them): the default exact mode
+    # ("rescale": weights from each micro-batch's own forward, gradients rescaled by the global sum) and the scoring
+    # pass ("score": a no-grad forward of the step first); `sample_static` is their like-for-like baseline.
+    "sample_static": {"sample_weighting": "static"},
     "loss": {"sample_weighting": "loss"},
+    "loss_score": {"sample_weighting": "loss", "sample_weighting_kwargs": {"mode": "score"}},
     "truncation": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 8}},
+    "truncation_score": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 8, "mode": "score"}},
+    "storm": {"sample_weighting": "storm"},
+    "storm_every4": {"sample_weighting": "storm", "sample_weighting_kwargs": {"meta_every": 4}},
     "mixture_static_upweight": {
         "mixture": "static",
         "mixture_mode": "upweight",

@@ -66,7 +66,12 @@ class WeightingArguments:
         },
     )
     sample_weighting_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "Keyword arguments of the sample weighting (a dict, or JSON on the CLI)."}
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the sample weighting (a dict, or JSON on the CLI). The loss-based ones take "
+            "`mode`: 'auto' (default), 'rescale' (weights from each micro-batch's own forward, gradients rescaled by "
+            "the global sum before clipping; no extra pass) or 'score' (a no-grad scoring forward of the step first)."
+        },
     )
     loss_normalization: str = field(
         default="token",

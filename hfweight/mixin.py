@@ -13,6 +13,14 @@ How a training step runs with weighting on:
    ``w``, the local numerator ``Σ v w ℓ``; the returned loss is ``numerator / Z · W`` (``W`` cancels DDP's mean), and
    the Trainer is told not to divide by the accumulation steps again (``loss_is_scaled_for_ga``).
 3. On the last micro-batch of the step, per-domain statistics are all-reduced once and handed to the mixture.
+4. Loss-based sample weights (``loss``, ``truncation``, ``storm``) come in two exact modes
+   (:data:`hfweight.strategies.sample.SAMPLE_MODES`): ``score`` weighs the global batch in step 1 after a no-grad
+   scoring forward (:meth:`~WeightingMixin._loss_based_weights`); ``rescale`` (the default) weighs each micro-batch in
+   step 2 from its own forward with unnormalized weights (:meth:`~WeightingMixin._rescale_micro_batch`), and after the
+   last backward :meth:`~WeightingMixin.training_step` rescales the gradients by the global denominator before
+   clipping (:meth:`~WeightingMixin._rescale_gradients`). STORM's meta step runs there too
+   (:meth:`~WeightingMixin._storm_meta_step`). ``trainer.last_sample_weights`` holds this rank's weights and losses
+   of the last step (``{"losses", "weights"}``, the strategy's weights up to a per-step factor, times the column).
 
 With every weighting switch off, none of this runs: each override calls the parent unchanged (bit-for-bit parity).
 """
@@ -62,6 +70,7 @@ from .reference import load_reference_model, reference_hidden_states, reference_
 from .state import load_state, save_state
 from .stats import summarize_weights, weight_extremes, weight_moments
 from .strategies.base import DomainStats, SampleContext, TokenContext
+from .strategies.sample import lookahead_surrogate, meta_objective, scales_kl_to_uniform
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +172,66 @@ class _StepPlan:
     """Micro-batches of this step not yet through ``compute_loss``."""
     domain_sums: torch.Tensor | None
     """Local ``[loss_sum; token_count; sample_count; excess_sum]`` per domain ``(4, k)``, over the micro-batches."""
+    rescale: list | None = None
+    """Rescale mode (METHODS §0 (b)): one row per local sample, appended by each micro-batch (see ``_RESCALE_ROWS``)."""
+    returned: torch.Tensor | float = 0.0
+    """Rescale mode: sum of this rank's losses returned to the Trainer so far in this step (for the logged loss)."""
+    batches: list | None = None
+    """The step's micro-batches, kept for STORM's meta step (its finite-difference forwards)."""
+    score: tuple | None = None
+    """Score mode: ``(global SampleContext, this rank's offset)`` of the scoring pass."""
+    closed: bool = False
+    """Set once the step's end-of-step work (rescale, strategy update, meta step) has run."""
+
+
+# Columns of the per-sample rows a rescale-mode micro-batch records: its training-forward mean token loss, the
+# strategy's unnormalized weight u, the static part of v (column × domain factor; 1 if none), u's share of the step
+# denominator, the domain index (−1: none) and the `sample_weight` column (NaN: none).
+_RESCALE_ROWS = ("loss", "u", "static", "den", "domain", "column")
+
+
+def sample_counts(batch: dict) -> torch.Tensor:
+    """Valid label tokens of each sample of a micro-batch ``(S,)`` (float64), samples as in :func:`sample_segments`."""
+    segments, num_samples = sample_segments(batch)
+    mask = (shifted_labels(batch) != -100).to(torch.float64)
+    return torch.zeros(num_samples, dtype=torch.float64, device=mask.device).index_add_(0, segments.flatten(), mask.flatten())
+
+
+class _MetaBatch:
+    """STORM's meta batch: the previous optimizer step's micro-batches on this rank (model inputs only) with the
+    features its weights were computed from (global, all ranks), so the meta step can run on it and a resumed run has
+    it back. Per-rank state (each rank keeps its own micro-batches), saved in each rank's state file."""
+
+    def __init__(self):
+        self.batches: list[dict] | None = None
+        self.features: torch.Tensor | None = None  # (N_global, F) standardized features of the batch's samples
+        self.valid: torch.Tensor | None = None  # (N_global,) bool: sample has a finite loss (a valid token)
+        self.offset = 0  # where this rank's samples start in the global order
+        self.count = 0  # this rank's samples
+
+    def keep(self, batches: list[dict], features: torch.Tensor, valid: torch.Tensor, offset: int, count: int) -> None:
+        self.batches = [{k: v.detach() for k, v in b.items() if not k.startswith(BATCH_PREFIX)} for b in batches]
+        self.features, self.valid = features.detach(), valid.detach().cpu()
+        self.offset, self.count = offset, count
+
+    def state_dict(self) -> dict:
+        if self.batches is None:
+            return {"batches": None}
+        return {
+            "batches": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches],
+            "features": self.features.cpu(),
+            "valid": self.valid.cpu(),
+            "offset": self.offset,
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batches") is None:
+            self.batches = None
+            return
+        self.batches = state["batches"]  # moved to the device when used
+        self.features, self.valid = state["features"], state["valid"].to(torch.bool)
+        self.offset, self.count = int(state["offset"]), int(state["count"])
 
 
 class WeightingMixin:
@@ -215,6 +284,7 @@ class WeightingMixin:
             if isinstance(self.reference, torch.nn.Module):
                 self.reference = self._place_reference(self.reference)
         self._setup_domains()
+        self._setup_sample_mode()
         self._setup_mixture_protocols()
         self._column_spec = self._build_column_spec()
         if _is_map_dataset(self.train_dataset):
@@ -640,7 +710,10 @@ class WeightingMixin:
         moments = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         extremes = []
         dynamic = getattr(self.sample_weighting, "needs_losses", False)
-        step_weights = self._loss_based_weights(batch_samples) if dynamic else None
+        rescale = dynamic and self._sample_mode == "rescale"
+        if rescale:  # weights come per micro-batch from its own forward (see _rescale_micro_batch)
+            self.sample_weighting.begin_step(self.state.global_step)
+        step_weights = self._loss_based_weights(batch_samples) if dynamic and not rescale else None
         for index, batch in enumerate(batch_samples):
             if "shift_labels" in batch:
                 raise ValueError(
@@ -653,7 +726,10 @@ class WeightingMixin:
                 batch[BATCH_REF_LOGPS] = reference_log_probs(self.reference, self.model, model_inputs)
             segments, num_samples = sample_segments(batch)
             domains = per_sample_values(batch.get(BATCH_DOMAIN), batch, segments, num_samples)
-            if step_weights is None:
+            if rescale:  # the static part of v (column × domain factor); u_i joins it in compute_loss
+                column = per_sample_values(batch.get(BATCH_SAMPLE_WEIGHT), batch, segments, num_samples)
+                v = self._times_domain_factor(column, domains)
+            elif step_weights is None:
                 v = self._sample_weights(batch, segments, num_samples, domains)
             else:
                 v = self._times_domain_factor(step_weights[index], domains)
@@ -676,9 +752,13 @@ class WeightingMixin:
             denominator=reduced[0],
             remaining=len(batch_samples),
             domain_sums=torch.zeros((4, k), dtype=torch.float64, device=self.args.device) if k else None,
+            rescale=[] if rescale else None,
+            batches=batch_samples if self._meta_batch is not None else None,
+            score=self._score_step if dynamic and not rescale else None,
         )
-        for key, value in summarize_weights(reduced[1:], extremes).items():
-            self._weighting_metrics[f"weights/{key}"].append(value)
+        if not rescale:  # rescale mode logs the weights once they are known, at the end of the step
+            for key, value in summarize_weights(reduced[1:], extremes).items():
+                self._weighting_metrics[f"weights/{key}"].append(value)
         if float(reduced[0]) == 0.0:
             logger.warning(
                 "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
@@ -780,6 +860,8 @@ class WeightingMixin:
         )
         weights = self._checked(self.sample_weighting.weights(ctx), "sample weights")
         mine = weights[offset : offset + sum(sizes)]
+        self._score_step = (ctx, offset)
+        self.last_sample_weights = {"losses": ctx.losses[offset : offset + sum(sizes)].detach().cpu(), "weights": mine.detach().cpu()}
         return list(torch.split(mine.to(self.args.device), sizes))
 
     def _all_gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -797,6 +879,273 @@ class WeightingMixin:
         dist.all_gather(gathered, padded)
         table = torch.cat([g[:c] for g, c in zip(gathered, counts)])
         return table, sum(counts[:rank])
+
+    # ---- loss-based sample weights: the two exact modes and STORM's meta step ---------------------------------------
+
+    def _setup_sample_mode(self) -> None:
+        """Resolve the ``mode`` of a loss-based sample strategy (:data:`hfweight.strategies.sample.SAMPLE_MODES`):
+        ``"score"`` (METHODS §0 (a), :meth:`_loss_based_weights`) or ``"rescale"`` (§0 (b), :meth:`_rescale_micro_batch`
+        and :meth:`_rescale_gradients`); ``"auto"`` is rescale unless DeepSpeed owns the gradients. STORM also gets
+        its meta batch (:meth:`_storm_meta_step`)."""
+        self._sample_mode = None
+        self._meta_batch = None
+        self._score_step = None
+        self.last_sample_weights = None
+        strategy = self.sample_weighting
+        if not getattr(strategy, "needs_losses", False):
+            return
+        name = self.args.sample_weighting if isinstance(self.args.sample_weighting, str) else type(strategy).__name__
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
+        mode = getattr(strategy, "mode", "score")
+        supports = getattr(strategy, "supports_rescale", False)
+        if mode == "auto":
+            mode = "rescale" if supports and not deepspeed else "score"
+        if mode == "rescale" and not supports:
+            raise ValueError(
+                f"sample_weighting={name!r} does not implement the rescale protocol (begin_step/local_weights/"
+                "end_step); set sample_weighting_kwargs['mode'] = 'score'."
+            )
+        if mode == "rescale" and deepspeed:
+            raise ValueError(
+                f"sample_weighting={name!r} with mode='rescale' rescales `param.grad` before clipping, but DeepSpeed "
+                "keeps the gradients in its engine; set sample_weighting_kwargs['mode'] = 'score' (or 'auto')."
+            )
+        if hasattr(strategy, "mode"):
+            strategy.mode = mode
+        self._sample_mode = mode
+        if getattr(strategy, "needs_meta_step", False):
+            if deepspeed or self._parameters_sharded():
+                raise ValueError(
+                    f"sample_weighting={name!r}: the meta step moves whole parameters along whole gradients in "
+                    "`param.grad`; train it on one process or with DDP (accelerate_configs/ddp.yaml), not with "
+                    "DeepSpeed or FSDP."
+                )
+            self._meta_batch = _MetaBatch()
+
+    def _per_sample_losses(self, token_loss, mask, segments, num_samples: int) -> torch.Tensor:
+        """Each sample's plain mean token loss (no token weights), as the scoring pass computes it; NaN if empty."""
+        return weighted_numerator(token_loss, mask, None, None, None, "sample", segments, num_samples)[1]
+
+    def _rescale_micro_batch(self, plan, extras, token_loss, mask, v, den_w, segments, num_samples: int):
+        """Rescale mode, one micro-batch after its forward: the strategy's unnormalized weights ``u`` from this
+        micro-batch's own losses; record what the end of the step needs; return ``v · u``. The step denominator in
+        ``plan`` stays the static one (``u = 1``) until :meth:`_rescale_gradients` corrects it."""
+        losses = self._per_sample_losses(token_loss, mask, segments, num_samples)
+        domains = extras.get(BATCH_SAMPLE_DOMAIN)
+        ctx = SampleContext(losses=losses.float(), domains=domains, step=self.state.global_step)
+        u = self._checked(self.sample_weighting.local_weights(ctx), "sample weights").to(token_loss.device)
+        u = u.to(torch.float64)
+        static = torch.ones_like(u) if v is None else v.to(torch.float64)
+        den = torch.zeros_like(u).index_add_(
+            0,
+            segments.flatten(),
+            (mask.to(torch.float64) * (1.0 if den_w is None else den_w.to(torch.float64))).flatten(),
+        )
+        if self.args.loss_normalization == "sample":
+            den = (den != 0).to(torch.float64)
+        column = per_sample_values(extras.get(BATCH_SAMPLE_WEIGHT), extras, segments, num_samples)
+        plan.rescale.append(
+            torch.stack(
+                [
+                    losses.to(torch.float64),
+                    u,
+                    static,
+                    u * static * den,
+                    torch.full_like(u, -1) if domains is None else domains.to(u),
+                    torch.full_like(u, float("nan")) if column is None else column.to(u),
+                ],
+                dim=1,
+            )
+        )
+        return (u * static).to(torch.float32)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        plan = self._step_plan if getattr(self, "weighting_enabled", False) else None
+        if plan is None or plan.closed:
+            return loss
+        if plan.rescale is not None:
+            plan.returned = loss.detach().to(torch.float64) + plan.returned
+        if plan.remaining == 0:  # the step's last backward is done (and DDP has synced); clipping comes next
+            plan.closed = True
+            loss = self._close_step(plan, loss)
+        return loss
+
+    def _close_step(self, plan: _StepPlan, loss: torch.Tensor) -> torch.Tensor:
+        """After the step's last backward, before clipping and the optimizer step: rescale the gradients (rescale
+        mode), update the strategy with the global batch, and run STORM's meta step."""
+        if plan.rescale is None and self._meta_batch is None:
+            return loss
+        if plan.rescale is not None:
+            loss, ctx, offset, count = self._rescale_gradients(plan, loss)
+        else:
+            ctx, offset = plan.score
+            count = sum(sample_counts(b).numel() for b in plan.batches)
+        storm = self.sample_weighting if self._meta_batch is not None else None
+        features = storm.step_features(ctx, self._sample_mode) if storm is not None else None
+        if plan.rescale is not None:
+            self.sample_weighting.end_step(ctx)
+        if storm is not None:
+            if self._meta_batch.batches is not None and storm.should_meta_step(self.state.global_step):
+                self._storm_meta_step(plan, features, offset, count)
+            self._meta_batch.keep(plan.batches, features, torch.isfinite(ctx.losses), offset, count)
+        return loss
+
+
+    def _rescale_gradients(self, plan: _StepPlan, loss: torch.Tensor):
+        """Rescale mode, end of step: gather every sample's row (all ranks, rank-major: the order of the score
+        mode), compute the true denominator ``Z = Σ u · static · den``, multiply every gradient by ``Z_static / Z``
+        (the micro-batches divided by the static ``Z_static``), and correct the loss handed to the Trainer so the
+        logged loss is the weighted one. Returns ``(loss, global ctx, this rank's offset, its sample count)``."""
+        rows = torch.cat(plan.rescale) if plan.rescale else torch.zeros((0, len(_RESCALE_ROWS)), dtype=torch.float64)
+        count = rows.shape[0]
+        table, offset = self._all_gather_rows(rows.to(self.args.device, torch.float64))
+        table = table.cpu()
+        z = float(table[:, 3].sum())
+        z_static = float(plan.denominator)
+        factor = z_static / z if z > 0 else 0.0
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        loss = (loss + plan.returned * (factor - 1.0)).to(loss.dtype)
+        if z == 0.0 and z_static > 0.0:
+            logger.warning(
+                "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
+                self.state.global_step + 1,
+            )
+        losses, u, static = table[:, 0], table[:, 1], table[:, 2]
+        valid = torch.isfinite(losses)
+        mean_u = float(u[valid].mean()) if bool(valid.any()) else 0.0
+        normalized = u / mean_u if mean_u > 0 else torch.zeros_like(u)
+        column = torch.where(torch.isnan(table[:, 5]), torch.ones_like(u), table[:, 5])
+        strategy_weights = normalized * column  # what the score mode's strategy returns: mean 1, times the column
+        logged = normalized * static
+        for key, value in summarize_weights(weight_moments(logged), weight_extremes(logged)).items():
+            self._weighting_metrics[f"weights/{key}"].append(value)
+        self.last_sample_weights = {
+            "losses": losses[offset : offset + count].float(),
+            "weights": strategy_weights[offset : offset + count].float(),
+        }
+        domains = table[:, 4]
+        ctx = SampleContext(
+            losses=losses.float(),
+            domains=domains.long() if bool((domains >= 0).all()) and domains.numel() else None,
+            step=self.state.global_step,
+        )
+        return loss, ctx, offset, count
+
+    def _meta_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward of one micro-batch through the (unwrapped) model: each sample's token-loss sum (with graph) and
+        its number of valid tokens, plain cross-entropy (no token weights)."""
+        inputs = {
+            k: v.to(self.args.device) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+            if not k.startswith(BATCH_PREFIX)
+        }
+        logps, mask = token_log_probs(self.model, inputs, self._fused, self.fused_min_logits)
+        segments, num_samples = sample_segments(inputs)
+        sums = torch.zeros(num_samples, dtype=logps.dtype, device=logps.device)
+        sums = sums.index_add(0, segments.flatten(), (-logps * mask).flatten())
+        counts = torch.zeros(num_samples, dtype=torch.float64, device=logps.device)
+        counts = counts.index_add(0, segments.flatten(), mask.flatten().to(torch.float64))
+        return sums + 0.0 * logps.sum(), counts
+
+    def _storm_meta_step(self, plan: _StepPlan, features: torch.Tensor, offset: int, count: int) -> None:
+        """One STORM meta step (:class:`hfweight.strategies.sample.MetaRescaler`, steps 1-5 of its docstring): an SGD
+        look-ahead ``θ' = θ − η g``, the meta batch V (the previous step's batch) forward + backward at θ', central
+        differences of this step's per-sample numerators along ``g_val``, one Adam step of the rescaler. Leaves θ and
+        ``.grad`` exactly as it found them. Every tensor handed to the rescaler is global (all-gathered).
+
+        The meta term is exact (up to the finite difference) for the step's real loss, including the static weights
+        (``sample_weight`` column, domain upweighting) and both normalizations; token weights are not part of it
+        (the differences use plain per-sample cross-entropy), an approximation when a token weighting is also on."""
+        storm, meta, model = self.sample_weighting, self._meta_batch, self.model
+        token_mode = self.args.loss_normalization == "token"
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        theta = [p.detach().clone() for p in params]
+        g_train = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        device = self.args.device
+        with torch.no_grad():
+            s_val = storm.scales(meta.features).detach().to(device, torch.float64)
+            s_train = storm.scales(features).detach().to(device, torch.float64)
+        total = float(s_val[meta.valid.to(s_val.device)].sum())
+        local_s = s_val[meta.offset : meta.offset + meta.count]
+        was_training = model.training
+        model.train()
+        val_losses, plus, minus = [], [], []
+        delta = 0.0
+        try:
+            with torch.no_grad():  # 2. look-ahead
+                for p, g in zip(params, g_train):
+                    if g is not None:
+                        p.sub_(g, alpha=lr)
+            for p in params:
+                p.grad = None
+            start = 0  # 3. meta batch at θ': g_val = ∇ Σ_global s ℓ(θ') / Σ_global s
+            for batch in meta.batches:
+                with self.compute_loss_context_manager():
+                    sums, counts = self._meta_forward(batch)
+                n = counts.numel()
+                valid = counts > 0
+                means = sums / counts.clamp(min=1).to(sums.dtype)
+                weights = torch.where(valid, local_s[start : start + n], torch.zeros_like(local_s[start : start + n]))
+                start += n
+                numerator = (weights.to(means.dtype) * torch.where(valid, means, torch.zeros_like(means))).sum()
+                numerator = numerator + 0.0 * sums.sum()
+                (numerator / total if total > 0 else numerator * 0.0).backward()
+                nan = torch.full_like(means, float("nan"))
+                val_losses.append(torch.where(valid, means, nan).detach().to(torch.float64))
+            g_val = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for g in g_val:
+                    dist.all_reduce(g)
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in g_val)))
+            delta = 0.01 / norm if norm > 0 and math.isfinite(norm) else 0.0
+            with torch.no_grad():  # 4. central differences of this step's numerators along g_val
+                for sign, out in ((1.0, plus), (-1.0, minus)):
+                    for p, t, g in zip(params, theta, g_val):
+                        p.copy_(t).add_(g, alpha=sign * delta)
+                    for batch in plan.batches:
+                        sums, counts = self._meta_forward(batch)
+                        sums = sums.to(torch.float64)
+                        out.append(sums if token_mode else sums / counts.clamp(min=1))
+        finally:
+            with torch.no_grad():
+                for p, t, g in zip(params, theta, g_train):
+                    p.copy_(t)
+                    p.grad = g
+            model.train(was_training)
+        # Per local sample of B: [d_i, D_i, c_i] (D: denominator share; c: static part of the weight).
+        counts = torch.cat([sample_counts(b) for b in plan.batches]).to(device, torch.float64)
+        d_local = (torch.cat(plus) - torch.cat(minus)) / (2.0 * delta) if delta > 0 else torch.zeros_like(counts)
+        d_local = torch.where(counts > 0, d_local, torch.full_like(d_local, float("nan")))
+        den_local = counts if token_mode else torch.ones_like(counts)
+        v_local = torch.cat(
+            [
+                torch.ones(c, dtype=torch.float64, device=device) if b.get(BATCH_V) is None else b[BATCH_V].to(device, torch.float64)
+                for b, c in zip(plan.batches, (sample_counts(b).numel() for b in plan.batches))
+            ]
+        )
+        if self._sample_mode == "score":  # BATCH_V = s/mean(s) × static there: divide the strategy's part out
+            s_mine = s_train[offset : offset + count]
+            valid = torch.isfinite(torch.as_tensor(plan.score[0].losses[offset : offset + count], device=device))
+            mean_s = s_train[torch.isfinite(plan.score[0].losses.to(device))].mean()
+            v_local = torch.where(valid, v_local * mean_s / s_mine, torch.zeros_like(v_local))
+        rows = torch.stack([d_local, den_local, v_local], dim=1)
+        table = self._all_gather_rows(rows)[0].cpu()
+        ell_v = torch.cat(val_losses) if val_losses else torch.zeros(0, dtype=torch.float64, device=device)
+        ell_v = self._all_gather_rows(ell_v.view(-1, 1).to(device, torch.float64))[0][:, 0].cpu()
+        # 5. ω ← Adam(∇_ω [outer term + look-ahead term])
+        train_scales = storm.scales(features)
+        objective = meta_objective(storm.scales(meta.features), ell_v) + lookahead_surrogate(
+            train_scales, table[:, 0], lr, static=table[:, 2], denominators=table[:, 1]
+        )
+        if storm.kl_weight > 0:
+            objective = objective + storm.kl_weight * scales_kl_to_uniform(train_scales)
+        grad_norm = storm.meta_update(objective)
+        self._weighting_metrics["storm/meta_objective"].append(float(objective.detach()))
+        self._weighting_metrics["storm/meta_grad_norm"].append(grad_norm)
 
     def _token_context(self, batch: dict, mask: torch.Tensor, logps: torch.Tensor | None = None) -> TokenContext:
         return TokenContext(
@@ -847,6 +1196,8 @@ class WeightingMixin:
             extra = self.token_weighting.extra_token_loss(ctx)
         v, segments = extras.get(BATCH_V), extras[BATCH_SEGMENTS]
         num_samples = int(segments.max()) + 1 if segments.numel() else 0
+        if plan.rescale is not None:
+            v = self._rescale_micro_batch(plan, extras, token_loss.detach(), mask, v, den_w, segments, num_samples)
         numerator, _ = weighted_numerator(
             token_loss, mask, loss_w, den_w, v, self.args.loss_normalization, segments, num_samples, extra
         )
@@ -929,6 +1280,8 @@ class WeightingMixin:
             parts["mixture_stream"] = _StreamAtStep(self._mixture_stream, self.state, self._stream_rows_per_step)
         if getattr(self, "_alignment_target", None) is not None:
             parts["gradient_alignment"] = _AlignmentPosition(self)
+        if getattr(self, "_meta_batch", None) is not None:
+            parts["storm_meta_batch"] = self._meta_batch
         return parts
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -8,7 +8,9 @@ from helpers import GradientCapture, pad_collate, sft_rows, tiny_model, tiny_tok
 from hfweight import WeightedSFTConfig, WeightedSFTTrainer, WeightedTrainer, WeightedTrainingArguments
 
 # 8 rows = one optimizer step at (8, 1, 1), (2, 4, 1) and (4, 1, 2). Rows 0 and 1 have every label ignored, so the
-# first micro-batch at (2, 4, 1) has no valid token at all.
+# first micro-batch at (2, 4, 1) has no valid token at all. The loss-based configurations use the scoring pass
+# (mode="score"), loss-dependent from the first step; the rescale mode, which uses the previous step's statistics, is
+# checked over several steps in tests/test_sample_trainer.py.
 EMPTY_ROWS = (0, 1)
 
 CONFIGS = {
@@ -21,10 +23,12 @@ CONFIGS = {
     "dft/token": dict(token_weighting="dft"),
     "focal/sample": dict(token_weighting="focal", token_weighting_kwargs={"gamma": 2.0}, loss_normalization="sample"),
     "prior+sample/token": dict(token_weighting="prior", sample_weighting="static"),
-    "loss_extremes/token": dict(sample_weighting="loss", sample_weighting_kwargs={"strategy": "extremes", "temperature": 0.4}),
+    "loss_extremes/token": dict(
+        sample_weighting="loss", sample_weighting_kwargs={"strategy": "extremes", "temperature": 0.4, "mode": "score"}
+    ),
     "loss_linupper+prior/sample": dict(
         sample_weighting="loss",
-        sample_weighting_kwargs={"strategy": "linupper", "temperature": 0.5},
+        sample_weighting_kwargs={"strategy": "linupper", "temperature": 0.5, "mode": "score"},
         token_weighting="prior",
         loss_normalization="sample",
     ),

@@ -22,8 +22,11 @@ from hfweight.strategies.sample import (
     loss_strategy_scores,
     meta_objective,
     normalize_losses,
+    normalize_losses_in_range,
     sample_features,
+    scales_kl_to_uniform,
     softmax_weights,
+    unnormalized_softmax_weights,
 )
 
 STRATEGIES = ("linupper", "quadratic", "mid", "extremes", "upper")
@@ -430,6 +433,97 @@ def test_lookahead_surrogate_gives_the_exact_meta_gradient():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-10)
 
 
+# ---- rescale protocol (METHODS §0 option (b)) -------------------------------------------------------------------------
+
+
+def test_range_normalization_and_unnormalized_weights_by_hand():
+    h = normalize_losses_in_range(torch.tensor([1.0, 2.0, 3.0, 0.0, 9.0, float("nan")]), 1.0, 3.0)
+    assert h[:5].tolist() == [-1.0, 0.0, 1.0, -1.0, 1.0] and math.isnan(h[5])  # outside the range: clamped
+    assert normalize_losses_in_range(torch.tensor([5.0, 7.0]), None, None).tolist() == [0.0, 0.0]  # no range: uniform
+    assert normalize_losses_in_range(torch.tensor([2.0, 2.5]), 2.0, 2.0).tolist() == [0.0, 1.0]  # 1e-6 floor
+    u = unnormalized_softmax_weights(torch.tensor([1.0, 0.5, 0.0, float("nan")]), 0.5)
+    np.testing.assert_allclose(u.numpy(), [1.0, math.exp(-1.0), math.exp(-2.0), 0.0])
+    assert unnormalized_softmax_weights(torch.tensor([0.3, 0.9]), float("inf")).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("r", TEMPERATURES)
+def test_unnormalized_weights_normalize_to_the_softmax(r):
+    f = torch.rand(11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = unnormalized_softmax_weights(f, r)
+    np.testing.assert_allclose((u / u.mean()).numpy(), softmax_weights(f, r).numpy(), rtol=1e-12)
+
+
+def _split_weights(strategy, losses, domains=None):
+    """local_weights of an arbitrary split (3 + rest, in reverse order) concatenated back: must equal the whole."""
+    c = ctx(losses, domains=domains)
+    whole = strategy.local_weights(c)
+    head = strategy.local_weights(ctx(losses[:3], domains=None if domains is None else domains[:3]))
+    tail = strategy.local_weights(ctx(losses[3:], domains=None if domains is None else domains[3:]))
+    assert torch.equal(torch.cat([head, tail]), whole)
+    return whole
+
+
+@pytest.mark.parametrize("strategy", ("linupper", "quadratic", "extremes", "upper"))
+def test_loss_rescale_uses_the_previous_step_range(strategy):
+    m = LossReweighting(strategy=strategy, temperature=0.4, mode="rescale")
+    first = _split_weights(m, LOSSES)
+    assert len(set(first.tolist())) == 1  # no previous step: uniform
+    m.end_step(ctx(LOSSES))
+    batch = [2.0, 0.1, 6.0, 3.3, float("nan"), 1.2]
+    u = _split_weights(m, batch).double().numpy()
+    lo, hi = min(LOSSES), max(LOSSES)
+    x = np.array(batch)
+    h = np.clip((2 * x - (hi + lo)) / (hi - lo), -1, 1)
+    f = {"linupper": np.minimum(h + 1, 1), "quadratic": 1 - h**2, "extremes": np.abs(h), "upper": 0.5 * h + 0.5}[strategy]
+    expected = np.where(np.isfinite(x), np.exp((f - 1) / 0.4), 0.0)
+    np.testing.assert_allclose(u, expected, rtol=1e-6)
+    restored = LossReweighting(strategy=strategy, temperature=0.4, mode="rescale")
+    restored.load_state_dict(m.state_dict())
+    assert torch.equal(restored.local_weights(ctx(batch)), m.local_weights(ctx(batch)))
+    assert LossReweighting().state_dict() == {"previous_range": None}
+
+
+def test_truncation_protocol_equals_weights():
+    kwargs = dict(drop_fraction=0.3, buffer_size=7, min_samples=5, recompute_every=3)
+    a, b = LossTruncation(**kwargs), LossTruncation(**kwargs)
+    g = np.random.default_rng(1)
+    for step in range(8):
+        batch = g.exponential(1.0, size=5).tolist()
+        b.begin_step(step)
+        local = _split_weights(b, batch)
+        b.end_step(ctx(batch))
+        assert torch.equal(a.weights(ctx(batch)), local)
+    assert torch.equal(a.buffer, b.buffer) and a.cutoff == b.cutoff and a.has_cutoff
+
+
+def test_storm_rescale_weights_are_per_sample_and_end_step_updates_like_weights():
+    kwargs = dict(hidden=4, feature_momentum=0.5)
+    a, b = MetaRescaler(**kwargs, mode="score"), MetaRescaler(**kwargs, mode="rescale")
+    with torch.no_grad():
+        for m in (a, b):
+            m.rescaler.out.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    g = np.random.default_rng(4)
+    for _ in range(3):
+        batch, domains = g.exponential(2.0, size=6).tolist(), [0, 1, 2, 0, 1, 3]
+        a.weights(ctx(batch, domains=domains))
+        _split_weights(b, batch, domains)  # state-only features: any split gives the same weights
+        b.end_step(ctx(batch, domains=domains))
+    assert torch.equal(a.feature_mean, b.feature_mean) and torch.equal(a.domain_loss, b.domain_loss)
+    u = b.local_weights(ctx([1.0, 5.0, 2.0], domains=[0, 1, 7]))  # domain 7 never seen: a 0 loss-change feature
+    assert torch.isfinite(u).all() and (u > 0).all() and len(set(u.tolist())) == 3
+
+
+def test_scales_kl_to_uniform_by_hand():
+    s = torch.tensor([1.0, 3.0, float("nan")], requires_grad=True)
+    kl = scales_kl_to_uniform(s)
+    assert kl.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    kl.backward()
+    # d/ds_k Σ v log(N v) with v = s/Σs: (log(N v_k) − KL) / Σ s
+    assert s.grad.tolist()[:2] == pytest.approx([(math.log(0.5) - kl.item()) / 4, (math.log(1.5) - kl.item()) / 4])
+    assert scales_kl_to_uniform(torch.full((4,), 2.0)).item() == pytest.approx(0.0, abs=1e-7)
+    assert scales_kl_to_uniform(torch.tensor([2.0])).item() == 0.0
+
+
 # ---- config-time validation ---------------------------------------------------------------------------------------
 
 
@@ -458,6 +552,7 @@ def _args(tmp_path, name, kwargs):
         ("storm", {"meta_lr": 0}, r"`meta_lr` must be a finite number > 0"),
         ("storm", {"feature_momentum": 1.0}, r"`feature_momentum` must be in \[0, 1\)"),
         ("storm", {"meta_every": 0}, r"`meta_every` must be an integer ≥ 1"),
+        ("storm", {"kl_weight": -1.0}, r"`kl_weight` must be a finite number ≥ 0"),
     ],
 )
 def test_bad_kwargs_fail_at_config_time(tmp_path, name, kwargs, message):

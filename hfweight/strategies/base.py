@@ -102,10 +102,30 @@ class SampleWeighting(Stateful):
     """Whether the strategy cannot run without the dataset's ``sample_weight`` column."""
     needs_losses: bool = False
     """Whether :meth:`weights` needs ``ctx.losses`` (then the glue provides them over the global batch)."""
+    supports_rescale: bool = False
+    """Whether the strategy implements the *rescale* protocol below (METHODS §0 option (b)), which lets the glue weigh
+    each micro-batch from its own training-forward losses, with no scoring pass."""
 
     def weights(self, ctx: SampleContext) -> torch.Tensor | None:
         """Weights of the samples in ``ctx``; ``None`` means all ones."""
         return ctx.column
+
+    # ---- rescale protocol (only with ``supports_rescale``) -----------------------------------------------------------
+    # Per optimizer step the glue calls ``begin_step`` once, ``local_weights`` once per micro-batch (after its forward,
+    # before its backward: any subset of the step's samples, in any order, on any rank), and ``end_step`` once with
+    # the step's global batch. ``local_weights`` must be a pure function of its input and of the state left by the
+    # previous ``end_step``, and its weights *unnormalized* (the glue divides by their global sum): then the step
+    # objective does not depend on how the step is split into micro-batches and ranks.
+
+    def begin_step(self, step: int) -> None:
+        """Called once before the step's first micro-batch."""
+
+    def local_weights(self, ctx: SampleContext) -> torch.Tensor:
+        """Unnormalized weights ``u_i ≥ 0`` of a subset of the step's samples (``ctx.losses``: their losses)."""
+        raise NotImplementedError
+
+    def end_step(self, ctx: SampleContext) -> None:
+        """Called once after the step's last micro-batch with the global batch's losses (every rank, same order)."""
 
 
 class MixtureController(Stateful):

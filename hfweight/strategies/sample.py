@@ -203,6 +203,75 @@ def softmax_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     return out
 
 
+# ---- the two exact modes (METHODS §0 options (a) and (b)) ------------------------------------------------------------
+
+SAMPLE_MODES = ("auto", "rescale", "score")
+"""How the glue obtains loss-dependent weights before normalizing the step (``mode`` kwarg of the loss-based
+strategies). Both are exact, i.e. the step's gradient does not depend on GA or on the number of ranks:
+
+- ``"rescale"`` (METHODS §0 option (b)): each micro-batch is weighted from the losses of its own training forward
+  (no extra pass) with *unnormalized* weights ``u_i``; it backpropagates ``Σ u_i ℓ_i`` and, after the step's last
+  micro-batch, the glue all-reduces ``Σ u_j`` (all micro-batches, all ranks) and rescales the gradients by it before
+  clipping. Batch statistics a strategy needs (Sow et al.'s min/max, the truncation cutoff, STORM's feature
+  standardization) come from the steps before.
+- ``"score"`` (METHODS §0 option (a)): a no-grad scoring forward over the step's prefetched micro-batches gives every
+  loss first; the strategy then weighs the whole global batch with its own statistics. One extra forward per
+  micro-batch (~1.3x the step).
+- ``"auto"`` (default): ``"rescale"`` wherever the gradients live in ``param.grad`` (single process, DDP, FSDP);
+  ``"score"`` under DeepSpeed, whose engine keeps (and clips) the gradients itself.
+"""
+
+
+def _as_mode(mode, strategy: str) -> str:
+    if mode not in SAMPLE_MODES:
+        raise ValueError(
+            f"sample_weighting={strategy!r}: `mode` must be one of {list(SAMPLE_MODES)}, got {mode!r} ('rescale': weights "
+            "from each micro-batch's own forward, gradients rescaled by the global sum; 'score': a scoring pass first)."
+        )
+    return mode
+
+
+def normalize_losses_in_range(losses: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    """:func:`normalize_losses` with a *given* range ``[low, high]`` (rescale mode: the previous step's global
+    min/max), clamped to ``[−1, 1]``::
+
+        h_i = clamp((2 ℓ_i − (high + low)) / max(high − low, 1e-6), −1, 1)
+
+    Same formula as Sow et al.'s ``h_func`` (``sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025``
+    ``src/trainer.py``); the clamp is this library's: a loss outside the previous step's range gets the score of the
+    range's end, so every score stays in ``[0, 1]`` and the max/min weight ratio stays ≤ ``e^{1/r}`` as in the paper.
+    ``low``/``high`` ``None`` (no previous step): ``h = 0`` for every finite loss (uniform weights). NaN stays NaN.
+    """
+    x = torch.as_tensor(losses).to(torch.float64)
+    valid = torch.isfinite(x)
+    h = torch.full_like(x, float("nan"))
+    if low is None or high is None:
+        h[valid] = 0.0
+        return h
+    h[valid] = ((2.0 * x[valid] - (high + low)) / max(high - low, 1e-6)).clamp(-1.0, 1.0)
+    return h
+
+
+def unnormalized_softmax_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The numerators of :func:`softmax_weights` with a fixed shift instead of the batch max::
+
+        u_i = exp((f_i − 1) / r)
+
+    ``softmax_weights`` is ``u / Σ u`` (times N), because the shift cancels in the ratio; 1 is the largest score any
+    strategy of :func:`loss_strategy_scores` gives on ``h ∈ [−1, 1]``, so ``u ∈ [e^{−1/r}, 1]``: no overflow and no
+    underflow to 0 for any ``r`` > 0 reasonable in practice. Source of the softmax: ``g_func`` in
+    ``sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025`` ``src/trainer.py``. ``r = inf`` gives 1; NaN scores give 0.
+    """
+    r = float(temperature)
+    if not r > 0:
+        raise ValueError(f"softmax temperature must be > 0 (float('inf') for uniform weights), got {temperature!r}.")
+    f = torch.as_tensor(scores).to(torch.float64)
+    valid = torch.isfinite(f)
+    out = torch.zeros_like(f)
+    out[valid] = 1.0 if math.isinf(r) else torch.exp((f[valid] - 1.0) / r)
+    return out
+
+
 # ---- Sow et al., ICLR 2025: the strategy ------------------------------------------------------------------------------
 
 
@@ -211,9 +280,21 @@ class LossReweighting(SampleWeighting):
     """Dynamic loss-based sample reweighting — Sow et al., "Dynamic Loss-Based Sample Reweighting for Improved Large
     Language Model Pretraining", ICLR 2025 (METHODS §1.1).
 
-    Per optimizer step, over the global batch: ``h = normalize_losses(ℓ)``, ``f = loss_strategy_scores(h, strategy)``,
-    ``v = softmax_weights(f, r)`` (mean 1), times the static ``sample_weight`` column if the dataset has one. Stateless:
-    a pure function of ``ctx``, so there is nothing to checkpoint.
+    Two exact modes (``mode``, see :data:`SAMPLE_MODES`); they differ only in where the min/max of ``h`` come from:
+
+    - ``"score"``: per optimizer step, over the global batch: ``h = normalize_losses(ℓ)``,
+      ``f = loss_strategy_scores(h, strategy)``, ``v = softmax_weights(f, r)`` (mean 1), times the static
+      ``sample_weight`` column if the dataset has one. The paper's computation (with ``GA = 1``), at the price of a
+      scoring forward.
+    - ``"rescale"`` (the default through ``"auto"``): ``h = normalize_losses_in_range(ℓ, ℓmin', ℓmax')`` with
+      ``ℓmin'``/``ℓmax'`` the global min/max of the **previous** optimizer step's losses (from its training forward;
+      all ranks), clamped to [−1, 1]; then ``u = unnormalized_softmax_weights(f, r)`` per micro-batch from its own
+      losses, and the glue divides by the global ``Σ u`` after the last micro-batch, so the step objective is
+      ``Σ u_i ℓ_i / Σ u_i``, exactly the softmax weighting of those scores. The first step has no previous range:
+      uniform weights. The state (the previous range) is checkpointed.
+
+    The min/max one step old is the only difference: the loss range drifts slowly during training (a step changes the
+    model by one small update), and a loss outside the old range is scored as the range's end.
 
     Args:
         strategy: ``"linupper"`` (default), ``"quadratic"`` (alias ``"mid"``), ``"extremes"`` or ``"upper"``; see
@@ -234,6 +315,7 @@ class LossReweighting(SampleWeighting):
             it (the authors used 1000 steps at GPT-2 scale, ``fms-fsdp`` 2000).
         warmup_temperature: ``None`` (default): uniform weights during warm-up, as in the GPT-2 repository. A number:
             use this temperature during warm-up instead, as ``fms-fsdp`` does (``r = 100`` for its warm-up steps).
+        mode: ``"auto"`` (default), ``"rescale"`` or ``"score"``; see above and :data:`SAMPLE_MODES`.
 
     Divergences from the authors' code:
       - NaN (and ±inf) losses, e.g. a sample with no valid token, get weight 0 and are left out of the min/max and
@@ -249,6 +331,7 @@ class LossReweighting(SampleWeighting):
     """
 
     needs_losses = True
+    supports_rescale = True
 
     def __init__(
         self,
@@ -256,7 +339,10 @@ class LossReweighting(SampleWeighting):
         temperature: float = 1.0,
         warmup_steps: int = 0,
         warmup_temperature: float | None = None,
+        mode: str = "auto",
     ):
+        self.mode = _as_mode(mode, "loss")
+        self.previous_range: tuple[float, float] | None = None  # rescale mode: (min, max) of the last step's losses
         if not isinstance(strategy, str) or LOSS_STRATEGY_ALIASES.get(strategy, strategy) not in LOSS_STRATEGIES:
             raise ValueError(
                 f"sample_weighting='loss': unknown `strategy={strategy!r}`; valid: {list(LOSS_STRATEGIES)} (alias "
@@ -286,9 +372,31 @@ class LossReweighting(SampleWeighting):
         return self.temperature
 
     def weights(self, ctx: SampleContext) -> torch.Tensor:
+        """Score mode: mean-1 weights of the global batch in ``ctx`` (stateless)."""
         losses = _global_losses(ctx, "loss")
         scores = loss_strategy_scores(normalize_losses(losses), self.strategy)
         return _finish(softmax_weights(scores, self.temperature_at(ctx.step)), ctx)
+
+    def local_weights(self, ctx: SampleContext) -> torch.Tensor:
+        """Rescale mode: ``u_i = exp((f_i − 1)/r)`` from the previous step's range (unnormalized; any subset)."""
+        losses = _global_losses(ctx, "loss")
+        low, high = self.previous_range if self.previous_range is not None else (None, None)
+        scores = loss_strategy_scores(normalize_losses_in_range(losses, low, high), self.strategy)
+        return _finish(unnormalized_softmax_weights(scores, self.temperature_at(ctx.step)), ctx)
+
+    def end_step(self, ctx: SampleContext) -> None:
+        """Rescale mode: remember the global min/max of this step's finite losses for the next step."""
+        losses = _global_losses(ctx, "loss")
+        finite = losses[torch.isfinite(losses)]
+        if finite.numel():
+            self.previous_range = (float(finite.min()), float(finite.max()))
+
+    def state_dict(self) -> dict:
+        return {"previous_range": None if self.previous_range is None else list(self.previous_range)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("previous_range")  # a checkpoint of a score-mode run has none: start without a range
+        self.previous_range = None if saved is None else (float(saved[0]), float(saved[1]))
 
 
 # ---- Kang & Hashimoto, ACL 2020: loss truncation ------------------------------------------------------------------------
@@ -317,12 +425,18 @@ class LossTruncation(SampleWeighting):
             first 313 steps untruncated.
         recompute_every: losses pushed between two cutoff computations; ``None`` (default) = ``buffer_size``, the
             authors' behaviour (their ``recompute`` is both the buffer length and the period).
+        mode: ``"auto"`` (default), ``"rescale"`` or ``"score"`` (:data:`SAMPLE_MODES`). The cutoff applied to a step
+            comes from earlier steps only, so both modes give the *same* weights: 1-2 above happen in
+            :meth:`begin_step` and :meth:`local_weights` (each micro-batch from its own forward, the glue dividing by
+            the global count of kept samples), 3 in :meth:`end_step` with the global batch; ``"score"`` only adds a
+            scoring forward.
 
     Cross-rank: the original keeps one buffer per process, fed with that process's samples. Here the input is the
     step's global batch (all ranks, fixed order), so the buffer, the counters and the cutoff are identical on every
     rank: the "reduced across ranks" version of METHODS §1.2, with no communication in this class.
 
-    The glue must call :meth:`weights` exactly once per optimizer step, in training only (each call feeds the buffer).
+    The glue must call :meth:`weights` (score mode) or :meth:`begin_step`/:meth:`end_step` (rescale mode) exactly once
+    per optimizer step, in training only (each call feeds the buffer).
 
     Divergences from ``ddkang/loss_dropper``:
       - order: the cutoff applied to a step comes from losses of earlier steps only; the authors push the batch first,
@@ -337,6 +451,7 @@ class LossTruncation(SampleWeighting):
     """
 
     needs_losses = True
+    supports_rescale = True
 
     def __init__(
         self,
@@ -344,7 +459,9 @@ class LossTruncation(SampleWeighting):
         buffer_size: int = 10000,
         min_samples: int = 10000,
         recompute_every: int | None = None,
+        mode: str = "auto",
     ):
+        self.mode = _as_mode(mode, "truncation")
         self.drop_fraction = _as_float(drop_fraction, "drop_fraction", "truncation")
         if not 0.0 <= self.drop_fraction < 1.0:
             raise ValueError(
@@ -388,12 +505,26 @@ class LossTruncation(SampleWeighting):
         self.since_recompute += n
 
     def weights(self, ctx: SampleContext) -> torch.Tensor:
+        """Score mode: the whole step at once (:meth:`begin_step`, :meth:`local_weights`, :meth:`end_step`)."""
+        self.begin_step(ctx.step)
+        out = self.local_weights(ctx)
+        self.end_step(ctx)
+        return out
+
+    def begin_step(self, step: int) -> None:
+        self._refresh_cutoff()
+
+    def local_weights(self, ctx: SampleContext) -> torch.Tensor:
+        """1 for a kept sample (loss ≤ the cutoff of the buffer before this step), 0 for a dropped or NaN one."""
         losses = _global_losses(ctx, "truncation")
         valid = torch.isfinite(losses)
-        self._refresh_cutoff()
         keep = valid & (losses <= self.cutoff) if self.has_cutoff else valid
-        self._push(losses[valid])
         return _finish(keep.to(torch.float64), ctx)
+
+    def end_step(self, ctx: SampleContext) -> None:
+        """Push the step's finite global losses into the ring buffer (in the glue's fixed order)."""
+        losses = _global_losses(ctx, "truncation")
+        self._push(losses[torch.isfinite(losses)])
 
     def state_dict(self) -> dict:
         return {
@@ -504,27 +635,54 @@ def meta_objective(scales: torch.Tensor, per_sample_losses_after_lookahead: torc
 
 
 def lookahead_surrogate(
-    train_scales: torch.Tensor, directional_derivatives: torch.Tensor, lookahead_lr: float
+    train_scales: torch.Tensor,
+    directional_derivatives: torch.Tensor,
+    lookahead_lr: float,
+    static: torch.Tensor | None = None,
+    denominators: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A scalar whose gradient w.r.t. ω is the meta gradient through the one-step look-ahead, obtained without
     differentiating through the model (no ``create_graph``, no Hessian)::
 
-        S(ω) = −η Σ_i v̂_i(ω) d_i,    v̂_i = s_i / Σ_k s_k,    d_i = ⟨∇_θ ℓ_i(θ), g_val⟩  (detached)
+        S(ω) = −η Σ_i c_i s_i(ω) d_i / Σ_k c_k s_k(ω) D_k,      d_i = ⟨∇_θ N_i(θ), g_val⟩  (detached)
 
-    where ``g_val = ∇_θ Σ_j v̂_j^val ℓ_j(θ')`` is the gradient of :func:`meta_objective` w.r.t. the model at θ'.
-    Then ``∂S/∂s_k = −η (d_k − Σ_i v̂_i d_i) / Σ s = ∂L_meta(θ'(ω))/∂s_k`` exactly: ``θ' = θ − η Σ v̂_i ∇ℓ_i(θ)`` is
-    linear in v̂ at fixed θ, so ``∂θ'/∂s_k = −η (∇ℓ_k − ∇L_train) / Σ s`` involves no second derivative of the model
-    (the tests check this against the second-order graph). The ``d_i`` for all samples at once come from two extra
-    forwards by central differences, ``d_i ≈ (ℓ_i(θ + δ g_val) − ℓ_i(θ − δ g_val)) / (2δ)``: the only approximation.
-    Non-finite ``d_i`` (samples without a valid token) are left out.
+    for a training step whose loss is ``L_train = Σ_i c_i s_i N_i(θ) / Σ_k c_k s_k D_k`` (METHODS §0): ``N_i`` the
+    sample's numerator (its token-loss sum in token normalization, its mean token loss in sample normalization),
+    ``D_i`` its share of the denominator (its token count, or 1), ``c_i`` the static part of its weight
+    (``static``: the ``sample_weight`` column × domain factor; default 1), and ``g_val = ∇_θ L_meta(θ')`` the
+    gradient of :func:`meta_objective` at the look-ahead ``θ' = θ − η ∇_θ L_train``. Then
+    ``∂S/∂s_k = −η c_k (d_k − D_k d̄) / Z = ∂L_meta(θ'(ω))/∂s_k`` exactly (``Z = Σ c s D``, ``d̄ = Σ c s d / Z =
+    ⟨∇L_train, g_val⟩``): θ' is linear in the normalized weights at fixed θ, so ``∂θ'/∂s_k = −η c_k (∇N_k − D_k
+    ∇L_train) / Z`` involves no second derivative of the model (the tests check it against the second-order graph,
+    on a regression model here and on the tiny Llama through the trainer). With ``static`` and ``denominators``
+    ``None`` this is ``−η Σ_i (s_i / Σ s) d_i``. The ``d_i`` for all samples at once come from two extra forwards by
+    central differences, ``d_i ≈ (N_i(θ + δ g_val) − N_i(θ − δ g_val)) / (2δ)``: the only approximation.
+    Non-finite ``d_i`` (samples without a valid token) are left out. The derivation is the first-order form of the
+    Meta-Weight-Net / learning-to-reweight look-ahead gradient that Heck et al. (AAAI 2025) build STORM on.
     """
     d = directional_derivatives.detach().flatten().to(train_scales.dtype)
     s = train_scales.flatten()
-    valid = torch.isfinite(d)
+    c = torch.ones_like(d) if static is None else static.detach().flatten().to(d)
+    den = torch.ones_like(d) if denominators is None else denominators.detach().flatten().to(d)
+    valid = torch.isfinite(d) & torch.isfinite(c) & torch.isfinite(den)
     if not bool(valid.any()):
         return (s * 0.0).sum()
-    s, d = s[valid], d[valid]
-    return -float(lookahead_lr) * (s / s.sum().clamp(min=1e-12) * d).sum()
+    s, d, c, den = s[valid], d[valid], c[valid], den[valid]
+    return -float(lookahead_lr) * (c * s * d).sum() / (c * s * den).sum().clamp(min=1e-12)
+
+
+def scales_kl_to_uniform(scales: torch.Tensor) -> torch.Tensor:
+    """``KL(v̂ ‖ uniform) = Σ_i v̂_i log(N v̂_i)`` with ``v̂ = s / Σ s`` over the finite scales (0 when all are equal),
+    differentiable w.r.t. the scales. :class:`MetaRescaler`'s regularizer (``kl_weight``): the same entropy term as
+    Sow et al.'s ``r·KL(v ‖ uniform)`` (their weights solve ``max_v Σ v f − r KL``). Not in Heck et al.'s description:
+    it is this library's guard against the collapse measured without it (see :class:`MetaRescaler`)."""
+    s = scales.flatten()
+    valid = torch.isfinite(s.detach())
+    if int(valid.sum()) < 2:
+        return (s * 0.0).sum()
+    s = s[valid]
+    v = s / s.sum().clamp(min=1e-12)
+    return (v * torch.log((v * v.numel()).clamp(min=1e-12))).sum()
 
 
 @register_sample_weighting("storm")
@@ -541,12 +699,19 @@ class MetaRescaler(SampleWeighting):
     samples with a finite loss (0 for the others), times the static ``sample_weight`` column if any.
 
     Features (:func:`sample_features`, standardized): the sample's loss; its mean token entropy, read from
-    ``ctx.features["entropy"]`` when the glue provides it (a constant 0 column otherwise: loss-only features); and its
-    loss minus the running mean loss of its domain before this step (``ctx.domains``; one global running mean when
-    there are no domains; ``ctx.features["prev_loss"]`` overrides the baseline). Standardization: ``(x − μ)/√(σ² +
-    1e-6)`` clamped to [−5, 5], with per-feature running mean/variance updated by :meth:`weights` as in BatchNorm
-    (``μ ← m μ + (1 − m) batch mean``, same for the variance, ``m = feature_momentum``; the first batch initializes
-    them). Non-finite features are set to 0 and left out of the statistics.
+    ``ctx.features["entropy"]`` when given (the trainer glue does not compute it — it would need the full-vocabulary
+    logits the fused path avoids — so in training it is a constant 0 column: loss-only features); and its loss minus
+    the running mean loss of its domain before this step (``ctx.domains``; one global running mean when there are no
+    domains; ``ctx.features["prev_loss"]`` overrides the baseline). Standardization: ``(x − μ)/√(σ² + 1e-6)`` clamped
+    to [−5, 5], with per-feature running mean/variance updated once per step as in BatchNorm (``μ ← m μ + (1 − m)
+    batch mean``, same for the variance, ``m = feature_momentum``; the first batch initializes them). Non-finite
+    features are set to 0 and left out of the statistics.
+
+    Modes (:data:`SAMPLE_MODES`): ``"score"``: :meth:`weights` updates the statistics with the step's global batch,
+    then weighs it (``v = Ω(F)/mean Ω(F)``). ``"rescale"`` (default through ``"auto"``): :meth:`local_weights` gives
+    ``u_i = Ω(F_i)`` per micro-batch from the statistics *before* the step (a domain never seen before gets a 0
+    loss-change feature), the glue divides by the global ``Σ u``, and :meth:`end_step` updates the statistics with the
+    global batch. The first step has no statistics yet: every feature is 0 and the weights are uniform in both modes.
 
     Args:
         hidden: width of Ω's hidden layer (16).
@@ -555,36 +720,55 @@ class MetaRescaler(SampleWeighting):
         feature_momentum: ``m`` of the running feature statistics and of the per-domain loss baselines (0.99).
         seed: seed of Ω's initialization (0), the same on every rank.
         max_grad_norm: clip Ω's gradient to this norm in :meth:`meta_update` (1.0; ``None`` for no clipping).
+        kl_weight: ``λ`` of the regularizer ``λ · KL(v̂_B ‖ uniform)`` added to the meta objective
+            (:func:`scales_kl_to_uniform` of the training batch's scales; 1.0; 0 for the plain objective). Why: the
+            self-taught outer term ``∂/∂s_k Σ s ℓ / Σ s = (ℓ_k − L)/Σ s`` always moves weight towards the samples
+            with the lowest loss — the right direction for noisy *labels* (the paper's setting), but in language-model
+            pretraining the lowest losses are redundant text. Without it, on the built-in corpus (400 steps,
+            ``meta_lr=1e-2``) Ω collapsed onto the repetitive domain (ESS 1.9 of 16 samples, clean held-out loss
+            +0.73 vs uniform); with it the weights stay spread (see ``benchmarks/results``).
+        mode: ``"auto"`` (default), ``"rescale"`` or ``"score"``; see above.
 
-    The meta step (in the trainer glue, every ``meta_every`` steps, after the step's usual backward and before the
-    model's ``optimizer.step()``; all per-sample tensors over the global batch so every rank computes the same ω):
+    The meta step (``WeightingMixin._storm_meta_step``), every ``meta_every`` steps, after the step's last backward
+    (and the rescale of its gradients) and before clipping and the model's ``optimizer.step()``; every per-sample
+    tensor below is over the *global* batch (all-gathered), so every rank computes the same ω:
 
-    1. Training batch B (this step), features ``F`` (as used by :meth:`weights`), train scales
-       ``s = self.scales(F)`` *with* graph to ω. The usual backward gives ``g_train = ∇_θ Σ v̂_i ℓ_i`` (v̂ ∝ weights).
-    2. Look-ahead ``θ' = θ − η g_train`` (η: the current learning rate; an SGD look-ahead, as in Meta-Weight-Net,
-       whatever the model's optimizer), applied in place under ``no_grad`` and undone afterwards.
-    3. Meta batch V drawn from the training data (e.g. the previous step's batch, kept as token ids: independent of B
-       without a held-out set); at θ': one forward + backward of ``meta_objective(s_val.detach(), ℓ_val(θ'))`` with
-       ``s_val = self.scales(F_val)`` (``F_val = self.features(ctx_val)`` from the same forward, stats not updated)
-       gives ``g_val`` in ``.grad`` (the normalizer ``Σ s_val`` is over the global V: each rank backpropagates its
-       local ``Σ s_j ℓ_j / Σ_global s · W`` so that DDP's mean restores the global gradient, as in METHODS §0).
+    1. Training batch B (this step): ``F_B`` = the features its weights were computed from (:meth:`step_features`),
+       train scales ``s = Ω(F_B)`` *with* graph to ω. ``.grad`` holds ``g_train = ∇_θ Σ v̂_i ℓ_i`` (v̂ ∝ weights).
+    2. Look-ahead ``θ' = θ − η g_train`` in place (η: the optimizer's current learning rate; an SGD look-ahead, as in
+       Meta-Weight-Net, whatever the model's optimizer; θ is copied and restored exactly afterwards).
+    3. Meta batch V = the **previous** step's batch (a batch of the noisy training data itself, independent of B,
+       kept in memory and in the checkpoint) with the features ``F_V`` its own step used, so that ``s_V = Ω(F_V)`` is
+       known before V's forward. At θ', micro-batch by micro-batch (memory as in training): forward, then backward of
+       ``Σ_local s_V,j ℓ_j(θ') / Σ_global s_V``; the gradients are summed over ranks with one all-reduce: ``g_val =
+       ∇_θ meta_objective(s_V, ℓ_V(θ'))``.
     4. Restore θ; two no-grad forwards of B at ``θ ± δ g_val`` (δ = 0.01 / ‖g_val‖, as DARTS) give
-       ``d_i ≈ (ℓ_i(θ + δ g_val) − ℓ_i(θ − δ g_val)) / 2δ``; all-gather d.
-    5. ``self.meta_update(meta_objective(s_val, ℓ_val.detach()) + lookahead_surrogate(s, d, η))``: the first term
-       is the outer term (∇_ω through ``s_val``), the second the meta term (∇_ω through ``s``); ℓ_val and d gathered.
+       ``d_i ≈ (ℓ_i(θ + δ g_val) − ℓ_i(θ − δ g_val)) / 2δ``; restore θ and ``.grad = g_train``; all-gather d and ℓ_V.
+    5. ``self.meta_update(meta_objective(s_V, ℓ_V(θ')) + lookahead_surrogate(s, d, η) + λ KL(s/Σs ‖ uniform))``: the
+       first term is the outer term (∇_ω through ``s_V``: the meta batch is itself rescaled, so no clean set is
+       needed), the second the meta term (∇_ω through ``s``, exact for the look-ahead by :func:`lookahead_surrogate`),
+       the third this library's regularizer (``kl_weight``).
 
-    What is differentiated: only ω, through ``s`` (train scales, via the surrogate = the meta term) and ``s_val`` (the
-    outer term); never the model. Cost per meta step: one forward + backward of V and two forwards of B, about +1.7
-    training steps (≈ 2.7× a plain step; amortized by ``meta_every``); memory: parameter-sized copies of ``g_train``
-    (the val backward overwrites ``.grad``, and the model's optimizer step needs it back), of ``g_val``, and of θ
-    (or restore θ by adding ``η g_train`` back, exact only up to rounding); nothing second-order. The textbook
-    alternative — θ' built with ``create_graph=True`` and one ``backward`` of ``meta_objective(s_val, ℓ_val(θ'(ω)))``
-    — gives the same gradient (up to the finite difference) but needs double backward through the model (not
-    available with fused/flash kernels, FSDP or ZeRO-3) and about 3× the memory. With DDP, ``g_val`` from a DDP
-    backward is already averaged over ranks; under ZeRO-3/FSDP the ``θ ± δ g`` updates apply shard by shard.
+    The first step (no V yet) has no meta step. What is differentiated: only ω; never the model twice. Cost per meta
+    step: one forward + backward of V and two forwards of B, about +1.7 training steps (≈ 2.7× a plain step on the
+    tiny CPU benchmark, see the report; amortize with ``meta_every``); memory: parameter-sized copies of θ,
+    ``g_train`` and ``g_val``; nothing second-order. The textbook alternative — θ' built with ``create_graph=True``
+    and one ``backward`` of ``meta_objective(s_V, ℓ_V(θ'(ω)))`` — gives the same gradient (up to the finite
+    difference) but needs double backward through the model (not available with fused/flash kernels, FSDP or ZeRO-3)
+    and about 3× the memory. The meta step needs whole parameters and gradients in ``param.grad``: single process or
+    DDP (ZeRO-3/FSDP/DeepSpeed are refused at setup).
+
+    How this differs from the paper's description (Heck et al., AAAI 2025; their code was not readable here): the
+    features are single-pass (loss, loss change vs. the domain's running mean; no entropy, no statistics over G
+    forward passes); Ω is a 2-layer MLP with a softplus output started at exactly 1; the meta batch is the previous
+    training batch rather than a separately drawn one; the look-ahead is first-order by finite differences rather than
+    through a second-order graph; weights are normalized by their step-global sum (METHODS §0).
     """
 
     needs_losses = True
+    supports_rescale = True
+    needs_meta_step = True
+    """The glue runs :meth:`WeightingMixin._storm_meta_step` after each step's backward (every ``meta_every``)."""
 
     def __init__(
         self,
@@ -594,7 +778,14 @@ class MetaRescaler(SampleWeighting):
         feature_momentum: float = 0.99,
         seed: int = 0,
         max_grad_norm: float | None = 1.0,
+        kl_weight: float = 1.0,
+        mode: str = "auto",
     ):
+        self.mode = _as_mode(mode, "storm")
+        self.kl_weight = _as_float(kl_weight, "kl_weight", "storm")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            raise ValueError(f"sample_weighting='storm': `kl_weight` must be a finite number ≥ 0, got {kl_weight!r}.")
+        self.last_features: torch.Tensor | None = None  # score mode: the features :meth:`weights` last used
         self.hidden = _as_int(hidden, "hidden", "storm", 1)
         self.meta_lr = _as_float(meta_lr, "meta_lr", "storm")
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
@@ -625,9 +816,11 @@ class MetaRescaler(SampleWeighting):
 
     # -- features ---------------------------------------------------------------------------------------------------
 
-    def _baselines(self, losses: torch.Tensor, domains: torch.Tensor | None, update: bool) -> torch.Tensor:
+    def _baselines(
+        self, losses: torch.Tensor, domains: torch.Tensor | None, update: bool, unseen_from_batch: bool = True
+    ) -> torch.Tensor:
         """Running mean loss of each sample's domain before this batch (a domain seen for the first time: its mean in
-        this batch); updates the running means when ``update``."""
+        this batch, or NaN when not ``unseen_from_batch``); updates the running means when ``update``."""
         n = losses.numel()
         dom = torch.zeros(n, dtype=torch.long) if domains is None else domains.detach().to("cpu", torch.long).flatten()
         if dom.numel() != n:
@@ -641,7 +834,8 @@ class MetaRescaler(SampleWeighting):
         counts = torch.zeros(size, dtype=torch.float64).index_add_(0, dom[valid], torch.ones_like(losses[valid]))
         present = counts > 0
         batch_mean = torch.where(present, sums / counts.clamp(min=1), torch.zeros_like(sums))
-        baselines = torch.where(seen, running, batch_mean)[dom]
+        unseen = batch_mean if unseen_from_batch else torch.full_like(batch_mean, float("nan"))
+        baselines = torch.where(seen, running, unseen)[dom]
         if update:
             m = self.feature_momentum
             updated = torch.where(seen, m * running + (1 - m) * batch_mean, batch_mean)
@@ -649,18 +843,20 @@ class MetaRescaler(SampleWeighting):
             self.domain_seen = seen | present
         return baselines
 
-    def features(self, ctx: SampleContext, update_stats: bool = False) -> torch.Tensor:
+    def features(self, ctx: SampleContext, update_stats: bool = False, state_only: bool = False) -> torch.Tensor:
         """Standardized features ``(N, 3)`` float32 of the samples in ``ctx`` (on the rescaler's device).
 
         With ``update_stats`` the running feature statistics and domain baselines are updated first, as
-        :meth:`weights` does once per step; the meta step's extra calls leave them alone.
+        :meth:`weights` does once per step; the meta step's extra calls leave them alone. With ``state_only`` (rescale
+        mode) each row depends on the state and that sample alone (a domain not seen before gets a NaN baseline,
+        hence a 0 feature), so any split of the batch gives the same rows.
         """
         losses = _global_losses(ctx, "storm")
         extra = getattr(ctx, "features", None) or {}
         entropies = extra.get("entropy")
         prev = extra.get("prev_loss")
         if prev is None:
-            prev = self._baselines(losses, ctx.domains, update_stats)
+            prev = self._baselines(losses, ctx.domains, update_stats, unseen_from_batch=not state_only)
         raw = sample_features(losses, entropies, prev).to(torch.float64)
         finite = torch.isfinite(raw) & torch.isfinite(losses).unsqueeze(1)
         if update_stats:
@@ -691,7 +887,9 @@ class MetaRescaler(SampleWeighting):
     # -- weights ------------------------------------------------------------------------------------------------------
 
     def weights(self, ctx: SampleContext) -> torch.Tensor:
+        """Score mode: update the statistics with the global batch, then ``v = Ω(F) / mean Ω(F)``."""
         feats = self.features(ctx, update_stats=True)
+        self.last_features = feats.detach()
         with torch.no_grad():
             s = self.scales(feats).detach().to("cpu", torch.float64)
         valid = torch.isfinite(_global_losses(ctx, "storm")) & torch.isfinite(s)
@@ -699,6 +897,27 @@ class MetaRescaler(SampleWeighting):
         if bool(valid.any()):
             out[valid] = s[valid] / s[valid].mean().clamp(min=1e-12)
         return _finish(out, ctx)
+
+    def local_weights(self, ctx: SampleContext) -> torch.Tensor:
+        """Rescale mode: ``u_i = Ω(F_i)`` from the statistics before the step (unnormalized; any subset)."""
+        feats = self.features(ctx, state_only=True)
+        with torch.no_grad():
+            s = self.scales(feats).detach().to("cpu", torch.float64)
+        valid = torch.isfinite(_global_losses(ctx, "storm")) & torch.isfinite(s)
+        return _finish(torch.where(valid, s, torch.zeros_like(s)), ctx)
+
+    def end_step(self, ctx: SampleContext) -> None:
+        """Rescale mode: update the running statistics with the step's global batch."""
+        self.features(ctx, update_stats=True)
+
+    def step_features(self, ctx: SampleContext, mode: str) -> torch.Tensor:
+        """The features the current step's weights were computed from (global batch ``ctx``): in score mode those of
+        the last :meth:`weights` call, in rescale mode the state-only features (call it before :meth:`end_step`)."""
+        if mode == "score":
+            if self.last_features is None or self.last_features.shape[0] != _global_losses(ctx, "storm").numel():
+                raise RuntimeError("MetaRescaler.step_features: call weights(ctx) on this step's batch first.")
+            return self.last_features
+        return self.features(ctx, state_only=True)
 
     # -- meta step ----------------------------------------------------------------------------------------------------
 
