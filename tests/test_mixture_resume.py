@@ -16,7 +16,7 @@ def alternate(history):
     return [20, 1, 1] if history[-1]["step"] % 2 else [1, 1, 20]
 
 
-@pytest.mark.parametrize("mixture,kwargs", [("odm", {"warmup_steps": 1}), ("policy", {"policy": alternate})])
+@pytest.mark.parametrize("mixture,kwargs", [("policy", {"policy": alternate})])  # ODM's small moves rarely flip a draw
 def test_streaming_resample_resumes_exactly(tmp_path, mixture, kwargs):
     """A controller over a MixtureIterableDataset (small domains, so streams restart): 6 steps straight equal 3 +
     checkpoint + resume + 3 — the same rows in the same order and the same mixture at every step — although the
