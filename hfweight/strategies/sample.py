@@ -752,8 +752,9 @@ class MetaRescaler(SampleWeighting):
        the third this library's regularizer (``kl_weight``).
 
     The first step (no V yet) has no meta step. What is differentiated: only ω; never the model twice. Cost per meta
-    step: one forward + backward of V and two forwards of B, about +1.7 training steps (≈ 2.7× a plain step on the
-    tiny CPU benchmark, see the report; amortize with ``meta_every``); memory: parameter-sized copies of θ,
+    step: one forward + backward of V and two forwards of B, measured +1.8-2.5 training steps (mean CPU time per
+    step vs static weights on the tiny benchmark: 3.0× with a meta step every step, 1.6× with ``meta_every=4``, see
+    ``benchmarks/results/overhead_sample_weighting.md``; amortize with ``meta_every``); memory: parameter-sized copies of θ,
     ``g_train`` and ``g_val``; nothing second-order. The textbook alternative — θ' built with ``create_graph=True``
     and one ``backward`` of ``meta_objective(s_V, ℓ_V(θ'(ω)))`` — gives the same gradient (up to the finite
     difference) but needs double backward through the model (not available with fused/flash kernels, FSDP or ZeRO-3)
