@@ -724,9 +724,11 @@ class MetaRescaler(SampleWeighting):
             (:func:`scales_kl_to_uniform` of the training batch's scales; 1.0; 0 for the plain objective). Why: the
             self-taught outer term ``∂/∂s_k Σ s ℓ / Σ s = (ℓ_k − L)/Σ s`` always moves weight towards the samples
             with the lowest loss — the right direction for noisy *labels* (the paper's setting), but in language-model
-            pretraining the lowest losses are redundant text. Without it, on the built-in corpus (400 steps,
-            ``meta_lr=1e-2``) Ω collapsed onto the repetitive domain (ESS 1.9 of 16 samples, clean held-out loss
-            +0.73 vs uniform); with it the weights stay spread (see ``benchmarks/results``).
+            pretraining the lowest losses are redundant text. On the built-in corpus (400 steps, ``meta_lr=1e-2``,
+            ``benchmarks/results/sample_effectiveness_long_seed0*.md``) Ω moved the weight onto the repetitive domain:
+            without the term ESS 1.9 of 16 samples and clean held-out loss +0.73 vs uniform; with ``kl_weight=1`` ESS
+            5.7 of 16 and +0.61. The term bounds the collapse (the optimum of outer term + KL alone is
+            ``v ∝ exp(−ℓ/λ)``), it does not change its direction: for pretraining data prefer ``loss``.
         mode: ``"auto"`` (default), ``"rescale"`` or ``"score"``; see above.
 
     The meta step (``WeightingMixin._storm_meta_step``), every ``meta_every`` steps, after the step's last backward
@@ -750,8 +752,9 @@ class MetaRescaler(SampleWeighting):
        the third this library's regularizer (``kl_weight``).
 
     The first step (no V yet) has no meta step. What is differentiated: only ω; never the model twice. Cost per meta
-    step: one forward + backward of V and two forwards of B, about +1.7 training steps (≈ 2.7× a plain step on the
-    tiny CPU benchmark, see the report; amortize with ``meta_every``); memory: parameter-sized copies of θ,
+    step: one forward + backward of V and two forwards of B, measured +1.8-2.5 training steps (mean CPU time per
+    step vs static weights on the tiny benchmark: 3.0× with a meta step every step, 1.6× with ``meta_every=4``, see
+    ``benchmarks/results/overhead_sample_weighting.md``; amortize with ``meta_every``); memory: parameter-sized copies of θ,
     ``g_train`` and ``g_val``; nothing second-order. The textbook alternative — θ' built with ``create_graph=True``
     and one ``backward`` of ``meta_objective(s_V, ℓ_V(θ'(ω)))`` — gives the same gradient (up to the finite
     difference) but needs double backward through the model (not available with fused/flash kernels, FSDP or ZeRO-3)
