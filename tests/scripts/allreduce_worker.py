@@ -32,3 +32,10 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Leave together: a rank exiting while gloo's threads still talk to the other can abort it at teardown
+    # ("terminate called without an active exception").
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
