@@ -1255,19 +1255,28 @@ class WeightingMixin:
 
     # ---- logging ----------------------------------------------------------------------------------------------------
 
+    def _has_weighting_state(self) -> bool:
+        """Whether this run has weighting metrics, checkpointed state and artifacts (a subclass with other switches,
+        such as the GRPO/RLOO reward weighting, answers for itself)."""
+        return getattr(self, "weighting_enabled", False)
+
+    def _add_weighting_logs(self, logs: dict[str, float]) -> None:
+        """Add the metrics gathered since the last log (min/max/mean over the window) and the mixture to ``logs``."""
+        for key, values in self._weighting_metrics.items():
+            if key.endswith("/min"):
+                logs[key] = min(values)
+            elif key.endswith("/max"):
+                logs[key] = max(values)
+            else:
+                logs[key] = sum(values) / len(values)
+        self._weighting_metrics.clear()
+        if self.mixture is not None:
+            for name, p in zip(self.domain_names, self.mixture.probabilities().tolist()):
+                logs[f"mixture/{name}"] = p
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if getattr(self, "weighting_enabled", False) and self._weighting_metrics and "loss" in logs:
-            for key, values in self._weighting_metrics.items():
-                if key.endswith("/min"):
-                    logs[key] = min(values)
-                elif key.endswith("/max"):
-                    logs[key] = max(values)
-                else:
-                    logs[key] = sum(values) / len(values)
-            self._weighting_metrics.clear()
-            if self.mixture is not None:
-                for name, p in zip(self.domain_names, self.mixture.probabilities().tolist()):
-                    logs[f"mixture/{name}"] = p
+        if self._has_weighting_state() and self._weighting_metrics and "loss" in logs:
+            self._add_weighting_logs(logs)
         super().log(logs, *args, **kwargs)
 
     # ---- checkpointing ----------------------------------------------------------------------------------------------
@@ -1286,7 +1295,7 @@ class WeightingMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if getattr(self, "weighting_enabled", False):
+        if self._has_weighting_state():
             save_state(
                 output_dir,
                 self._stateful_parts(),
@@ -1297,7 +1306,7 @@ class WeightingMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not getattr(self, "weighting_enabled", False):
+        if checkpoint is None or not self._has_weighting_state():
             return
         extra = load_state(checkpoint, self._stateful_parts(), self.args.process_index)
         if extra and extra.get("domain_names") not in (None, self.domain_names):
@@ -1310,7 +1319,7 @@ class WeightingMixin:
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
-        if getattr(self, "weighting_enabled", False) and self.args.should_save:
+        if self._has_weighting_state() and self.args.should_save:
             self.save_weighting_artifacts(self.args.output_dir)
         return output
 
@@ -1347,7 +1356,7 @@ class WeightingMixin:
         """The parent's card (``README.md`` in ``output_dir``, what ``push_to_hub`` uploads) plus a weighting
         section: configuration, final mixture and reward weights, and the plots (see :mod:`hfweight.card`)."""
         super().create_model_card(*args, **kwargs)
-        if not getattr(self, "weighting_enabled", False) or not self.is_world_process_zero():
+        if not self._has_weighting_state() or not self.is_world_process_zero():
             return
         output_dir = self.args.output_dir
         paths = self.save_weighting_artifacts(output_dir)

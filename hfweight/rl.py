@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -347,7 +348,7 @@ class RewardWeightingMixin(WeightingMixin):
         args = self.args
         self.weighting_enabled = False  # the supervised-loss pipeline of WeightingMixin stays off
         self.rl_weighting_enabled = args.rl_weighting_enabled
-        self._weighting_metrics = {}
+        self._weighting_metrics = defaultdict(list)
         self.token_weighting = self.sample_weighting = None
         self.reward_weighting = None
         self.domain_names = []
@@ -357,9 +358,6 @@ class RewardWeightingMixin(WeightingMixin):
         self._capture_validation: list[torch.Tensor] | None = None
         if not self.rl_weighting_enabled:
             return
-        from collections import defaultdict
-
-        self._weighting_metrics = defaultdict(list)
         if args.reward_weighting is not None:
             self.reward_weighting = args.build_reward_weighting()
             self.reward_weighting.bind(list(self.reward_func_names), self.reward_weights.clone())
@@ -587,18 +585,16 @@ class RewardWeightingMixin(WeightingMixin):
 
     # -- logging, state, artifacts --
 
+    def _has_weighting_state(self) -> bool:
+        return getattr(self, "rl_weighting_enabled", False)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if getattr(self, "rl_weighting_enabled", False) and self.model.training and "loss" in logs:
-            for key, values in self._weighting_metrics.items():
-                logs[key] = sum(values) / len(values)
-            self._weighting_metrics.clear()
-            if self.reward_weighting is not None:
+        if self._has_weighting_state() and self.model.training and "loss" in logs:
+            self._add_weighting_logs(logs)
+            if self.reward_weighting is not None:  # the weights in force now, over the window's mean
                 for name, w in zip(self.reward_func_names, self.reward_weighting.current_weights().tolist()):
                     logs[f"reward_weight/{name}"] = w
-            if self.mixture is not None:
-                for name, p in zip(self.domain_names, self.mixture.probabilities().tolist()):
-                    logs[f"mixture/{name}"] = p
-        super(WeightingMixin, self).log(logs, *args, **kwargs)
+        super(WeightingMixin, self).log(logs, *args, **kwargs)  # the parent's log: the mixin's would add them again
 
     def _stateful_parts(self) -> dict:
         parts = {"reward_weighting": self.reward_weighting, "mixture": self.mixture}
@@ -606,11 +602,8 @@ class RewardWeightingMixin(WeightingMixin):
             parts["prompt_sampler"] = _PromptSamplerAtStep(self)
         return parts
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        self._with_rl_state(lambda: super(RewardWeightingMixin, self)._save_optimizer_and_scheduler(output_dir))
-
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        self._with_rl_state(lambda: super(RewardWeightingMixin, self)._load_optimizer_and_scheduler(checkpoint))
+        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.reward_weighting is not None:
             self.reward_weights = self.reward_weighting.current_weights().clone()
         if checkpoint is not None and getattr(self, "_domain_sampler", None) is not None:
@@ -628,19 +621,8 @@ class RewardWeightingMixin(WeightingMixin):
             self._rng_checkpoint = None
         return batch_samples, num_items
 
-    def _with_rl_state(self, fn) -> None:
-        """Run the mixin's checkpoint save/load with the RL state switched in as "weighting enabled"."""
-        enabled = self.weighting_enabled
-        self.weighting_enabled = self.rl_weighting_enabled
-        try:
-            fn()
-        finally:
-            self.weighting_enabled = enabled
-
     def weighting_record(self) -> dict:
-        record = {"config": self.args.weighting_summary(), "domains": self.domain_names}
-        if self.mixture is not None:
-            record["final_mixture"] = dict(zip(self.domain_names, self.mixture.probabilities().tolist()))
+        record = super().weighting_record()
         if self.reward_weighting is not None:
             weights = self.reward_weighting.current_weights().tolist()
             record["final_reward_weights"] = dict(zip(self.reward_func_names, weights))
@@ -650,15 +632,6 @@ class RewardWeightingMixin(WeightingMixin):
             if self._last_validation is not None:
                 record["last_validation"] = dict(zip(self.reward_func_names, self._last_validation))
         return record
-
-    def train(self, *args, **kwargs):
-        output = super(WeightingMixin, self).train(*args, **kwargs)  # the parent's train, not the LM pipeline's
-        if self.rl_weighting_enabled and self.args.should_save:
-            self.save_weighting_artifacts(self.args.output_dir)
-        return output
-
-    def create_model_card(self, *args, **kwargs):
-        self._with_rl_state(lambda: super(RewardWeightingMixin, self).create_model_card(*args, **kwargs))
 
 
 class WeightedGRPOTrainer(RewardWeightingMixin, GRPOTrainer):
