@@ -156,6 +156,16 @@ def sft_rows(n: int = 24, seed: int = 0) -> list[dict]:
     return rows
 
 
+def leave_process_group() -> None:
+    """End a worker script's process group together: a rank exiting while gloo's threads still talk to the other can
+    abort it at teardown ("terminate called without an active exception")."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def run_two_ranks(script: str, *args: str, timeout: int = 300):
     """Run ``script`` under ``torchrun --nproc_per_node 2`` (gloo on the CPU, one thread per rank) on a free port;
     fail with the ranks' stderr if it fails. Returns the completed process."""

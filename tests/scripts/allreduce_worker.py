@@ -6,12 +6,16 @@ The distributed state is created the way the trainers create it, through ``Train
 ``--use_cpu true`` that ddp_cpu.yaml asks for), so the test checks the path a real CPU run takes.
 """
 
+import os
 import sys
 import tempfile
 
-import torch
-import torch.distributed as dist
-from transformers import TrainingArguments
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from helpers import leave_process_group  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 
 def main():
@@ -32,10 +36,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # Leave together: a rank exiting while gloo's threads still talk to the other can abort it at teardown
-    # ("terminate called without an active exception").
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()

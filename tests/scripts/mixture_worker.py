@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from helpers import leave_process_group  # noqa: E402
 from helpers_mixture import dga_alignment, resample_run  # noqa: E402
 
 from hfweight.gradalign import complete_products, partial_products, snapshot_gradients  # noqa: E402
@@ -51,10 +52,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # Leave together: a rank exiting while gloo's threads still talk to the other can abort it at teardown
-    # ("terminate called without an active exception").
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()

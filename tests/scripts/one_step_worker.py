@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from helpers import leave_process_group  # noqa: E402
 from helpers_invariance import SUITES  # noqa: E402
 
 
@@ -24,10 +25,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # Leave together: a rank exiting while gloo's threads still talk to the other can abort it at teardown
-    # ("terminate called without an active exception").
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()

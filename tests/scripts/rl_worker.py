@@ -12,6 +12,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from helpers import leave_process_group  # noqa: E402
 from helpers_rl import make_trainer, recording  # noqa: E402
 
 from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer  # noqa: E402
@@ -55,10 +56,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # Leave together: a rank exiting while gloo's threads still talk to the other can abort it at teardown
-    # ("terminate called without an active exception").
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
