@@ -1,31 +1,100 @@
 #!/usr/bin/env bash
-# Install hfweight (editable) with its test and plotting extras into the active Python environment.
+# Set up the Python environment that `make demo` / `make test` run in, and install hfweight (editable) into it.
 #
-# PyTorch: if torch is already importable it is kept as is (a CUDA build stays a CUDA build). Otherwise a machine
-# with an NVIDIA driver gets the default PyPI build, and a CPU-only machine gets the pinned CPU build
-# `torch==2.13.0` (found locally on this project's machines; elsewhere set TORCH_CPU_INDEX to PyTorch's CPU wheel
-# index), so a CPU machine never downloads several GB of CUDA packages.
+#   scripts/setup.sh                         the validated versions (requirements/lock.txt) into $PYTHON's environment
+#   LOCK=requirements/oldest.txt ENV=.venv-oldest scripts/setup.sh     the oldest supported versions (make test-oldest)
+#   LOCK=none ENV=.venv-latest scripts/setup.sh                        the newest releases (make test-latest)
 #
-# Re-running is cheap: the install is skipped while pyproject.toml is unchanged since the last successful setup.
+# Which environment. Inside an activated virtual or conda environment, the Makefile passes PYTHON=python and the
+# packages go there. Otherwise it passes PYTHON=.venv/bin/python (or ENV's) and this script creates that virtual
+# environment first, so a system Python that refuses pip (PEP 668, "externally-managed-environment") is never touched.
+#
+# PyTorch. An environment that can already import torch keeps it (a CUDA build stays a CUDA build); a new .venv made
+# from a base Python that has torch sees it (the venv is created with --system-site-packages in that case only).
+# Otherwise torch is installed at the lock's version: a CPU-only machine asks for that exact version (found on disk on
+# this project's machines; elsewhere set TORCH_CPU_INDEX to PyTorch's CPU wheel index so pip never pulls several GB of
+# CUDA packages), a machine with an NVIDIA driver gets PyPI's default (CUDA) build of it.
+#
+# Re-running is cheap: nothing is installed while pyproject.toml and the lock file are unchanged since the last
+# successful setup of this environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-STAMP=".cache/setup-$(${PYTHON} -c 'import sys; print("%d.%d" % sys.version_info[:2])')-$(sha1sum pyproject.toml | cut -c1-12)"
 
-if ! ${PYTHON} -c "import torch" >/dev/null 2>&1; then
+PYTHON=${PYTHON:-python3}
+BASE_PYTHON=${BASE_PYTHON:-python3}
+LOCK=${LOCK:-requirements/lock.txt}
+EXTRAS=${EXTRAS:-dev,plots,deepspeed}
+
+# 1. The environment: create the project's virtual environment when PYTHON points into one that does not exist yet.
+case "$PYTHON" in
+    */bin/python)
+        env_dir=${PYTHON%/bin/python}
+        if [ ! -x "$PYTHON" ]; then
+            if ! command -v "$BASE_PYTHON" >/dev/null 2>&1; then
+                echo "[setup] error: no '$BASE_PYTHON' on PATH to create $env_dir (set BASE_PYTHON=/path/to/python3)" >&2
+                exit 1
+            fi
+            venv_flags=()
+            if "$BASE_PYTHON" -c "import torch" >/dev/null 2>&1; then
+                venv_flags=(--system-site-packages)   # keep the torch this machine already has
+                echo "[setup] creating $env_dir (sees $BASE_PYTHON's packages, to keep its torch)"
+            else
+                echo "[setup] creating the virtual environment $env_dir with $BASE_PYTHON"
+            fi
+            if ! "$BASE_PYTHON" -m venv "${venv_flags[@]}" "$env_dir"; then
+                echo "[setup] error: '$BASE_PYTHON -m venv' failed. On Debian/Ubuntu install the venv module:" \
+                     "sudo apt install python3-venv (then run the command again)." >&2
+                rm -rf "$env_dir"
+                exit 1
+            fi
+        fi
+        ;;
+esac
+pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+# 2. The version set: the lock's exact versions (torch is handled apart), or none for the newest releases.
+mkdir -p .cache
+env_key=$(echo "$PYTHON" | sha1sum | cut -c1-8)   # one set of files per environment: setups of two envs may overlap
+constraints=()
+torch_version=2.13.0
+if [ "$LOCK" != "none" ]; then
+    [ -f "$LOCK" ] || { echo "[setup] error: lock file $LOCK not found" >&2; exit 1; }
+    locked_torch=$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' "$LOCK")
+    torch_version=${locked_torch:-$torch_version}
+    filtered=".cache/constraints-$env_key-$(basename "$LOCK")"
+    grep -v -E '^(torch|hfweight)==' "$LOCK" > "$filtered"
+    constraints=(-c "$filtered")
+    if [ "$pyver" != "3.11" ]; then
+        echo "[setup] note: $LOCK was validated on Python 3.11; this is Python $pyver (pip may need other versions:" \
+             "LOCK=none gives the newest releases)"
+    fi
+fi
+lock_file=$LOCK
+[ "$LOCK" = "none" ] && lock_file=/dev/null
+stamp=".cache/setup-$env_key-$pyver-$(cat pyproject.toml "$lock_file" | sha1sum | cut -c1-12)"
+
+# 3. PyTorch, if the environment has none.
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        echo "[setup] no torch found; NVIDIA GPU present: installing the default (CUDA) torch build"
-        ${PYTHON} -m pip install torch
+        echo "[setup] no torch found; NVIDIA GPU present: installing torch==$torch_version (PyPI's CUDA build)"
+        "$PYTHON" -m pip install "torch==$torch_version"
     else
-        echo "[setup] no torch found; CPU-only machine: installing torch==2.13.0 (CPU build)"
-        ${PYTHON} -m pip install "torch==2.13.0" ${TORCH_CPU_INDEX:+--index-url "$TORCH_CPU_INDEX"}
+        echo "[setup] no torch found; CPU-only machine: installing torch==$torch_version (CPU build)"
+        "$PYTHON" -m pip install "torch==$torch_version" ${TORCH_CPU_INDEX:+--index-url "$TORCH_CPU_INDEX"}
     fi
 fi
 
-if [ -f "$STAMP" ] && ${PYTHON} -c "import hfweight, trl, pytest, matplotlib" >/dev/null 2>&1; then
+# 4. hfweight and everything else, at the lock's versions; the torch found or installed above is never replaced.
+installed_torch=$("$PYTHON" -c "import torch; print(torch.__version__)")
+echo "torch==$installed_torch" > ".cache/constraint-$env_key-torch.txt"
+constraints+=(-c ".cache/constraint-$env_key-torch.txt")
+if [ -f "$stamp" ] && "$PYTHON" -c "import hfweight, trl, pytest, matplotlib" >/dev/null 2>&1; then
     exit 0
 fi
-echo "[setup] installing hfweight and its dependencies"
-${PYTHON} -m pip install -q -e ".[dev,plots]"
-mkdir -p .cache && touch "$STAMP"
-echo "[setup] done: $(${PYTHON} -c 'import torch, transformers, trl; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")')"
+upgrade=()
+versions="the versions of $LOCK"
+[ "$LOCK" = "none" ] && upgrade=(--upgrade --upgrade-strategy eager) && versions="the newest releases"
+echo "[setup] installing hfweight[$EXTRAS] into $("$PYTHON" -c 'import sys; print(sys.prefix)') with $versions (torch $installed_torch kept)"
+"$PYTHON" -m pip install -q "${upgrade[@]}" "${constraints[@]}" -e ".[$EXTRAS]"
+touch "$stamp"
+echo "[setup] done: $("$PYTHON" -c 'import torch, transformers, trl; print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")')"
