@@ -96,10 +96,11 @@ def load_state(checkpoint_dir: str, objects: dict, facts: dict, process_index: i
     """
     own, first = state_file(checkpoint_dir, process_index), state_file(checkpoint_dir, 0)
     if not os.path.exists(first):
+        parts = sorted(name for name, obj in objects.items() if obj is not None)
         raise ValueError(
-            f"{first} is missing: {checkpoint_dir} holds no weighting state, so the strategies' state ({sorted(k for k, v in objects.items() if v is not None)}) "
-            "cannot be restored. The checkpoint was written with weighting off or its save was interrupted. Resume from "
-            "a checkpoint written by this configuration, or start a new run from its model (model_name_or_path)."
+            f"{first} is missing: {checkpoint_dir} holds no weighting state, so the state of {parts} cannot be "
+            "restored. The checkpoint was written with weighting off or its save was interrupted. Resume from a "
+            "checkpoint written by this configuration, or start a new run from its model (model_name_or_path)."
         )
     payload = read_state(first)
     saved_world = int(payload.get("world_size", 1))
@@ -157,7 +158,8 @@ def checkpoint_problem(checkpoint_dir: str) -> str | None:
             world_size = int(read_state(first).get("world_size", 1))
         except ValueError as err:
             return str(err)
-        missing = [os.path.basename(state_file(checkpoint_dir, r)) for r in range(1, world_size) if not os.path.exists(state_file(checkpoint_dir, r))]
+        rank_files = [state_file(checkpoint_dir, rank) for rank in range(1, world_size)]
+        missing = [os.path.basename(path) for path in rank_files if not os.path.exists(path)]
         if missing:
             return f"{missing} missing (written by {world_size} processes; a rank's save was interrupted)"
     return None
