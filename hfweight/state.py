@@ -30,6 +30,11 @@ CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECK
 TRUE_VALUES, FALSE_VALUES = ("true",), ("", "false", "none")  # what --resume_from_checkpoint may say
 
 
+class CheckpointNotFoundError(FileNotFoundError, ValueError):
+    """No checkpoint to resume from. A ValueError too, as the parent ``Trainer.train(resume_from_checkpoint=True)``
+    raises when ``output_dir`` has none, so code written for the parent catches it unchanged."""
+
+
 def state_file(checkpoint_dir: str, process_index: int) -> str:
     name = STATE_FILE if process_index == 0 else STATE_FILE.replace(".pt", f"_rank{process_index}.pt")
     return os.path.join(checkpoint_dir, name)
@@ -198,7 +203,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     if resume_from_checkpoint is True or text.lower() in TRUE_VALUES:
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"resume_from_checkpoint={resume_from_checkpoint!r}: output_dir {output_dir!r} holds no complete "
                 "checkpoint-<step> directory to resume from. Pass a checkpoint path, or drop the flag to start fresh."
             )
@@ -206,7 +211,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     if text.lower() in FALSE_VALUES:
         return None
     if not os.path.isdir(text):
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"resume_from_checkpoint={text!r}: no such directory. Pass an existing checkpoint-<step> directory, or "
             "'true' for the latest checkpoint in output_dir."
         )
