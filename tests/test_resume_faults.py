@@ -135,3 +135,23 @@ def test_resume_argument_errors_before_training(tmp_path):
     trained, proc = run("pretrain", tmp_path / "a", "--resume_from_checkpoint", str(missing), expect="error")
     assert trained == [] and not (tmp_path / "a").exists()
     assert f"resume_from_checkpoint={str(missing)!r}: no such directory" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "rloo"])
+def test_every_entry_script_checks_the_resume_path_first(tmp_path, script):
+    """Each entry script's ``main`` resolves ``--resume_from_checkpoint`` before loading a model or data."""
+    import importlib.util
+
+    from trl import TrlParser
+
+    spec = importlib.util.spec_from_file_location(f"resume_entry_{script}", os.path.join(ROOT, "trainers", f"{script}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    missing = str(tmp_path / "checkpoint-3")
+    configs = TrlParser(module.DATACLASSES).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--resume_from_checkpoint", missing,
+         "--model_name_or_path", str(tmp_path / "no-model")]
+    )
+    with pytest.raises(FileNotFoundError, match=f"resume_from_checkpoint={missing!r}: no such directory"):
+        module.main(*configs)
