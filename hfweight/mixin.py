@@ -67,7 +67,7 @@ from .loss import (
     weighted_numerator,
 )
 from .reference import load_reference_model, reference_hidden_states, reference_log_probs
-from .state import load_state, save_state
+from .state import load_state, resolve_resume_checkpoint, save_state, state_file
 from .stats import summarize_weights, weight_extremes, weight_moments
 from .strategies.base import DomainStats, SampleContext, TokenContext
 from .strategies.sample import lookahead_surrogate, meta_objective, scales_kl_to_uniform
@@ -201,6 +201,8 @@ class _MetaBatch:
     """STORM's meta batch: the previous optimizer step's micro-batches on this rank (model inputs only) with the
     features its weights were computed from (global, all ranks), so the meta step can run on it and a resumed run has
     it back. Per-rank state (each rank keeps its own micro-batches), saved in each rank's state file."""
+
+    per_rank_state = True  # a checkpoint of it resumes only with the same number of processes
 
     def __init__(self):
         self.batches: list[dict] | None = None
@@ -1293,32 +1295,34 @@ class WeightingMixin:
             parts["storm_meta_batch"] = self._meta_batch
         return parts
 
+    def _state_facts(self) -> dict:
+        """What, besides the stateful parts' classes, a checkpoint's weighting state must agree on with this run
+        (:func:`hfweight.state.fingerprint`); a subclass adds its own (the reward functions)."""
+        return {"domains": list(self.domain_names), "mixture_mode": self.args.mixture_mode if self.mixture is not None else None}
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self._has_weighting_state():
-            save_state(
-                output_dir,
-                self._stateful_parts(),
-                {"domain_names": self.domain_names},
-                self.args.process_index,
-                self.args.world_size,
-            )
+            save_state(output_dir, self._stateful_parts(), self._state_facts(), self.args.process_index, self.args.world_size)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self._has_weighting_state():
+        if checkpoint is None:
             return
-        extra = load_state(checkpoint, self._stateful_parts(), self.args.process_index)
-        if extra and extra.get("domain_names") not in (None, self.domain_names):
+        if self._has_weighting_state():
+            load_state(checkpoint, self._stateful_parts(), self._state_facts(), self.args.process_index, self.args.world_size)
+        elif os.path.exists(state_file(checkpoint, 0)):
             raise ValueError(
-                f"The checkpoint {checkpoint} was trained on domains {extra['domain_names']} but this run has "
-                f"{self.domain_names}; resume with the same dataset."
+                f"{state_file(checkpoint, 0)} holds weighting state but this run has weighting off; resuming would drop "
+                "the strategies' state. Resume with the configuration that wrote it (or start a new run from its model)."
             )
 
     # ---- end of training ----------------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the latest *complete* checkpoint (the parent may pick a half-written one)
+            resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._has_weighting_state() and self.args.should_save:
             self.save_weighting_artifacts(self.args.output_dir)
         return output

@@ -602,6 +602,9 @@ class RewardWeightingMixin(WeightingMixin):
             parts["prompt_sampler"] = _PromptSamplerAtStep(self)
         return parts
 
+    def _state_facts(self) -> dict:
+        return {**super()._state_facts(), "reward_functions": list(self.reward_func_names)}
+
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.reward_weighting is not None:

@@ -223,6 +223,9 @@ def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, s
     """Shared body of ``trainers/grpo.py`` and ``trainers/rloo.py``."""
     from trl import get_peft_config
 
+    from .state import resolve_resume_checkpoint
+
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     rewards = resolve_reward_functions(script_args.reward_funcs)
     model, tokenizer = load_causal_lm(
         model_args.model_name_or_path or "builtin:tiny", vocab_size=script_args.builtin_vocab_size, seed=training_args.seed
@@ -242,7 +245,7 @@ def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, s
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     summary = rl_summary(trainer, eval_dataset, stage)
     if trainer.is_world_process_zero():

@@ -30,6 +30,7 @@ from hfweight.scripts import (  # noqa: E402
     print_summary,
     tokenize_for_lm,
 )
+from hfweight.state import resolve_resume_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -70,6 +71,7 @@ DATACLASSES = (PretrainScriptArguments, WeightedTrainingArguments)
 
 
 def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingArguments) -> dict:
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     model, tokenizer = load_causal_lm(
         script_args.model_name_or_path,
         script_args.tokenizer_name_or_path,
@@ -80,9 +82,9 @@ def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingAr
     train_raw = raw[script_args.dataset_train_split]
     if script_args.dataset_streaming and script_args.dataset_name == BUILTIN:
         train_raw = train_raw.to_iterable_dataset()  # the built-in corpus as a stream (the held-out split stays)
+    if script_args.max_train_samples is not None and not script_args.dataset_streaming:  # before tokenizing: rows map 1:1
+        train_raw = train_raw.select(range(min(script_args.max_train_samples, len(train_raw))))
     train = tokenize_for_lm(train_raw, tokenizer, script_args, training_args)
-    if script_args.max_train_samples is not None and not script_args.dataset_streaming:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
     eval_sets = {}
     if script_args.dataset_eval_split and script_args.dataset_eval_split in raw:
         heldout = tokenize_for_lm(raw[script_args.dataset_eval_split], tokenizer, script_args, training_args)
@@ -96,7 +98,7 @@ def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingAr
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     summary = final_summary(trainer, eval_sets, stage="pretrain")
     if trainer.is_world_process_zero():

@@ -21,6 +21,7 @@ from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from hfweight import WeightedSFTConfig, WeightedSFTTrainer  # noqa: E402
 from hfweight.scripts import BUILTIN, final_summary, load_causal_lm, per_domain_eval_sets, print_summary  # noqa: E402
+from hfweight.state import resolve_resume_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -54,6 +55,7 @@ DATACLASSES = (SFTScriptArguments, WeightedSFTConfig, ModelConfig)
 
 
 def main(script_args: SFTScriptArguments, training_args: WeightedSFTConfig, model_args: ModelConfig) -> dict:
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if script_args.reference_model_path and training_args.reference_model is None:
         training_args.reference_model = script_args.reference_model_path
     model, tokenizer = load_causal_lm(
@@ -67,7 +69,7 @@ def main(script_args: SFTScriptArguments, training_args: WeightedSFTConfig, mode
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     eval_sets = {}
     if script_args.dataset_eval_split and script_args.dataset_eval_split in data:
