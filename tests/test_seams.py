@@ -7,7 +7,8 @@ in the one table below (:data:`SEAMS`). How each kind is checked:
 
 - ``override``: hfweight's method replaces the upstream one and upstream calls it, so the parameter lists must be
   the same (names, order, which have defaults) both upstream and in hfweight's override (the table cannot drift
-  from the code).
+  from the code). Three public methods are listed too: Trainer's loop calls them with arguments it has changed in
+  past releases.
 - ``call``: hfweight calls it with the listed parameters: they must come first, in order, and any further upstream
   parameter must have a default.
 - ``mirror``: hfweight reproduces its logic (cited in a docstring); it must still exist with the listed parameters,
@@ -56,30 +57,49 @@ class Seam:
 # fmt: off
 SEAMS = [
     # -- methods hfweight overrides ----------------------------------------------------------------------------------
-    Seam(LM, "_get_train_sampler", "override", ("train_dataset=",), "WeightingMixin: the domain sampler of resample mixtures"),
+    Seam(LM, "_get_train_sampler", "override", ("train_dataset=",),
+         "WeightingMixin: the domain sampler of resample mixtures"),
     Seam(RL, "_get_train_sampler", "override", ("dataset=",), "RewardWeightingMixin: the prompt domain sampler"),
     Seam(ALL, "_set_signature_columns_if_needed", "override", (), "WeightingMixin: keeps the weight columns"),
-    Seam(ALL, "_save_optimizer_and_scheduler", "override", ("output_dir",), "WeightingMixin: weighting state into a checkpoint"),
-    Seam(ALL, "_load_optimizer_and_scheduler", "override", ("checkpoint",), "WeightingMixin/RewardWeightingMixin: weighting state on resume"),
+    Seam(ALL, "_save_optimizer_and_scheduler", "override", ("output_dir",),
+         "WeightingMixin: weighting state into a checkpoint"),
+    Seam(ALL, "_load_optimizer_and_scheduler", "override", ("checkpoint",),
+         "WeightingMixin/RewardWeightingMixin: weighting state on resume"),
     Seam(("trl.SFTTrainer",), "_prepare_dataset", "override",
          ("dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"),
          "WeightedSFTTrainer: weight columns through TRL's tokenization and packing"),
     Seam(RL, "_calculate_rewards", "override", ("inputs", "prompts", "completions", "completion_ids_list"),
          "RewardWeightingMixin: reward weights from the gathered per-function rewards"),
-    Seam(RL, "_generate_and_score_completions", "override", ("inputs",), "RewardWeightingMixin: per-reward advantages, Gram updates"),
+    Seam(RL, "_generate_and_score_completions", "override", ("inputs",),
+         "RewardWeightingMixin: per-reward advantages, Gram updates"),
+    # public, but Trainer's loop calls them with arguments it has changed before (num_items_in_batch, device)
+    Seam(("transformers.Trainer",), "get_batch_samples", "override", ("epoch_iterator", "num_batches", "device"),
+         "WeightingMixin/RewardWeightingMixin: the step plan from the prefetched micro-batches"),
+    Seam(("transformers.Trainer",), "training_step", "override", ("model", "inputs", "num_items_in_batch="),
+         "WeightingMixin: scoring passes and gradient rescaling around the parent's step"),
+    Seam(("transformers.Trainer",), "compute_loss", "override",
+         ("model", "inputs", "return_outputs=", "num_items_in_batch="), "WeightingMixin: the weighted loss"),
     # -- methods hfweight calls ---------------------------------------------------------------------------------------
-    Seam(RL, "_compute_loss", "call", ("model", "inputs"), "RewardWeightingMixin._update_from_gram: one policy loss per reward"),
-    Seam(RL, "_get_learning_rate", "call", (), "RewardWeightingMixin._update_from_gram: the step size of the Gram update"),
-    Seam(RL, "_load_rng_state", "call", ("checkpoint",), "RewardWeightingMixin.get_batch_samples: RNG after the resumed first fetch"),
+    Seam(RL, "_compute_loss", "call", ("model", "inputs"),
+         "RewardWeightingMixin._update_from_gram: one policy loss per reward"),
+    Seam(RL, "_get_learning_rate", "call", (),
+         "RewardWeightingMixin._update_from_gram: the step size of the Gram update"),
+    Seam(RL, "_load_rng_state", "call", ("checkpoint",),
+         "RewardWeightingMixin.get_batch_samples: RNG after the resumed first fetch"),
     Seam(ALL, "_remove_unused_columns", "call", ("dataset", "description="), "WeightingMixin: the DGA target set"),
     Seam(("trl.trainer.utils",), "add_fused_lm_head", "call", ("model",), "loss.enable_fused_log_probs"),
-    Seam(("trl.trainer.utils",), "split_tensor_dict", "call", ("tensor_dict", "num_chunks"), "RewardWeightingMixin._update_from_gram"),
-    Seam(("trl.models.utils",), "prepare_deepspeed", "call", ("model", "accelerator"), "WeightingMixin: a ZeRO reference model"),
-    Seam(("trl.models.utils",), "prepare_fsdp", "call", ("model", "accelerator"), "WeightingMixin: an FSDP reference model"),
-    Seam(("trl.data_utils",), "pack_dataset", "call", ("dataset", "seq_length", "strategy="), "WeightedSFTTrainer._prepare_dataset"),
+    Seam(("trl.trainer.utils",), "split_tensor_dict", "call", ("tensor_dict", "num_chunks"),
+         "RewardWeightingMixin._update_from_gram"),
+    Seam(("trl.models.utils",), "prepare_deepspeed", "call", ("model", "accelerator"),
+         "WeightingMixin: a ZeRO reference model"),
+    Seam(("trl.models.utils",), "prepare_fsdp", "call", ("model", "accelerator"),
+         "WeightingMixin: an FSDP reference model"),
+    Seam(("trl.data_utils",), "pack_dataset", "call", ("dataset", "seq_length", "strategy="),
+         "WeightedSFTTrainer._prepare_dataset"),
     Seam(("trl.kernels.chunked_divergence",), "ChunkedDivergenceFunction.forward", "call",
-         ("ctx", "student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias",
-          "beta", "temperature="), "loss.chunked_forward_kl (positional, through .apply)"),
+         ("ctx", "student_hidden", "student_weight", "student_bias",
+          "teacher_hidden", "teacher_weight", "teacher_bias", "beta", "temperature="),
+         "loss.chunked_forward_kl (positional, through .apply)"),
     # -- logic hfweight mirrors ---------------------------------------------------------------------------------------
     Seam(ALL, "_get_num_items_in_batch", "mirror", ("batch_samples", "device"),
          "WeightingMixin._replica_factor: tp × cp × sp ranks share a batch"),
@@ -87,7 +107,8 @@ SEAMS = [
     Seam(ALL, "_signature_columns", "attribute", (), "WeightingMixin._set_signature_columns_if_needed appends to it"),
     Seam(RL, "_metrics", "attribute", (), "RewardWeightingMixin._update_from_gram truncates its per-mode lists"),
     # -- outputs hfweight reads ---------------------------------------------------------------------------------------
-    Seam(("trl.trainer.utils",), "add_fused_lm_head", "behaviour", (), "loss.token_log_probs reads .log_probs and .label_mask"),
+    Seam(("trl.trainer.utils",), "add_fused_lm_head", "behaviour", (),
+         "loss.token_log_probs reads .log_probs and .label_mask"),
 ]
 # fmt: on
 
@@ -133,7 +154,7 @@ def _fits_call(expected: tuple[str, ...], found: tuple[str, ...]) -> bool:
     """hfweight's arguments come first, in order; whatever upstream added after them is optional."""
     if found[: len(expected)] != expected:
         return False
-    return all(p.endswith("=") or p.startswith("*") for p in found[len(expected):])
+    return all(p.endswith("=") or p.startswith("*") for p in found[len(expected) :])
 
 
 def _lookup(owner: str, name: str):
@@ -165,15 +186,33 @@ def _constructed(owner: str):
     out = tempfile.mkdtemp(prefix="hfw_seams_")
     common = dict(output_dir=out, report_to="none", use_cpu=True, max_steps=1, disable_tqdm=True)
     if owner == "transformers.Trainer":
-        return Trainer(model=tiny_model(), args=TrainingArguments(**common), train_dataset=toy_dataset(4),
-                       data_collator=pad_collate)
+        return Trainer(
+            model=tiny_model(),
+            args=TrainingArguments(**common),
+            train_dataset=toy_dataset(4),
+            data_collator=pad_collate,
+        )
     if owner == "trl.SFTTrainer":
-        data = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows(4)])
-        return SFTTrainer(model=tiny_model(), args=SFTConfig(**common, max_length=24), train_dataset=data,
-                          processing_class=tiny_tokenizer())
-    trainer_cls, config_cls = {"trl.GRPOTrainer": (GRPOTrainer, GRPOConfig), "trl.RLOOTrainer": (RLOOTrainer, RLOOConfig)}[owner]
-    return trainer_cls(model=tiny_model(), reward_funcs=list(REWARDS), args=config_cls(**rl_args(out)),
-                       train_dataset=prompt_dataset(8), processing_class=tiny_tokenizer())
+        data = datasets.Dataset.from_list(
+            [{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows(4)]
+        )
+        return SFTTrainer(
+            model=tiny_model(),
+            args=SFTConfig(**common, max_length=24),
+            train_dataset=data,
+            processing_class=tiny_tokenizer(),
+        )
+    trainer_cls, config_cls = {
+        "trl.GRPOTrainer": (GRPOTrainer, GRPOConfig),
+        "trl.RLOOTrainer": (RLOOTrainer, RLOOConfig),
+    }[owner]
+    return trainer_cls(
+        model=tiny_model(),
+        reward_funcs=list(REWARDS),
+        args=config_cls(**rl_args(out)),
+        train_dataset=prompt_dataset(8),
+        processing_class=tiny_tokenizer(),
+    )
 
 
 def _check_attribute(owner: str, name: str) -> str | None:
@@ -184,11 +223,16 @@ def _check_attribute(owner: str, name: str) -> str | None:
     if name == "_signature_columns":
         trainer._set_signature_columns_if_needed()  # what the mixin's override calls before appending
         columns = trainer._signature_columns
-        return None if isinstance(columns, list) else f"a {type(columns).__name__} after _set_signature_columns_if_needed, not a list"
+        return (
+            None
+            if isinstance(columns, list)
+            else f"a {type(columns).__name__} after _set_signature_columns_if_needed, not a list"
+        )
     if name == "_metrics":
         metrics = trainer._metrics
         if not isinstance(metrics, dict) or not {"train", "eval"} <= set(metrics):
-            return f"{type(metrics).__name__} with keys {sorted(metrics) if isinstance(metrics, dict) else '?'}, not a dict of train/eval"
+            keys = sorted(metrics) if isinstance(metrics, dict) else "?"
+            return f"{type(metrics).__name__} with keys {keys}, not a dict of train/eval"
         per_mode = metrics["train"]
         per_mode["hfw_probe"].append(1.0)  # hfweight reads lengths and truncates lists in place
         del per_mode["hfw_probe"]
@@ -197,8 +241,8 @@ def _check_attribute(owner: str, name: str) -> str | None:
 
 
 def _check_fused_head_behaviour() -> str | None:
-    """``model(..., labels=, fused_lm_head=True)`` returns ``log_probs`` and ``label_mask`` of shape ``(B, T-1)``, equal to
-    log-softmax of the plain logits at the shifted labels (zero where ignored)."""
+    """``model(..., labels=, fused_lm_head=True)`` returns ``log_probs`` and ``label_mask`` of shape ``(B, T-1)``,
+    equal to log-softmax of the plain logits at the shifted labels (zero where ignored)."""
     from trl.trainer.utils import add_fused_lm_head
 
     model = tiny_model()
@@ -216,9 +260,11 @@ def _check_fused_head_behaviour() -> str | None:
         if getattr(out, field, None) is None:
             return f"the output has no {field} (fields: {list(out.keys())})"
     if tuple(out.log_probs.shape) != tuple(target.shape) or not torch.equal(out.label_mask.bool(), mask):
-        return f"log_probs {tuple(out.log_probs.shape)} / label_mask not the (B, T-1) shifted-label mask {tuple(target.shape)}"
+        shape = tuple(target.shape)
+        return f"log_probs {tuple(out.log_probs.shape)} / label_mask not the (B, T-1) shifted-label mask {shape}"
     if not torch.allclose(out.log_probs.double(), expected, atol=1e-5):
-        return f"log_probs differ from log-softmax at the shifted labels by {(out.log_probs.double() - expected).abs().max():.2e}"
+        gap = (out.log_probs.double() - expected).abs().max()
+        return f"log_probs differ from log-softmax at the shifted labels by {gap:.2e}"
     return None
 
 
@@ -244,7 +290,9 @@ def test_seam(seam: Seam, owner: str):
     )
     if seam.use == "override":
         ours = _hfweight_override(owner, seam.name)
-        assert ours is not None, f"seam {where}: the table says hfweight overrides it, but no hfweight class on {owner} does"
+        assert ours is not None, (
+            f"seam {where}: the table says hfweight overrides it, but no hfweight class on {owner} does"
+        )
         assert _params(ours) == expected, (
             f"seam {where}: hfweight's override takes {_render(_params(ours))}, the table says {_render(expected)}"
         )
@@ -260,6 +308,11 @@ def test_the_table_lists_every_override_of_an_upstream_private_method():
             if not cls.__module__.startswith("hfweight"):
                 continue
             for name in vars(cls):
-                if name.startswith("_") and not name.startswith("__") and hasattr(parent, name) and (owner, name) not in listed:
+                if (
+                    name.startswith("_")
+                    and not name.startswith("__")
+                    and hasattr(parent, name)
+                    and (owner, name) not in listed
+                ):
                     missing.append(f"{owner}.{name} (overridden in {cls.__qualname__})")
     assert not missing, f"overrides of upstream private methods missing from SEAMS: {sorted(set(missing))}"
