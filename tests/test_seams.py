@@ -174,16 +174,17 @@ def _hfweight_override(owner: str, name: str):
     return None
 
 
-@functools.cache
-def _constructed(owner: str):
-    """A real upstream trainer on the tiny model (a few hundred ms; built once per owner)."""
-    import tempfile
+@pytest.fixture(scope="module")
+def constructed(tmp_path_factory):
+    """``constructed(owner)``: a real upstream trainer on the tiny model (under a second; built once per owner)."""
+    return functools.cache(lambda owner: _construct(owner, str(tmp_path_factory.mktemp("seams"))))
 
+
+def _construct(owner: str, out: str):
     import datasets
     from transformers import Trainer, TrainingArguments
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer
 
-    out = tempfile.mkdtemp(prefix="hfw_seams_")
     common = dict(output_dir=out, report_to="none", use_cpu=True, max_steps=1, disable_tqdm=True)
     if owner == "transformers.Trainer":
         return Trainer(
@@ -215,9 +216,8 @@ def _constructed(owner: str):
     )
 
 
-def _check_attribute(owner: str, name: str) -> str | None:
+def _check_attribute(trainer, name: str) -> str | None:
     """What is wrong with the attribute on a constructed trainer, or None."""
-    trainer = _constructed(owner)
     if not hasattr(trainer, name):
         return "no such attribute after __init__"
     if name == "_signature_columns":
@@ -269,11 +269,11 @@ def _check_fused_head_behaviour() -> str | None:
 
 
 @pytest.mark.parametrize("seam,owner", list(_cases()))
-def test_seam(seam: Seam, owner: str):
+def test_seam(seam: Seam, owner: str, constructed):
     where = f"{owner}.{seam.name}"
     context = f"hfweight relies on it in {seam.why}; installed: {_versions()}"
     if seam.use == "attribute":
-        problem = _check_attribute(owner, seam.name)
+        problem = _check_attribute(constructed(owner), seam.name)
         assert problem is None, f"seam {where} ({seam.use}): {problem}. {context}"
         return
     if seam.use == "behaviour":
