@@ -6,6 +6,7 @@ Kept independent of the built-in corpus so the core tests run in seconds and als
 from __future__ import annotations
 
 import datasets
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
@@ -120,6 +121,30 @@ def max_relative_difference(a: dict, b: dict) -> float:
         diff = (a[k] - b[k]).norm().item()
         worst = max(worst, diff / denom if denom > 0 else diff)
     return worst
+
+
+def logged_by_step(trainer, keys) -> dict[int, dict[str, float]]:
+    """Each training step's log, restricted to ``keys`` and to the keys that step actually logged.
+
+    A domain with no sample in a step logs no ``domain_loss/<domain>`` (``WeightingMixin._finish_step``: its mean
+    loss is 0/0), so which keys a step has is part of the record, not a missing value to fill.
+    """
+    return {
+        h["step"]: {k: h[k] for k in keys if k in h} for h in trainer.state.log_history if "loss" in h
+    }
+
+
+def assert_same_step_logs(expected: dict, got: dict, steps, rel: float = 1e-6) -> None:
+    """Two runs logged the same keys at each of ``steps`` (a domain absent from a step of one run is absent from the
+    same step of the other: the same rows were drawn) and the same values to ``rel``."""
+    for step in steps:
+        assert step in expected and step in got and "loss" in expected[step], f"step {step} did not log a loss"
+        assert set(got[step]) == set(expected[step]), (
+            f"step {step}: logged {sorted(got[step])}, expected {sorted(expected[step])} (a domain present in one run "
+            "and absent from the other means different rows were drawn)"
+        )
+        for key, value in expected[step].items():
+            assert got[step][key] == pytest.approx(value, rel=rel, nan_ok=True), f"step {step}, {key}"
 
 
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]

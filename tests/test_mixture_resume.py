@@ -4,12 +4,10 @@ domains, and exact resume of the held-out (Aioli) and gradient (DGA) protocols."
 
 from __future__ import annotations
 
-import math
-
 import datasets
 import pytest
 import torch
-from helpers import toy_dataset, toy_rows
+from helpers import assert_same_step_logs, logged_by_step, toy_dataset, toy_rows
 from helpers_mixture import NAMES, _by_step, _stream, _stream_trainer, _trainer
 
 
@@ -102,11 +100,6 @@ def test_resume_of_eval_and_gradient_protocols(tmp_path, mixture, kwargs):
     resumed = make(tmp_path / "resumed", 6)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
 
-    def logged(trainer):
-        keys = ["loss"] + [f"mixture/{n}" for n in NAMES] + [f"domain_loss/{n}" for n in NAMES]
-        return {h["step"]: tuple(h.get(k, math.nan) for k in keys) for h in trainer.state.log_history if "loss" in h}
-
-    expected, got = logged(straight), logged(resumed)
-    for step in (4, 5, 6):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, nan_ok=True), step
+    keys = ["loss"] + [f"mixture/{n}" for n in NAMES] + [f"domain_loss/{n}" for n in NAMES]
+    assert_same_step_logs(logged_by_step(straight, keys), logged_by_step(resumed, keys), steps=(4, 5, 6))
     assert torch.equal(resumed.mixture.probabilities(), straight.mixture.probabilities())

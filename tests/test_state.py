@@ -1,13 +1,12 @@
 """Strategy state is saved in every checkpoint and restored on resume, so a resumed run continues exactly."""
 
-import math
 import os
 import re
 import shutil
 
 import pytest
 import torch
-from helpers import pad_collate, tiny_model, toy_dataset, training_args
+from helpers import assert_same_step_logs, logged_by_step, pad_collate, tiny_model, toy_dataset, training_args
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments, register_sample_weighting
 from hfweight.state import load_state, resolve_resume_checkpoint, save_state
@@ -127,13 +126,21 @@ def test_resume_mixture_and_sampler_exactly(tmp_path, mixture, kwargs, mode):
     resumed = _mixture_trainer(tmp_path / "resumed", 6, mixture, kwargs, mode)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
 
-    def logged(trainer):
-        keys = ("loss", "mixture/code", "domain_loss/code", "domain_loss/prose", "domain_loss/math")
-        return {h["step"]: tuple(h.get(k, math.nan) for k in keys) for h in trainer.state.log_history if "loss" in h}
+    keys = ("loss", "mixture/code", "domain_loss/code", "domain_loss/prose", "domain_loss/math")
+    assert_same_step_logs(logged_by_step(straight, keys), logged_by_step(resumed, keys), steps=(4, 5, 6))
 
-    expected, got = logged(straight), logged(resumed)
-    for step in (4, 5, 6):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, nan_ok=True), step
+
+def test_step_log_comparison_keeps_absent_domains_apart():
+    """The resume comparison: a domain absent from the same step of both runs matches; absent from one only, or a
+    different value, fails."""
+    straight = {4: {"loss": 4.0, "domain_loss/code": 3.5}, 5: {"loss": 3.9, "domain_loss/code": 3.4, "domain_loss/math": 4.2}}
+    assert_same_step_logs(straight, {4: dict(straight[4]), 5: dict(straight[5])}, steps=(4, 5))
+    with pytest.raises(AssertionError, match="step 4: logged"):
+        assert_same_step_logs(straight, {4: {**straight[4], "domain_loss/math": 4.1}, 5: straight[5]}, steps=(4, 5))
+    with pytest.raises(AssertionError, match="step 5: logged"):
+        assert_same_step_logs(straight, {4: straight[4], 5: {"loss": 3.9, "domain_loss/code": 3.4}}, steps=(4, 5))
+    with pytest.raises(AssertionError, match="step 5, domain_loss/math"):
+        assert_same_step_logs(straight, {4: straight[4], 5: {**straight[5], "domain_loss/math": 4.3}}, steps=(4, 5))
 
 
 def test_resample_follows_the_mixture(tmp_path):
