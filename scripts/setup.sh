@@ -85,7 +85,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
 fi
 
 # 4. hfweight and everything else, at the lock's versions; the torch found or installed above is never replaced.
-installed_torch=$("$PYTHON" -c "import torch; print(torch.__version__)")
+installed_torch=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null)
 echo "torch==$installed_torch" > ".cache/constraint-$env_key-torch.txt"
 constraints+=(-c ".cache/constraint-$env_key-torch.txt")
 if [ -f "$stamp" ] && "$PYTHON" -c "import hfweight, trl, pytest, matplotlib" >/dev/null 2>&1; then

@@ -106,6 +106,8 @@ SEAMS = [
     # -- attributes set in upstream __init__ --------------------------------------------------------------------------
     Seam(ALL, "_signature_columns", "attribute", (), "WeightingMixin._set_signature_columns_if_needed appends to it"),
     Seam(RL, "_metrics", "attribute", (), "RewardWeightingMixin._update_from_gram truncates its per-mode lists"),
+    Seam(LM, "loss_is_scaled_for_ga", "attribute", (),
+         "WeightingMixin: the step-normalized loss must not be divided by GA again (transformers >= 5.19)"),
     # -- outputs hfweight reads ---------------------------------------------------------------------------------------
     Seam(("trl.trainer.utils",), "add_fused_lm_head", "behaviour", (),
          "loss.token_log_probs reads .log_probs and .label_mask"),
@@ -237,6 +239,12 @@ def _check_attribute(trainer, name: str) -> str | None:
         per_mode["hfw_probe"].append(1.0)  # hfweight reads lengths and truncates lists in place
         del per_mode["hfw_probe"]
         return None
+    if name == "loss_is_scaled_for_ga":
+        # Public since transformers 5.19, but only a promise if training_step still reads it before dividing by GA.
+        from transformers import Trainer
+
+        source = inspect.getsource(Trainer.training_step)  # SFTTrainer's own training_step ends in Trainer's
+        return None if name in source else "training_step no longer reads it (would divide the loss by GA again)"
     raise AssertionError(f"no attribute check written for {name}")
 
 
