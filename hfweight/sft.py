@@ -24,8 +24,14 @@ from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
 from .columns import discover_domains
-from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN, WeightingArguments
-from .mixin import WeightingMixin, _is_map_dataset
+from .config import (
+    REF_LOGPS_COLUMN,
+    SAMPLE_WEIGHT_COLUMN,
+    TOKEN_WEIGHTS_COLUMN,
+    WeightingArguments,
+    as_weighted_config,
+)
+from .mixin import WeightingMixin, _is_map_dataset, check_declared_domains
 
 TOKEN_COLUMNS = (TOKEN_WEIGHTS_COLUMN, REF_LOGPS_COLUMN)
 
@@ -44,13 +50,14 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
     """Drop-in for ``trl.SFTTrainer``. With every weighting field off it is exactly the parent."""
 
     def __init__(self, model=None, args: WeightedSFTConfig | None = None, *posargs, reference_model=None, **kwargs):
-        if args is not None and not hasattr(args, "weighting_enabled"):
-            raise TypeError(f"WeightedSFTTrainer needs WeightedSFTConfig, got {type(args).__name__}.")
+        # Whatever the parent takes (None, a TrainingArguments, a plain SFTConfig) becomes a WeightedSFTConfig with
+        # weighting off, built as the parent builds its own.
+        args = as_weighted_config(WeightedSFTConfig, args, model, SFTConfig, "SFT")
         train_dataset = kwargs.get("train_dataset")
         self._weighting_args = args
         # Domains are discovered on the raw data, before packing merges rows; preparation maps them to indices.
         self._preset_domains = None
-        if args is not None and args.weighting_enabled and _is_map_dataset(train_dataset):
+        if args.weighting_enabled and _is_map_dataset(train_dataset):
             if args.domain_column in train_dataset.column_names:
                 self._preset_domains = discover_domains(train_dataset, args.domain_column)
         super().__init__(model, args, *posargs, **kwargs)
@@ -108,6 +115,7 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
     def _setup_domains(self) -> None:
         if self._preset_domains is not None:
             values, sizes = self._preset_domains
+            check_declared_domains(self.args, values, f"the training dataset's column {self.args.domain_column!r}")
             self._domain_values = list(range(len(values)))  # preparation turned domains into their indices
             self._setup_domains_from(values, sizes)
         else:
