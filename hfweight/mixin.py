@@ -1254,12 +1254,14 @@ class WeightingMixin:
     def _weighted_loss(self, model, inputs: dict, extras: dict) -> torch.Tensor:
         plan = self._step_plan
         kl = None
+        outputs = {}
         if self._needs_reference_model:
-            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused, self.fused_min_logits)
+            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused, self.fused_min_logits, outputs)
             ref_hidden = reference_hidden_states(self.reference, self.model, inputs)
             kl = chunked_forward_kl(hidden, lm_head_of(model), ref_hidden, lm_head_of(self._reference_module()))
         else:
-            logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits)
+            logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits, outputs)
+        self._log_forward_metrics(inputs, outputs.get("fused"))
         token_loss = -logps
         den_w = extras.get(BATCH_DEN_W)
         loss_w = extra = None
@@ -1293,6 +1295,10 @@ class WeightingMixin:
         if plan.remaining == 0:
             self._finish_step(plan)
         return loss
+
+    def _log_forward_metrics(self, inputs: dict, fused_outputs) -> None:
+        """Hook: metrics the parent trainer logs from its own forward, which the weighted loss replaces (TRL's SFT:
+        entropy, token accuracy, tokens seen). ``fused_outputs`` is the fused head's output, or None."""
 
     def _reference_module(self) -> torch.nn.Module:
         """The module whose LM head scores the reference (the policy itself for a PEFT 'base' reference)."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
+
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
@@ -62,6 +64,34 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
                 self._preset_domains = discover_domains(train_dataset, args.domain_column)
         super().__init__(model, args, *posargs, **kwargs)
         self._setup_weighting(reference_model)
+
+    # ---- TRL's training metrics, from the weighted loss's own forward --------------------------------------------------
+
+    def _log_forward_metrics(self, inputs: dict, fused_outputs) -> None:
+        """Log what ``SFTTrainer.compute_loss`` logs from its forward — ``entropy`` and ``mean_token_accuracy`` over the
+        valid label tokens of all ranks, and the running ``num_tokens`` — since the weighted loss replaces that
+        forward. They come from the same fused LM head (TRL 1.16: per-position entropy and top-1 flag, computed tile by
+        tile, so no full-vocabulary fp32 logits are materialized) and are reduced the same way, so with weighting on
+        they are TRL's numbers for the same model and batch."""
+        if fused_outputs is None:  # only without an LM head TRL can drive, where SFTTrainer itself cannot train
+            return
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        gather = self.accelerator.gather_for_metrics
+        valid = gather(fused_outputs.label_mask.sum()).sum()
+        entropy = gather(fused_outputs.entropy.detach().sum()).sum()
+        correct = gather(fused_outputs.is_top1.sum()).sum()
+        metrics["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        if self.model.training:
+            if "attention_mask" in inputs:
+                seen = gather(inputs["attention_mask"].sum()).sum().item()
+            elif "position_ids" in inputs:  # padding-free batches: one row of packed positions
+                positions = inputs["position_ids"]
+                seen = gather(torch.tensor(positions.size(1), device=positions.device)).sum().item()
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in the batch to count the tokens seen.")
+            self._total_train_tokens += seen // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
 
     # ---- dataset preparation that carries the weighting columns ------------------------------------------------------
 
