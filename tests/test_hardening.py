@@ -126,6 +126,23 @@ def test_sft_accepts_plain_training_arguments_like_the_parent(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_trainer_accepts_plain_training_arguments_like_the_parent(tmp_path):
+    """WeightedTrainer(args=TrainingArguments(...)) runs with weighting off, bit for bit like transformers.Trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    from hfweight import WeightedTrainer, WeightedTrainingArguments
+
+    runs = {}
+    for cls in (Trainer, WeightedTrainer):
+        args = TrainingArguments(**training_args(str(tmp_path / cls.__name__), max_steps=2))
+        trainer = cls(model=tiny_model(), args=args, train_dataset=toy_dataset(8), data_collator=pad_collate)
+        trainer.train()
+        runs[cls] = trainer
+    assert type(runs[WeightedTrainer].args) is WeightedTrainingArguments
+    for (name, p), q in zip(runs[WeightedTrainer].model.named_parameters(), runs[Trainer].model.parameters()):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("peft", [False, True])
 def test_sft_with_args_none_builds_the_parents_default_config(tmp_path, monkeypatch, peft):
     import datasets
@@ -339,7 +356,7 @@ def test_rho1_normalizes_over_the_kept_tokens(tmp_path, normalization, column, m
     trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collate,
                               callbacks=[capture])
     trainer.train()
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
     for name, p in reference_model.named_parameters():
         torch.testing.assert_close(capture.steps[0][name].double(), p.grad, rtol=1e-4, atol=1e-7)
 
