@@ -303,7 +303,7 @@ def as_weighted_config(config_cls: type, args: Any, model: Any, parent_cls: type
 
     - ``None``: the parent builds its default config named ``"<model name>-<suffix>"``; so do we, as ``config_cls``
       with weighting off.
-    - a Weighted config: used as is.
+    - a ``config_cls``: used as is (another Weighted config is an error: its weighting fields would be dropped).
     - a plain ``parent_cls`` (``SFTConfig``, ``GRPOConfig``, ``RLOOConfig``): its already-initialized fields are taken
       over unchanged (re-running its ``__post_init__`` could fail on fields it derived) and every weighting field gets
       its default (off).
@@ -315,8 +315,14 @@ def as_weighted_config(config_cls: type, args: Any, model: Any, parent_cls: type
 
         name = model if isinstance(model, str) else get_config_model_id(model.config)
         return config_cls(f"{name.split('/')[-1]}-{default_suffix}")
-    if isinstance(args, WeightingArguments):
+    trainer = config_cls.__name__.replace("Config", "Trainer").replace("TrainingArguments", "Trainer")
+    if isinstance(args, config_cls):
         return args
+    if isinstance(args, WeightingArguments):  # e.g. WeightedTrainingArguments given to WeightedSFTTrainer
+        raise TypeError(
+            f"{trainer} takes a {config_cls.__name__}, got a {type(args).__name__}: build a {config_cls.__name__} with "
+            "the same fields."
+        )
     if isinstance(args, parent_cls):
         converted = config_cls.__new__(config_cls)
         converted.__dict__.update(args.__dict__)
@@ -331,7 +337,7 @@ def as_weighted_config(config_cls: type, args: Any, model: Any, parent_cls: type
         dict_args["hub_token"] = args.hub_token  # to_dict hides the hub token (as in SFTTrainer)
         return config_cls(**dict_args)
     raise TypeError(
-        f"{config_cls.__name__.replace('Config', 'Trainer')} takes a {config_cls.__name__} (or a plain "
+        f"{trainer} takes a {config_cls.__name__} (or a plain "
         f"{parent_cls.__name__}, converted with weighting off); got {type(args).__name__}."
     )
 
