@@ -21,7 +21,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 

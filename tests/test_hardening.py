@@ -4,7 +4,6 @@ denominator, silently ignored fields, missing labels, TRL's SFT metrics, drop-in
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 
 import pytest

@@ -534,7 +534,6 @@ class SAWWeighting(_RewardWeightingBase):
     def _compute(self, rewards, step):
         count, mean, var = column_stats(rewards)
         std = var.sqrt()
-        k = len(self.reward_names)
         if self.statistic == "cv":
             s = std / mean.abs().clamp(min=self.eps)
         elif self.statistic == "std":
