@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
+import pickle
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
@@ -23,6 +25,27 @@ IMPLEMENTED_MIXTURE_MODES = ("resample", "upweight")
 SAMPLE_WEIGHT_COLUMN = "sample_weight"
 TOKEN_WEIGHTS_COLUMN = "token_weights"
 REF_LOGPS_COLUMN = "ref_logps"
+
+
+STRATEGY_FIELDS = ("token_weighting", "sample_weighting", "mixture", "reward_weighting")
+
+
+def qualified_name(obj: Any) -> str:
+    """``"module:qualname"`` of a function or class (of an object's class otherwise): importable for module-level
+    names (``mixture_kwargs['policy']`` accepts it), a readable record for lambdas and closures."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(target, '__module__', '?')}:{target.__qualname__}"
+
+
+def _picklable(value: Any) -> Any:
+    """``value`` if pickle can store it, else its :func:`qualified_name`."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    try:
+        pickle.dumps(value)
+    except Exception:  # pickle raises PicklingError, AttributeError or TypeError depending on the object
+        return qualified_name(value)
+    return value
 
 
 def _kwargs_dict(value: Any, name: str) -> dict:
@@ -133,7 +156,7 @@ class WeightingArguments:
 
     def validate_weighting(self) -> None:
         """Check every weighting field now, so a bad config fails before any model or data is loaded."""
-        for name in ("token_weighting", "sample_weighting", "mixture", "reward_weighting"):
+        for name in STRATEGY_FIELDS:
             setattr(self, f"{name}_kwargs", _kwargs_dict(getattr(self, f"{name}_kwargs"), f"{name}_kwargs"))
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(
@@ -153,6 +176,34 @@ class WeightingArguments:
                 f"`mixture_mode={self.mixture_mode!r}` is not available yet in this version of hfweight; use "
                 f"one of {IMPLEMENTED_MIXTURE_MODES}."
             )
+        if self.supervised_loss:
+            self.check_unused_reference("reference_model", self.reference_model)
+            if self.loss_normalization != "token" and not self.weighting_enabled:
+                raise ValueError(
+                    f"`loss_normalization={self.loss_normalization!r}` has no effect without a weighting: with "
+                    "token_weighting, sample_weighting and mixture all None the trainer is its parent, whose loss is "
+                    "the token mean. Set a weighting (e.g. sample_weighting='static' with a `sample_weight` column) "
+                    "or drop the field."
+                )
+
+    supervised_loss = True
+    """Whether the trainer's loss is the weighted cross-entropy of :mod:`hfweight.loss` (False for GRPO/RLOO)."""
+
+    def uses_reference_model(self) -> bool:
+        """Whether a configured strategy reads a reference model (or its precomputed ``ref_logps``)."""
+        built = (self.build_token_weighting(), self.build_mixture())
+        return any(getattr(s, "needs_reference", False) or getattr(s, "needs_reference_model", False) for s in built)
+
+    def check_unused_reference(self, what: str, reference) -> None:
+        """A reference model no strategy reads would never be loaded (a wrong path would pass unnoticed): error."""
+        if reference is None or self.uses_reference_model():
+            return
+        shown = reference if isinstance(reference, str) else type(reference).__name__
+        raise ValueError(
+            f"`{what}={shown!r}` is set but no configured strategy uses a reference model (token_weighting="
+            f"{self.token_weighting!r}, mixture={self.mixture!r}), so it would never be loaded. Reference-based "
+            "strategies: token_weighting 'prior', 'rho1', 'asft' and mixture 'doremi'. Remove it or choose one of those."
+        )
 
     def build_token_weighting(self):
         return None if self.token_weighting is None else TOKEN_WEIGHTINGS.build(
@@ -180,7 +231,7 @@ class WeightingArguments:
     def weighting_summary(self) -> dict:
         """The weighting configuration as plain JSON-able values (for logs and the model card)."""
         summary = {}
-        for name in ("token_weighting", "sample_weighting", "mixture", "reward_weighting"):
+        for name in STRATEGY_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
@@ -195,10 +246,41 @@ class WeightingArguments:
             summary["reference_model"] = self.reference_model
         return summary
 
+    # ---- pickling (Trainer saves `training_args.bin` with torch.save in every checkpoint) ----------------------------
+
+    def __getstate__(self):
+        """What ``pickle`` stores: every field as is, except values pickle cannot store by reference — a lambda or a
+        closure in a ``*_kwargs`` dict (e.g. ``mixture_kwargs['policy']``), or a strategy object holding one — which
+        are replaced by their qualified name (``"module:qualname"``). Without this the first checkpoint of such a run
+        dies in ``torch.save(args)``. The live arguments keep the callable; so do ``copy.copy``/``copy.deepcopy``
+        (:meth:`__copy__`, :meth:`__deepcopy__`). Resuming needs nothing from ``training_args.bin``: the trainer is
+        built again from the user's code, with the callable."""
+        state = dict(self.__dict__)
+        for name in STRATEGY_FIELDS:
+            state[name] = _picklable(state.get(name))
+            kwargs = state.get(f"{name}_kwargs")
+            if isinstance(kwargs, dict):
+                state[f"{name}_kwargs"] = {key: _picklable(value) for key, value in kwargs.items()}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def to_dict(self):
         # Strategy objects are not JSON-serializable; record their class names instead.
         d = super().to_dict()
-        for name in ("token_weighting", "sample_weighting", "mixture", "reward_weighting"):
+        for name in STRATEGY_FIELDS:
             if d.get(name) is not None and not isinstance(d[name], str):
                 d[name] = type(d[name]).__name__
         return d
@@ -214,3 +296,48 @@ class WeightedTrainingArguments(WeightingArguments, TrainingArguments):
             raise ValueError(
                 "`reward_weighting` applies to GRPO/RLOO only; use WeightedGRPOConfig or WeightedRLOOConfig."
             )
+
+
+def as_weighted_config(config_cls: type, args: Any, model: Any, parent_cls: type, default_suffix: str):
+    """The ``config_cls`` (a Weighted* config) a drop-in trainer runs with, from any ``args`` its parent accepts.
+
+    - ``None``: the parent builds its default config named ``"<model name>-<suffix>"``; so do we, as ``config_cls``
+      with weighting off.
+    - a ``config_cls``: used as is (another Weighted config is an error: its weighting fields would be dropped).
+    - a plain ``parent_cls`` (``SFTConfig``, ``GRPOConfig``, ``RLOOConfig``): its already-initialized fields are taken
+      over unchanged (re-running its ``__post_init__`` could fail on fields it derived) and every weighting field gets
+      its default (off).
+    - a plain ``TrainingArguments`` where the parent converts one (``SFTTrainer``): converted the parent's way,
+      through ``to_dict()``.
+    """
+    if args is None:
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return config_cls(f"{name.split('/')[-1]}-{default_suffix}")
+    trainer = config_cls.__name__.replace("Config", "Trainer").replace("TrainingArguments", "Trainer")
+    if isinstance(args, config_cls):
+        return args
+    if isinstance(args, WeightingArguments):  # e.g. WeightedTrainingArguments given to WeightedSFTTrainer
+        raise TypeError(
+            f"{trainer} takes a {config_cls.__name__}, got a {type(args).__name__}: build a {config_cls.__name__} with "
+            "the same fields."
+        )
+    if isinstance(args, parent_cls):
+        converted = config_cls.__new__(config_cls)
+        converted.__dict__.update(args.__dict__)
+        for spec in fields(config_cls):
+            if spec.name not in converted.__dict__:
+                value = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+                setattr(converted, spec.name, value)
+        converted.validate_weighting()
+        return converted
+    if isinstance(args, TrainingArguments) and parent_cls.__name__ == "SFTConfig":
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token  # to_dict hides the hub token (as in SFTTrainer)
+        return config_cls(**dict_args)
+    raise TypeError(
+        f"{trainer} takes a {config_cls.__name__} (or a plain "
+        f"{parent_cls.__name__}, converted with weighting off); got {type(args).__name__}."
+    )
+

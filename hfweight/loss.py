@@ -112,7 +112,7 @@ def use_fused_head(model: nn.Module, inputs: dict, fused: bool, min_logits: int 
 
 
 def token_log_probs(
-    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None
+    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None, keep: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model and return ``(log_probs, mask)``, both ``(B, T-1)`` aligned with the shifted labels.
 
@@ -120,9 +120,13 @@ def token_log_probs(
     :func:`use_fused_head` says it pays off, with ``min_fused_logits`` overriding the size threshold.
     ``log_probs`` is 0 on ignored positions and stays connected to the graph even when no label is valid (so an
     all-ignored micro-batch still backpropagates a zero, which DDP/FSDP need to avoid hanging).
+    ``keep``: a dict that receives the fused head's whole output under ``"fused"`` when that path runs (TRL's SFT head
+    also returns each position's entropy and whether the label is the top-1 token, computed tile by tile).
     """
     if use_fused_head(model, inputs, fused, min_fused_logits):
         out = model(**inputs, fused_lm_head=True)
+        if keep is not None:
+            keep["fused"] = out
         return out.log_probs, out.label_mask
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     logits = model(**forward_inputs).logits
@@ -144,7 +148,9 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def token_log_probs_and_hidden(model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None):
+def token_log_probs_and_hidden(
+    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None, keep: dict | None = None
+):
     """:func:`token_log_probs` plus the backbone's last hidden state ``(B, T, H)`` (kept in the graph).
 
     The forward still goes through ``model`` (so DDP/FSDP see it); a forward hook on the backbone hands back its
@@ -157,7 +163,7 @@ def token_log_probs_and_hidden(model: nn.Module, inputs: dict, fused: bool, min_
 
     handle = backbone_of(model).register_forward_hook(hook)
     try:
-        logps, mask = token_log_probs(model, inputs, fused, min_fused_logits)
+        logps, mask = token_log_probs(model, inputs, fused, min_fused_logits, keep)
     finally:
         handle.remove()
     return logps, mask, captured["hidden"]

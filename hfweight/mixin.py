@@ -123,6 +123,37 @@ def _is_map_dataset(dataset) -> bool:
         return False
 
 
+def check_labels(batch: dict) -> None:
+    """Every weighted loss is a weighted next-token cross-entropy over ``labels``: say so when a batch has none (the
+    parent Trainer would explain that the model returned no loss; a bare ``KeyError`` deep in the loss would not)."""
+    if "labels" not in batch:
+        keys = sorted(k for k in batch if not k.startswith(BATCH_PREFIX))
+        raise ValueError(
+            f"The weighted loss needs `labels` (next-token targets, -100 where ignored) in every batch; this batch has "
+            f"only {keys}. Use a data collator that adds them, e.g. transformers.DataCollatorForLanguageModeling("
+            "tokenizer, mlm=False) (labels = input_ids with padding ignored), or add a `labels` column."
+        )
+
+
+def check_declared_domains(args, found: list, source: str) -> None:
+    """``mixture_kwargs['domains']`` is read only when the data cannot tell its domains (a ``datasets.IterableDataset``
+    or no domain column). Where the domains come from ``source`` instead, a different list is an error (the user's
+    list would be silently replaced) and the same list a warning (it has no effect)."""
+    declared = (args.mixture_kwargs or {}).get("domains") if args.mixture is not None else None
+    if not declared:
+        return
+    if sorted(map(str, declared)) != sorted(map(str, found)):
+        raise ValueError(
+            f"mixture_kwargs['domains']={list(declared)} differs from the domains {sorted(map(str, found))} read from "
+            f"{source}, which is where this run takes its domains from (the declared list is only read for a "
+            "`datasets.IterableDataset` or a dataset without a domain column). Fix the list or drop it."
+        )
+    logger.warning(
+        "hfweight: mixture_kwargs['domains'] has no effect: the domains are read from %s (it is only read for a "
+        "`datasets.IterableDataset` or a dataset without a domain column).", source,
+    )
+
+
 class _SamplerAtStep:
     """The domain sampler's state at the last consumed optimizer step (the DataLoader reads ahead of training)."""
 
@@ -182,6 +213,10 @@ class _StepPlan:
     """Score mode: ``(global SampleContext, this rank's offset)`` of the scoring pass."""
     closed: bool = False
     """Set once the step's end-of-step work (rescale, strategy update, meta step) has run."""
+    exact_denominator: torch.Tensor | None = None
+    """A token weighting whose normalizer needs the forward (``denominator_needs_logps``, e.g. Rho-1): this rank's
+    exact share of ``Z``, summed over the micro-batches; ``denominator`` is then the planned estimate, corrected at the
+    end of the step (:meth:`WeightingMixin._correct_denominator`)."""
 
 
 # Columns of the per-sample rows a rescale-mode micro-batch records: its training-forward mean token loss, the
@@ -252,6 +287,10 @@ class WeightingMixin:
         """Build the strategies from ``self.args``; ``reference_model`` may be a model object (else the config's)."""
         args = self.args
         self._reference_override = reference_model
+        # A reference no strategy reads would never be loaded: a wrong path or model would pass unnoticed. The config
+        # checks its own field at construction; this covers the trainer argument and a field set afterwards.
+        args.check_unused_reference("reference_model", args.reference_model)
+        args.check_unused_reference("reference_model (the trainer argument)", reference_model)
         self.weighting_enabled = args.weighting_enabled
         self._weighting_metrics: dict[str, list[float]] = defaultdict(list)
         self._step_plan: _StepPlan | None = None
@@ -309,8 +348,10 @@ class WeightingMixin:
         sizes = None
         if _is_map_dataset(self.train_dataset) and column in self.train_dataset.column_names:
             self._domain_values, sizes = discover_domains(self.train_dataset, column)
+            check_declared_domains(self.args, self._domain_values, f"the training dataset's column {column!r}")
         elif self.mixture is not None and _is_mixture_stream(self.train_dataset):
             self._domain_values = list(self.train_dataset.domain_names)
+            check_declared_domains(self.args, self._domain_values, "the MixtureIterableDataset's streams")
         elif self.mixture is not None:
             declared = (self.args.mixture_kwargs or {}).get("domains")
             if not declared:
@@ -705,6 +746,8 @@ class WeightingMixin:
 
     def _prepare_step(self, batch_samples: list[dict]) -> None:
         """Compute each micro-batch's pre-forward weights and the step denominator ``Z`` (METHODS §0, items 1–5)."""
+        for batch in batch_samples:
+            check_labels(batch)
         if getattr(self, "_alignment_target", None) is not None and self.mixture.gradients_requested():
             self._align_gradients(batch_samples)
         normalization = self.args.loss_normalization
@@ -716,6 +759,9 @@ class WeightingMixin:
         if rescale:  # weights come per micro-batch from its own forward (see _rescale_micro_batch)
             self.sample_weighting.begin_step(self.state.global_step)
         step_weights = self._loss_based_weights(batch_samples) if dynamic and not rescale else None
+        exact_denominator = None
+        if getattr(self.token_weighting, "denominator_needs_logps", False) and not rescale:
+            exact_denominator = self._exact_denominator_start(batch_samples)
         for index, batch in enumerate(batch_samples):
             if "shift_labels" in batch:
                 raise ValueError(
@@ -757,6 +803,7 @@ class WeightingMixin:
             rescale=[] if rescale else None,
             batches=batch_samples if self._meta_batch is not None else None,
             score=self._score_step if dynamic and not rescale else None,
+            exact_denominator=exact_denominator,
         )
         if not rescale:  # rescale mode logs the weights once they are known, at the end of the step
             for key, value in summarize_weights(reduced[1:], extremes).items():
@@ -966,7 +1013,7 @@ class WeightingMixin:
         plan = self._step_plan if getattr(self, "weighting_enabled", False) else None
         if plan is None or plan.closed:
             return loss
-        if plan.rescale is not None:
+        if plan.rescale is not None or plan.exact_denominator is not None:
             plan.returned = loss.detach().to(torch.float64) + plan.returned
         if plan.remaining == 0:  # the step's last backward is done (and DDP has synced); clipping comes next
             plan.closed = True
@@ -976,6 +1023,8 @@ class WeightingMixin:
     def _close_step(self, plan: _StepPlan, loss: torch.Tensor) -> torch.Tensor:
         """After the step's last backward, before clipping and the optimizer step: rescale the gradients (rescale
         mode), update the strategy with the global batch, and run STORM's meta step."""
+        if plan.exact_denominator is not None:
+            loss = self._correct_denominator(plan, loss)
         if plan.rescale is None and self._meta_batch is None:
             return loss
         if plan.rescale is not None:
@@ -1003,18 +1052,7 @@ class WeightingMixin:
         count = rows.shape[0]
         table, offset = self._all_gather_rows(rows.to(self.args.device, torch.float64))
         table = table.cpu()
-        z = float(table[:, 3].sum())
-        z_static = float(plan.denominator)
-        factor = z_static / z if z > 0 else 0.0
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor)
-        loss = (loss + plan.returned * (factor - 1.0)).to(loss.dtype)
-        if z == 0.0 and z_static > 0.0:
-            logger.warning(
-                "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
-                self.state.global_step + 1,
-            )
+        loss = self._rescale_step(plan, loss, float(table[:, 3].sum()))
         losses, u, static = table[:, 0], table[:, 1], table[:, 2]
         valid = torch.isfinite(losses)
         mean_u = float(u[valid].mean()) if bool(valid.any()) else 0.0
@@ -1035,6 +1073,42 @@ class WeightingMixin:
             step=self.state.global_step,
         )
         return loss, ctx, offset, count
+
+    def _rescale_step(self, plan: _StepPlan, loss: torch.Tensor, z: float) -> torch.Tensor:
+        """The micro-batches divided their numerators by the planned ``plan.denominator``; the step's true
+        denominator is ``z``: multiply every gradient by ``planned / z`` (before clipping) and correct the loss handed to
+        the Trainer (the last micro-batch's carries the difference, so the logged loss is the true one)."""
+        planned = float(plan.denominator)
+        factor = planned / z if z > 0 else 0.0
+        if factor != 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        if z == 0.0 and planned > 0.0:
+            logger.warning(
+                "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
+                self.state.global_step + 1,
+            )
+        return (loss + plan.returned * (factor - 1.0)).to(loss.dtype)
+
+    def _exact_denominator_start(self, batch_samples: list[dict]) -> torch.Tensor | None:
+        """Start accumulating the exact denominator of a ``denominator_needs_logps`` token weighting, or None where the
+        planned one is already exact and no correction is possible (DeepSpeed steps inside its backward)."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return torch.zeros((), dtype=torch.float64, device=self.args.device)
+        if self.args.loss_normalization == "sample" or any(BATCH_TOKEN_WEIGHTS in b for b in batch_samples):
+            raise ValueError(
+                f"token_weighting={self.args.token_weighting!r} with a `token_weights` column or "
+                "loss_normalization='sample' normalizes over tokens chosen in the forward, which needs a gradient "
+                "correction before the optimizer step that DeepSpeed's engine does not allow; train it with DDP or FSDP "
+                "(accelerate_configs/ddp.yaml, fsdp2.yaml), or use token normalization without the column."
+            )
+        return None  # token mode without a column: the planned count ceil(k% · n_valid) is the exact one
+
+    def _correct_denominator(self, plan: _StepPlan, loss: torch.Tensor) -> torch.Tensor:
+        """End of step for a ``denominator_needs_logps`` token weighting: all-reduce the exact ``Z`` and rescale."""
+        z = float(self._all_reduce(plan.exact_denominator.view(1) / self._replica_factor())[0])
+        return self._rescale_step(plan, loss, z)
 
     def _meta_forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward of one micro-batch through the (unwrapped) model: each sample's token-loss sum (with graph) and
@@ -1182,12 +1256,14 @@ class WeightingMixin:
     def _weighted_loss(self, model, inputs: dict, extras: dict) -> torch.Tensor:
         plan = self._step_plan
         kl = None
+        outputs = {}
         if self._needs_reference_model:
-            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused, self.fused_min_logits)
+            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused, self.fused_min_logits, outputs)
             ref_hidden = reference_hidden_states(self.reference, self.model, inputs)
             kl = chunked_forward_kl(hidden, lm_head_of(model), ref_hidden, lm_head_of(self._reference_module()))
         else:
-            logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits)
+            logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits, outputs)
+        self._log_forward_metrics(inputs, outputs.get("fused"))
         token_loss = -logps
         den_w = extras.get(BATCH_DEN_W)
         loss_w = extra = None
@@ -1198,6 +1274,14 @@ class WeightingMixin:
             extra = self.token_weighting.extra_token_loss(ctx)
         v, segments = extras.get(BATCH_V), extras[BATCH_SEGMENTS]
         num_samples = int(segments.max()) + 1 if segments.numel() else 0
+        if getattr(self.token_weighting, "denominator_needs_logps", False):
+            # The exact normalizer weights (e.g. Rho-1: the kept tokens times the column), also for the per-sample
+            # means of the sample normalization; the step's Z is corrected at the end of the step.
+            den_w = self._checked(self.token_weighting.denominator_weights_after(ctx), "token denominator weights")
+            if plan.exact_denominator is not None:
+                plan.exact_denominator += weighted_denominator(
+                    mask, den_w, v, self.args.loss_normalization, segments, num_samples
+                ).to(plan.exact_denominator.device)
         if plan.rescale is not None:
             v = self._rescale_micro_batch(plan, extras, token_loss.detach(), mask, v, den_w, segments, num_samples)
         numerator, _ = weighted_numerator(
@@ -1213,6 +1297,10 @@ class WeightingMixin:
         if plan.remaining == 0:
             self._finish_step(plan)
         return loss
+
+    def _log_forward_metrics(self, inputs: dict, fused_outputs) -> None:
+        """Hook: metrics the parent trainer logs from its own forward, which the weighted loss replaces (TRL's SFT:
+        entropy, token accuracy, tokens seen). ``fused_outputs`` is the fused head's output, or None."""
 
     def _reference_module(self) -> torch.nn.Module:
         """The module whose LM head scores the reference (the policy itself for a PEFT 'base' reference)."""

@@ -45,8 +45,8 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from .config import WeightingArguments
-from .mixin import WeightingMixin, _is_map_dataset, _MixtureCallback
+from .config import WeightingArguments, as_weighted_config
+from .mixin import WeightingMixin, _is_map_dataset, _MixtureCallback, check_declared_domains
 from .strategies.base import DomainStats
 from .strategies.rewards import gram_from_gradients
 
@@ -83,8 +83,21 @@ class RewardWeightingArguments(WeightingArguments):
         },
     )
 
+    supervised_loss = False
+
     def validate_rl_weighting(self) -> None:
         trainer = type(self).__name__.replace("Config", "Trainer")
+        ignored = (
+            ("reference_model", None, "the reference GRPO/RLOO regularize towards is TRL's own (the initial policy, "
+             "loaded when `beta` > 0); hfweight's `reference_model` feeds reference-based token weightings and "
+             "mixtures, which the RL trainers do not have"),
+            ("loss_normalization", "token", "the policy loss is TRL's own; its normalization is TRL's `loss_type`"),
+            ("allow_negative_weights", False, "it admits negative `sample_weight`/`token_weights` columns, which the "
+             "RL trainers do not read; a negative reward weight goes in `reward_weights`"),
+        )
+        for name, default, why in ignored:
+            if getattr(self, name) != default:
+                raise ValueError(f"`{name}={getattr(self, name)!r}` has no effect in {trainer}: {why}. Drop the field.")
         for name in ("token_weighting", "sample_weighting"):
             if getattr(self, name) is not None:
                 raise ValueError(
@@ -106,6 +119,12 @@ class RewardWeightingArguments(WeightingArguments):
                 f"`mixture_reward_signal` must be one of {MIXTURE_REWARD_SIGNALS}, got {self.mixture_reward_signal!r}."
             )
         if self.reward_gradient_parameters is not None:
+            if not getattr(self.build_reward_weighting(), "needs_gram", False):
+                raise ValueError(
+                    f"`reward_gradient_parameters={self.reward_gradient_parameters!r}` only selects the parameters of "
+                    f"reward_weighting='gradient''s gradient Gram; with reward_weighting={self.reward_weighting!r} it has "
+                    "no effect. Drop it or set reward_weighting='gradient'."
+                )
             try:
                 re.compile(self.reward_gradient_parameters)
             except re.error as err:
@@ -294,6 +313,15 @@ class DomainRepeatSampler(Sampler[int]):
         self.domain_sampler.load_state_dict(state)
 
 
+def _offsets(tensors: list[torch.Tensor], indices: list[int]) -> list[tuple[int, int]]:
+    """``(index, start)`` in the concatenation of the flattened ``tensors`` for each of ``indices``."""
+    starts, position = [], 0
+    for t in tensors:
+        starts.append(position)
+        position += t.numel()
+    return [(i, starts[i]) for i in indices]
+
+
 # ---- Trainer glue ---------------------------------------------------------------------------------------------------
 
 
@@ -332,15 +360,14 @@ class RewardWeightingMixin(WeightingMixin):
 
     _algorithm = "grpo"
 
-    def _init_rl(self, args, train_dataset, parent_init, *posargs, **kwargs):
-        if args is not None and not hasattr(args, "rl_weighting_enabled"):
-            raise TypeError(
-                f"{type(self).__name__} needs {type(self).__name__.replace('Trainer', 'Config')}, got "
-                f"{type(args).__name__}."
-            )
+    def _init_rl(self, args, train_dataset, parent_init, model, *posargs, **kwargs):
+        # None or a plain GRPOConfig/RLOOConfig becomes the Weighted config with weighting off (as the parent builds
+        # its default config).
+        args = as_weighted_config(self._config_cls, args, model, self._parent_config_cls, self._algorithm.upper())
         self._rl_args = args
         # The domain sampler is built in _get_train_sampler, which TRL calls lazily; it needs the mixture first.
-        self.mixture = args.build_mixture() if args is not None and args.mixture is not None else None
+        self.mixture = args.build_mixture() if args.mixture is not None else None
+        posargs = (model, *posargs)
         parent_init(*posargs, args=args, train_dataset=train_dataset, **kwargs)
         self._setup_rl_weighting()
 
@@ -391,6 +418,7 @@ class RewardWeightingMixin(WeightingMixin):
                 f"{column!r} (set `domain_column` to the column holding each prompt's domain)."
             )
         self._domain_values, sizes = discover_domains(self.train_dataset, column)
+        check_declared_domains(self.args, self._domain_values, f"the prompt dataset's column {column!r}")
         self.domain_names = [str(v) for v in self._domain_values]
         for need, what in (("needs_eval", "per-domain held-out losses"), ("needs_target", "per-domain gradients"),
                            ("needs_reference", "reference-model losses")):
@@ -512,9 +540,8 @@ class RewardWeightingMixin(WeightingMixin):
             return []
         pattern = self.args.reward_gradient_parameters
         model = self.accelerator.unwrap_model(self.model)
-        chosen = [
-            (n, p) for n, p in model.named_parameters() if p.requires_grad and (pattern is None or re.search(pattern, n))
-        ]
+        self._trainable_parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        chosen = [(n, p) for n, p in self._trainable_parameters if pattern is None or re.search(pattern, n)]
         if not chosen:
             raise ValueError(
                 f"`reward_gradient_parameters={pattern!r}` matches no trainable parameter; parameter names look like "
@@ -546,6 +573,12 @@ class RewardWeightingMixin(WeightingMixin):
         ``steps_per_generation`` chunks as training and summed: the gradient the trainer would accumulate with these
         advantages. Computed with ``torch.autograd.grad`` on the unwrapped model, so ``.grad`` (and DDP's reducer) is
         never touched; the parent's loss metrics from these passes are discarded.
+
+        Clipping (``clip_scope="model"``, the default): each reward's gradient is clipped by the norm of its
+        rank-averaged gradient over *every* trainable parameter, as the authors clip the actor's full gradient
+        (``verl/workers/actor/dp_actor.py``: ``clip_grad_norm_(actor_module.parameters(), max_norm=grad_clip)``) before
+        keeping the ``reward_gradient_parameters`` subset for the Gram; the whole gradient is then computed (one
+        reward at a time), not only the subset's. ``clip_scope="selected"`` clips by the subset's own norm.
         """
         from trl.trainer.utils import split_tensor_dict
 
@@ -554,9 +587,14 @@ class RewardWeightingMixin(WeightingMixin):
         start = self.accelerator.process_index * output["advantages"].shape[0]
         local = slice(start, start + output["advantages"].shape[0])
         model = self.accelerator.unwrap_model(self.model)
-        params = [p for _, p in self._gram_parameters]
+        whole_model = self.reward_weighting.clip_norm is not None and self.reward_weighting.clip_scope == "model"
+        named = self._trainable_parameters if whole_model else self._gram_parameters
+        selected = {n for n, _ in self._gram_parameters}
+        keep = [i for i, (n, _) in enumerate(named) if n in selected]
+        params = [p for _, p in named]
         saved_metrics = {mode: {key: len(v) for key, v in m.items()} for mode, m in self._metrics.items()}
-        flats = []
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        flats, norms = [], []
         for index in range(k):
             advantages = self.per_reward_advantages(rewards, index)[local].to(output["advantages"].device)
             batch = dict(output, advantages=advantages)
@@ -567,16 +605,21 @@ class RewardWeightingMixin(WeightingMixin):
                 for t, g in zip(total, grads):
                     if g is not None:
                         t.add_(g)
-            flats.append(torch.cat([t.flatten().float() for t in total]))
+            flat = torch.cat([t.flatten().float() for t in total])
+            if world > 1:
+                dist.all_reduce(flat)  # DDP averages the policy gradient over ranks; so do we
+                flat /= world
+            norms.append(flat.double().norm())
+            flats.append(torch.cat([flat[o : o + total[i].numel()] for i, o in _offsets(total, keep)]))
         for mode, lengths in saved_metrics.items():  # drop what _compute_loss logged during these passes
             for key in list(self._metrics[mode]):
                 del self._metrics[mode][key][lengths.get(key, 0) :]
         gradients = torch.stack(flats)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(gradients)  # DDP averages the policy gradient over ranks; so do we
-            gradients /= dist.get_world_size()
         self._last_reward_gradients = gradients  # (K, P): kept for inspection and tests
-        gram = gram_from_gradients(list(gradients.double().cpu()), self.reward_weighting.clip_norm)
+        self._last_reward_gradient_norms = torch.stack(norms).cpu()  # (K,): the norms the clipping used
+        gram = gram_from_gradients(
+            list(gradients.double().cpu()), self.reward_weighting.clip_norm, self._last_reward_gradient_norms
+        )
         lr = self._get_learning_rate() if self.lr_scheduler is not None else None
         self.reward_weighting.update_from_gram(gram, self.state.global_step, lr=lr)
         for key, value in self.reward_weighting.metrics().items():
@@ -641,8 +684,10 @@ class WeightedGRPOTrainer(RewardWeightingMixin, GRPOTrainer):
     """Drop-in for ``trl.GRPOTrainer``; with ``reward_weighting`` and ``mixture`` off it is exactly the parent."""
 
     _algorithm = "grpo"
+    _config_cls, _parent_config_cls = WeightedGRPOConfig, GRPOConfig
 
-    def __init__(self, model, reward_funcs, args: WeightedGRPOConfig | None = None, train_dataset=None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: WeightedGRPOConfig | None = None, train_dataset=None, **kwargs):
+        # `reward_funcs` is optional as in the parent (which raises "No reward source provided" without any source).
         self._init_rl(args, train_dataset, super().__init__, model, reward_funcs, **kwargs)
 
 
@@ -655,6 +700,7 @@ class WeightedRLOOTrainer(RewardWeightingMixin, RLOOTrainer):
     """
 
     _algorithm = "rloo"
+    _config_cls, _parent_config_cls = WeightedRLOOConfig, RLOOConfig
 
     def __init__(self, model, reward_funcs, args: WeightedRLOOConfig | None = None, train_dataset=None, **kwargs):
         self._init_rl(args, train_dataset, super().__init__, model, reward_funcs, **kwargs)

@@ -20,12 +20,19 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
 from .columns import discover_domains
-from .config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUMN, WeightingArguments
-from .mixin import WeightingMixin, _is_map_dataset
+from .config import (
+    REF_LOGPS_COLUMN,
+    SAMPLE_WEIGHT_COLUMN,
+    TOKEN_WEIGHTS_COLUMN,
+    WeightingArguments,
+    as_weighted_config,
+)
+from .mixin import WeightingMixin, _is_map_dataset, check_declared_domains
 
 TOKEN_COLUMNS = (TOKEN_WEIGHTS_COLUMN, REF_LOGPS_COLUMN)
 
@@ -44,17 +51,46 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
     """Drop-in for ``trl.SFTTrainer``. With every weighting field off it is exactly the parent."""
 
     def __init__(self, model=None, args: WeightedSFTConfig | None = None, *posargs, reference_model=None, **kwargs):
-        if args is not None and not hasattr(args, "weighting_enabled"):
-            raise TypeError(f"WeightedSFTTrainer needs WeightedSFTConfig, got {type(args).__name__}.")
+        # Whatever the parent takes (None, a TrainingArguments, a plain SFTConfig) becomes a WeightedSFTConfig with
+        # weighting off, built as the parent builds its own.
+        args = as_weighted_config(WeightedSFTConfig, args, model, SFTConfig, "SFT")
         train_dataset = kwargs.get("train_dataset")
         self._weighting_args = args
         # Domains are discovered on the raw data, before packing merges rows; preparation maps them to indices.
         self._preset_domains = None
-        if args is not None and args.weighting_enabled and _is_map_dataset(train_dataset):
+        if args.weighting_enabled and _is_map_dataset(train_dataset):
             if args.domain_column in train_dataset.column_names:
                 self._preset_domains = discover_domains(train_dataset, args.domain_column)
         super().__init__(model, args, *posargs, **kwargs)
         self._setup_weighting(reference_model)
+
+    # ---- TRL's training metrics, from the weighted loss's own forward --------------------------------------------------
+
+    def _log_forward_metrics(self, inputs: dict, fused_outputs) -> None:
+        """Log what ``SFTTrainer.compute_loss`` logs from its forward — ``entropy`` and ``mean_token_accuracy`` over the
+        valid label tokens of all ranks, and the running ``num_tokens`` — since the weighted loss replaces that
+        forward. They come from the same fused LM head (TRL 1.16: per-position entropy and top-1 flag, computed tile by
+        tile, so no full-vocabulary fp32 logits are materialized) and are reduced the same way, so with weighting on
+        they are TRL's numbers for the same model and batch."""
+        if fused_outputs is None:  # only without an LM head TRL can drive, where SFTTrainer itself cannot train
+            return
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        gather = self.accelerator.gather_for_metrics
+        valid = gather(fused_outputs.label_mask.sum()).sum()
+        entropy = gather(fused_outputs.entropy.detach().sum()).sum()
+        correct = gather(fused_outputs.is_top1.sum()).sum()
+        metrics["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        if self.model.training:
+            if "attention_mask" in inputs:
+                seen = gather(inputs["attention_mask"].sum()).sum().item()
+            elif "position_ids" in inputs:  # padding-free batches: one row of packed positions
+                positions = inputs["position_ids"]
+                seen = gather(torch.tensor(positions.size(1), device=positions.device)).sum().item()
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in the batch to count the tokens seen.")
+            self._total_train_tokens += seen // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
 
     # ---- dataset preparation that carries the weighting columns ------------------------------------------------------
 
@@ -108,6 +144,7 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
     def _setup_domains(self) -> None:
         if self._preset_domains is not None:
             values, sizes = self._preset_domains
+            check_declared_domains(self.args, values, f"the training dataset's column {self.args.domain_column!r}")
             self._domain_values = list(range(len(values)))  # preparation turned domains into their indices
             self._setup_domains_from(values, sizes)
         else:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from .config import WeightedTrainingArguments
+from .config import WeightedTrainingArguments, as_weighted_config
 from .mixin import WeightingMixin
 
 
@@ -21,11 +21,8 @@ class WeightedTrainer(WeightingMixin, Trainer):
 
     def __init__(self, model=None, args: WeightedTrainingArguments | None = None, *posargs, reference_model=None, **kwargs):
         if args is None:
-            args = WeightedTrainingArguments(output_dir="trainer_output")
-        if not hasattr(args, "weighting_enabled"):
-            raise TypeError(
-                f"WeightedTrainer needs WeightedTrainingArguments, got {type(args).__name__}; the weighting fields live "
-                "there."
-            )
+            args = WeightedTrainingArguments(output_dir="trainer_output")  # the parent's default output_dir
+        # A plain TrainingArguments (what the parent takes) runs with weighting off.
+        args = as_weighted_config(WeightedTrainingArguments, args, model, TrainingArguments, "")
         super().__init__(model, args, *posargs, **kwargs)
         self._setup_weighting(reference_model)

@@ -167,6 +167,44 @@ def test_gradient_gram_is_trls_policy_gradient_per_reward(tmp_path):
     np.testing.assert_allclose(ours.reward_weighting.current_weights().double().numpy(), 3 * p / p.sum(), rtol=1e-5)
 
 
+def test_gradient_clipping_uses_full_model_norms_through_the_trainer(tmp_path):
+    """The default clipping path (clip_norm=1.0, clip_scope='model') through a trainer, with the Gram over a subset
+    (lm_head): each reward's gradient is clipped by the norm of its gradient over *every* trainable parameter (the
+    authors clip the full actor gradient, then keep target layers). The full gradients come from an independent run
+    over all parameters without clipping (the test above ties those to TRL's own per-reward gradients)."""
+    reg = 1e-3
+    full = make_trainer(
+        WeightedGRPOTrainer, WeightedGRPOConfig, tmp_path / "full", reward_weighting="gradient",
+        reward_weighting_kwargs={"reg": reg, "clip_norm": None}, max_steps=1, max_grad_norm=0.0,
+    )
+    full.train()
+    names = [n for n, p in full.model.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for _, p in full.model.named_parameters() if p.requires_grad]
+    start = sum(sizes[: names.index("lm_head.weight")])
+    g_full = full._last_reward_gradients.double()
+    g_head = g_full[:, start : start + sizes[names.index("lm_head.weight")]]
+    norms = g_full.norm(dim=1)
+    assert bool((norms > 1.0).all()) and not torch.allclose(norms, g_head.norm(dim=1))  # clipping bites, and differs
+    expected_weights = {}
+    for scope, clip_by in (("model", norms), ("selected", g_head.norm(dim=1))):
+        coef = (1.0 / (clip_by + 1e-6)).clamp(max=1.0)
+        gram = (coef[:, None] * (g_head @ g_head.T) * coef[None, :]).numpy()
+        logits = np.log(np.ones(3) / 3) + (full.args.learning_rate / reg) * gram.sum(1)
+        p = np.exp(logits - logits.max())
+        expected_weights[scope] = 3 * p / p.sum()
+    for scope, kwargs in (("model", {"reg": reg}), ("selected", {"reg": reg, "clip_scope": "selected"})):
+        subset = make_trainer(
+            WeightedGRPOTrainer, WeightedGRPOConfig, tmp_path / scope, reward_weighting="gradient",
+            reward_weighting_kwargs=kwargs, reward_gradient_parameters=r"^lm_head\.", max_steps=1,
+            max_grad_norm=0.0,
+        )
+        subset.train()
+        torch.testing.assert_close(subset._last_reward_gradients.double(), g_head, rtol=1e-4, atol=1e-7)
+        got = subset.reward_weighting.current_weights().double().numpy()
+        np.testing.assert_allclose(got, expected_weights[scope], rtol=1e-5)
+    assert not np.allclose(expected_weights["model"], expected_weights["selected"], rtol=1e-3)
+
+
 def test_hypervolume_validates_before_training_and_every_n_steps(tmp_path):
     trainer = make_trainer(
         recording(WeightedGRPOTrainer), WeightedGRPOConfig, tmp_path, reward_weighting="hypervolume",
@@ -327,20 +365,53 @@ def test_constant_objective_gets_zero_weight_and_nan_rows_are_harmless(tmp_path)
 
 
 def test_rloo_keeps_the_total_of_the_weights_fixed(tmp_path):
-    """RLOO is sensitive to the weights' absolute scale: popart defaults to fixed_sum there, and every weighter keeps
-    Σ w at its initial total (K − 1 = 2 for constrained)."""
+    """RLOO is sensitive to the weights' absolute scale: popart defaults to fixed_sum there, and every dynamic weighter
+    keeps Σ|w| at the initial total — checked with non-unit initial weights [1, 2, 0.5] (total 3.5; with all-ones
+    initial weights the claim holds trivially for SAW's K·s/Σs), and K − 1 = 2 for constrained."""
     assert WeightedRLOOConfig(**rl_args(str(tmp_path), reward_weighting="popart")).reward_weighting_kwargs == {
         "fixed_sum": True
     }
     assert WeightedGRPOConfig(**rl_args(str(tmp_path), reward_weighting="popart")).reward_weighting_kwargs == {}
-    for name, total, kwargs in (("popart", 3.0, {}), ("saw", 3.0, {}), ("constrained", 2.0, {"thresholds": [0.9, 0.5]})):
+    initial = [1.0, 2.0, 0.5]
+    cases = (
+        ("popart", 3.5, {}),
+        ("saw", 3.5, {}),
+        ("saw", 3.5, {"saturation_gamma": 2.0}),
+        ("saw", 3.5, {"statistic": "none", "saturation_gamma": 2.0}),
+        ("gradient", 3.5, {"reg": 1e-4}),
+        ("hypervolume", 3.5, {}),
+        ("constrained", 2.0, {"thresholds": [0.9, 0.5]}),
+    )
+    for i, (name, total, kwargs) in enumerate(cases):
         trainer = make_trainer(
-            recording(WeightedRLOOTrainer), WeightedRLOOConfig, tmp_path / name, reward_weighting=name,
+            recording(WeightedRLOOTrainer), WeightedRLOOConfig, tmp_path / f"{name}{i}", reward_weighting=name,
             reward_weighting_kwargs=kwargs, per_device_train_batch_size=8, max_steps=2,
+            reward_weights=None if name == "constrained" else initial, reward_validation_steps=1,
+            eval_dataset=prompt_dataset(4, seed=1) if name == "hypervolume" else None,
         )
         trainer.train()
+        changed = False
         for w in trainer.recorded["weights"]:
-            assert float(w.abs().sum()) == pytest.approx(total, rel=1e-5), name
+            assert float(w.abs().sum()) == pytest.approx(total, rel=1e-5), (name, kwargs, w)
+            changed |= not torch.allclose(w, torch.tensor(initial))
+        assert changed or name == "hypervolume", (name, kwargs)  # the weighter did reweight (not a trivial pass)
+
+
+def test_saw_weights_by_hand_with_non_unit_initial_weights():
+    """SAW's weights against a hand computation: w ∝ w0 · CV (· (1 − sat)^γ), rescaled to Σ w0."""
+    from hfweight.strategies.rewards import SAWWeighting
+
+    rewards = torch.tensor([[0.0, 1.0, 2.0], [1.0, 3.0, 2.0], [1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
+    w0 = torch.tensor([1.0, 2.0, 0.5])
+    mean = rewards.double().mean(0)
+    cv = rewards.double().std(0, unbiased=False) / mean
+    saturation = (rewards == rewards.max(0).values).double().mean(0)  # [0.75, 0.25, 0.5]
+    for gamma, factor in ((None, torch.ones(3, dtype=torch.float64)), (2.0, (1 - saturation) ** 2)):
+        saw = SAWWeighting(saturation_gamma=gamma)
+        saw.bind(["a", "b", "c"], w0)
+        raw = w0.double() * cv * factor
+        expected = raw * 3.5 / raw.sum()
+        torch.testing.assert_close(saw.weights(rewards, 0).double(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name,kwargs", [("popart", {"fixed_sum": True}), ("saw", {}), ("constrained", {}),

@@ -85,17 +85,24 @@ def test_rho1_keeps_exact_count_of_highest_excess():
 
 def test_rho1_gradient_accumulation_drift_is_bounded(tmp_path):
     """Documented behaviour: Rho-1 selects per micro-batch, so the selected set (not the normalization) changes
-    with GA. Measured here: the gradient drift between (8, 1, 1) and (2, 4, 1) stays small but non-zero."""
+    with GA. On the invariance rows (with their `token_weights` column) keep_percent=40 selects 6 tokens differently at
+    (2, 4, 1) than at (8, 1, 1) (of ~16 kept): the gradient moves a lot (0.75 relative, measured). At keep_percent=60
+    the selections happen to coincide,
+    and the gradients agree to float rounding: the normalization over the kept tokens (times the column) is exact
+    across micro-batches."""
     from helpers_invariance import one_step_gradients
 
-    config = dict(token_weighting="rho1", token_weighting_kwargs={"keep_percent": 60.0})
-    full = one_step_gradients(config, 8, 1, str(tmp_path / "a"))
-    accumulated = one_step_gradients(config, 2, 4, str(tmp_path / "b"))
-    drift = max_relative_difference(accumulated, full)
-    assert 1e-6 < drift < 0.5, drift
-    same = one_step_gradients(dict(config, token_weighting_kwargs={"keep_percent": 100.0}), 2, 4, str(tmp_path / "c"))
-    plain = one_step_gradients({"token_weighting": "rho1", "token_weighting_kwargs": {"keep_percent": 100.0}}, 8, 1, str(tmp_path / "d"))
-    assert max_relative_difference(same, plain) <= 1e-5  # keeping everything is exact again
+    def drift(keep_percent: float) -> float:
+        config = dict(token_weighting="rho1", token_weighting_kwargs={"keep_percent": keep_percent})
+        full = one_step_gradients(config, 8, 1, str(tmp_path / f"a{keep_percent}"))
+        accumulated = one_step_gradients(config, 2, 4, str(tmp_path / f"b{keep_percent}"))
+        return max_relative_difference(accumulated, full)
+
+    selection_drift = drift(40.0)
+    print(f"rho1 (40%) drift between (8, 1, 1) and (2, 4, 1): {selection_drift:.3g}")
+    assert 0.1 < selection_drift < 1.5, selection_drift
+    assert drift(60.0) <= 1e-5
+    assert drift(100.0) <= 1e-5  # keeping everything is exact again
     assert EMPTY_ROWS  # the invariance rows include an all-ignored micro-batch at (2, 4, 1)
 
 

@@ -51,9 +51,11 @@ class TokenWeighting(Stateful):
 
     Two roles, because some methods reweight the loss without renormalizing it (DFT divides by the token count):
 
-    - :meth:`denominator_weights` enter the step's normalizer ``Σ v_i w_t`` (METHODS §0). They must be computable
-      *before* the forward pass (from the mask, static columns and reference scores) unless
-      ``denominator_needs_logps`` is True.
+    - :meth:`denominator_weights` enter the step's normalizer ``Σ v_i w_t`` (METHODS §0). They are computed *before*
+      the forward pass (from the mask, static columns and reference scores). When the true normalizer depends on the
+      current model (``denominator_needs_logps``, e.g. Rho-1's top-k selection) they are the planned estimate, and
+      :meth:`denominator_weights_after` gives the exact ones after the forward: the glue then rescales the step's
+      gradients by ``Z_planned / Z_exact`` before clipping (exact; the same correction as the sample rescale mode).
     - :meth:`loss_weights` multiply each token's loss in the numerator; they may use the current log-probabilities.
     """
 
@@ -65,11 +67,16 @@ class TokenWeighting(Stateful):
     needs_reference_model: bool = False
     """Whether the strategy needs a live reference *model* (full distributions), not just cached log-probs."""
     denominator_needs_logps: bool = False
-    """Whether :meth:`denominator_weights` depends on the current model (e.g. a top-k selection on excess loss)."""
+    """Whether the exact normalizer depends on the current model (e.g. a top-k selection on excess loss): then
+    :meth:`denominator_weights_after` is called after the forward."""
 
     def denominator_weights(self, ctx: TokenContext) -> torch.Tensor | None:
         """Weights in the normalizer; ``None`` means 1 on every valid token."""
         return ctx.column
+
+    def denominator_weights_after(self, ctx: TokenContext) -> torch.Tensor | None:
+        """The exact normalizer weights once ``ctx.logps`` is known (only called when ``denominator_needs_logps``)."""
+        return self.denominator_weights(ctx)
 
     def loss_weights(self, ctx: TokenContext) -> torch.Tensor | None:
         """Weights on each token's loss; ``None`` means the same as :meth:`denominator_weights`."""

@@ -1244,7 +1244,9 @@ class PolicyMixture(_Controller):
     error naming the callable and its output — then normalized and floored.
 
     Args:
-        policy: The callable, or an import path ``"package.module:function"`` (usable from YAML).
+        policy: The callable, or an import path ``"package.module:function"`` (usable from YAML). A lambda or a
+            closure works too: the ``training_args.bin`` of each checkpoint records its qualified name instead of the
+            object (which pickle cannot store), and a resumed run gets it back from the code that builds the trainer.
         update_every: Call cadence in optimizer steps (default 1).
         initial_weights: Mixture before the first call (default uniform).
         history_size: Entries kept (default 1000; ``None`` keeps all). Saved in checkpoints.

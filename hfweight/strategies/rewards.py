@@ -10,7 +10,7 @@ Registered names (``reward_weighting=...``; kwargs in ``reward_weighting_kwargs`
 ============== ==========================================================================================================
 ``static``      the configured weights, unchanged
 ``popart``      ``w_k / σ_k`` with running (EMA, debiased) per-reward statistics (PopArt)
-``saw``         variance-aware ``w_k · K·CV_k/Σ CV`` per batch, optional saturation factor ``(1 − sat_k)^γ`` (GDPO-style)
+``saw``         variance-aware ``w0_k·CV_k`` per batch (× saturation factor ``(1 − sat_k)^γ``), total ``Σ|w0|`` kept
 ``hypervolume`` Lu et al. 2025, validation-driven: exact hypervolume gain over a Pareto archive
 ``gradient``    Lu et al. 2025: ``w ← softmax(log w + (lr/reg)·Σ_j S_kj)`` from the per-reward gradient Gram ``S``
 ``constrained`` Moskovitz et al., ICLR 2024: Lagrange multipliers on reward thresholds; task weight ``n − Σλ``
@@ -453,11 +453,7 @@ class PopArtWeighting(_RewardWeightingBase):
         w = torch.where(usable, w0 / torch.where(usable, std, torch.ones_like(std)), torch.zeros_like(w0))
         if not (w != 0).any():
             return w0.clone()
-        if self.fixed_sum:
-            target, total = w0.abs().sum(), w.abs().sum()
-            if target > 0 and total > 0:
-                w = w * (target / total)
-        return w
+        return keep_total(w0, w) if self.fixed_sum else w
 
     def metrics(self):
         out = super().metrics()
@@ -485,7 +481,8 @@ class SAWWeighting(_RewardWeightingBase):
 
     Per reward k over the batch's valid entries (population statistics): ``s_k = CV_k = σ_k / max(|μ_k|, eps)``
     (``statistic="cv"``), or ``s_k = σ_k`` (``"std"``), or ``s_k = 1`` (``"none"``). Then
-    ``w_k = w0_k · K·s_k / Σ_j s_j`` (``Σ_k K·s_k/Σ s = K``; with the default ``w0 = 1`` this is METHODS' ``K·CV_k/Σ CV``).
+    ``w_k = c · w0_k · s_k`` with ``c`` such that ``Σ|w| = Σ|w0|`` (:func:`keep_total`: the total of the initial
+    weights is kept, which RLOO's reward scale needs); with the default ``w0 = 1`` this is METHODS' ``K·CV_k/Σ CV``.
 
     - A constant reward (σ = 0) or one with no valid entry gets ``s_k = 0``, hence weight 0; when every reward is
       constant the initial weights are returned. Never NaN.
@@ -494,7 +491,8 @@ class SAWWeighting(_RewardWeightingBase):
     - ``saturation_gamma=γ`` multiplies by ``(1 − sat_k)^γ`` (saturation-aware GDPO), ``sat_k`` = fraction of valid
       entries at the reward's maximum (``r ≥ max_k − saturation_tol``), where ``max_k`` is ``reward_max[k]`` when given
       (a list, or a ``{reward name: max}`` dict; missing names use the batch maximum) and the batch maximum otherwise.
-      With ``statistic="none"`` this is the saturation factor alone, meant for ``normalize_then_sum``.
+      With ``statistic="none"`` this is the saturation factor alone, meant for ``normalize_then_sum``. The total
+      ``Σ|w| = Σ|w0|`` is restored after the factor too.
     - If every weight comes out 0 (e.g. every reward saturated), the initial weights are returned.
     """
 
@@ -536,7 +534,6 @@ class SAWWeighting(_RewardWeightingBase):
     def _compute(self, rewards, step):
         count, mean, var = column_stats(rewards)
         std = var.sqrt()
-        k = len(self.reward_names)
         if self.statistic == "cv":
             s = std / mean.abs().clamp(min=self.eps)
         elif self.statistic == "std":
@@ -544,17 +541,23 @@ class SAWWeighting(_RewardWeightingBase):
         else:
             s = (count > 0).to(_F64)
         s = torch.where(count > 0, s, torch.zeros_like(s))
-        total = s.sum()
         w0 = self.initial_weights
-        if total <= 0:
-            w = w0.clone()
-        else:
-            w = w0 * (k * s / total)
+        if s.sum() <= 0:
+            s = torch.ones_like(s)  # every reward constant: the initial weights (before any saturation factor)
         if self.saturation_gamma is not None:
-            w = w * (1.0 - self.saturation(rewards)).clamp(min=0) ** self.saturation_gamma
-        if not (w != 0).any():
-            return w0.clone()
-        return w
+            s = s * (1.0 - self.saturation(rewards)).clamp(min=0) ** self.saturation_gamma
+        return keep_total(w0, w0 * s)
+
+
+def keep_total(w0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w`` rescaled so that ``Σ|w| = Σ|w0|`` (the initial weights' total); ``w0`` itself when ``w`` is all zero.
+
+    RLOO's advantages (and its KL penalty folded into the reward) scale with the weights, so a weighter that only
+    means to change the *ratios* between rewards must leave their total where the user put it."""
+    target, total = w0.abs().sum(), w.abs().sum()
+    if not total > 0:
+        return w0.clone()
+    return w * (target / total)
 
 
 # ---- hypervolume (Lu et al. 2025) ---------------------------------------------------------------------------------
@@ -820,17 +823,23 @@ class GradientWeighting(_RewardWeightingBase):
     ``lr`` (default ``1e-6``, their ``LEARNING_RATE``) is used otherwise. ``reg`` default ``1e-5`` (their
     ``REGULARIZATION_FACTOR``), so ``lr/reg = 0.1``. ``clip_norm`` (default 1.0, their ``MAX_GRAD_NORM``) is stored
     for the glue's :func:`gram_from_gradients` call. A non-finite Gram skips the update (with a warning).
+
+    ``clip_scope`` says whose norm each per-reward gradient is clipped by when the Gram is over a parameter subset
+    (``reward_gradient_parameters``): ``"model"`` (default, the authors' choice: ``clip_grad_norm_`` over every
+    trainable parameter, then the subset is kept) or ``"selected"`` (the norm of the subset itself).
     """
 
     needs_gram = True
+    CLIP_SCOPES = ("model", "selected")
 
     def __init__(self, weights=None, lr: float = 1e-6, reg: float = 1e-5, accumulation_steps: int = 1,
-                 clip_norm: float | None = 1.0):
+                 clip_norm: float | None = 1.0, clip_scope: str = "model"):
         super().__init__(weights)
         self.lr = _number(lr, "lr", low=0.0)
         self.reg = _number(reg, "reg", low=0.0, low_open=True)
         self.accumulation_steps = _integer(accumulation_steps, "accumulation_steps")
         self.clip_norm = None if clip_norm is None else _number(clip_norm, "clip_norm", low=0.0, low_open=True)
+        self.clip_scope = _choice(clip_scope, "clip_scope", self.CLIP_SCOPES)
 
     def _check_initial(self, w0):
         if len(self.reward_names) > 1:

@@ -159,17 +159,23 @@ class PriorWeighting(TokenWeighting):
 class Rho1Weighting(TokenWeighting):
     """Rho-1 selective LM: train only on the top ``keep_percent`` % tokens by excess loss over a reference.
 
-    Over which batch the top-k is taken: each **micro-batch** on each rank (the paper's "in a batch"). The number kept
-    per micro-batch, ``ceil(k% · n_valid)``, depends only on the label mask, so the step denominator (tokens kept, over
-    all micro-batches and ranks) is known before the forward and the normalization is exact; *which* tokens are kept
-    depends on how the step's rows are split into micro-batches, so Rho-1's gradient is not exactly invariant to GA or
-    the number of ranks (a step-wide top-k would need an extra scoring forward pass). The drift is measured in
+    Over which batch the top-k is taken: each **micro-batch** on each rank (the paper's "in a batch"); *which* tokens
+    are kept depends on how the step's rows are split into micro-batches, so Rho-1's gradient is not exactly invariant
+    to GA or the number of ranks (a step-wide top-k would need an extra scoring forward pass). The drift is measured in
     ``tests/test_token_strategies.py``.
+
+    The normalizer is over the kept tokens only: token mode ``Σ_kept c_t ℓ_t / Σ_kept c_t`` over the step (``c`` the
+    ``token_weights`` column, 1 without one); sample mode ``Σ_i v_i ℓ_i / Σ_i v_i`` over the samples with a kept token,
+    ``ℓ_i = Σ_{kept in i} c ℓ / Σ_{kept in i} c``. Only in token mode without a column is it known before the forward
+    (``ceil(k% · n_valid)`` per micro-batch, from the mask): the planned denominator is ``k% ·`` the column over all
+    valid tokens, and the exact one (:meth:`denominator_weights_after`, the selection times the column) corrects the
+    step's gradients before clipping (``denominator_needs_logps``).
 
     Args: ``keep_percent`` in (0, 100] (default 60, the value the paper's math runs use).
     """
 
     needs_reference = True
+    denominator_needs_logps = True
 
     def __init__(self, keep_percent: float = 60.0):
         if not isinstance(keep_percent, (int, float)) or not 0 < keep_percent <= 100:
@@ -181,6 +187,9 @@ class Rho1Weighting(TokenWeighting):
         keep = rho1_keep_count(n_valid, self.keep_percent)
         share = keep / n_valid if n_valid else 0.0
         return _times_column(ctx.mask.to(torch.float32) * share, ctx)
+
+    def denominator_weights_after(self, ctx):
+        return self.loss_weights(ctx)
 
     def loss_weights(self, ctx):
         excess = -_require_logps(ctx, "rho1") + _require_reference(ctx, "rho1")
