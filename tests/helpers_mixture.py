@@ -150,7 +150,7 @@ STATS_ROWS = {tuple(r["input_ids"]): r for r in toy_rows(40)}
 STATS_FIELDS = ("loss_sum", "token_count", "sample_count", "excess_sum")
 
 
-class _SnapshotParameters(TrainerCallback):
+class SnapshotParameters(TrainerCallback):
     """The model's parameters at the start of every optimizer step (what that step's forwards saw)."""
 
     def __init__(self, model):
@@ -196,7 +196,7 @@ def domain_stats_run(batch: int, ga: int, steps: int = 3) -> dict:
         mixture="doremi", mixture_mode="upweight",
     )
     model = tiny_model()
-    snapshots = _SnapshotParameters(model)
+    snapshots = SnapshotParameters(model)
     trainer = WeightedTrainer(model=model, args=args, train_dataset=toy_dataset(40), data_collator=collator,
                               callbacks=[snapshots])
     received = []
