@@ -1,5 +1,5 @@
 """WeightedGRPOTrainer / WeightedRLOOTrainer: parity with TRL, the reward hook, validation, the gradient Gram,
-prompt-domain mixtures, resume, edge cases and configuration errors (METHODS §4)."""
+prompt-domain mixtures, resume, edge cases and configuration errors (docs/methods.md#rewards)."""
 
 import json
 import math

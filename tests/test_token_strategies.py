@@ -26,7 +26,8 @@ def _token_terms(model, rows):
 
 
 def _expected(strategy, kwargs, terms, rows):
-    """Loss of one step over all rows (token normalization), from the formulas of METHODS §2."""
+    """Loss of one step over all rows (token normalization), from the formulas of docs/methods.md (per-token
+    weights)."""
     if strategy == "dft":
         return sum(p * nll for _, _, p, nll, _ in terms) / len(terms)
     if strategy == "focal":
