@@ -43,8 +43,8 @@ CLEAN = ("code", "prose", "arithmetic")
 DOMAINS = ("code", "prose", "arithmetic", "redundant", "noise")
 WARMUP = 10  # optimizer steps of uniform weights before the loss-based strategies start (random init: see below)
 
-# variant → WeightingArguments fields. Temperatures are the authors' shipped ones (METHODS §1.1): quadratic r = 1.0
-# (their 124M config), linupper and extremes r = 0.4 (210M/684M; linupper with domain weights). Their 1000-step
+# variant → WeightingArguments fields. Temperatures are the authors' shipped ones (docs/methods.md#sow): quadratic r =
+# 1.0 (their 124M config), linupper and extremes r = 0.4 (210M/684M; linupper with domain weights). Their 1000-step
 # uniform warm-up is scaled to this budget (WARMUP steps), since a randomly initialized model's first losses only
 # reflect its init. Truncation drops the top 20% (the size of the noise domain) once 10 steps of losses were seen.
 VARIANTS: dict[str, dict] = {

@@ -1,7 +1,7 @@
 """Weight and domain columns: validation with errors that name the row, and collation next to the model inputs.
 
-The columns (DESIGN.md): ``domain`` (str or int; the name is configurable), ``sample_weight`` (float per row),
-``token_weights`` (floats aligned with ``input_ids``) and ``ref_logps`` (reference log-probabilities aligned with
+The columns (docs/methods.md#columns): ``domain`` (str or int; the name is configurable), ``sample_weight`` (float per
+row), ``token_weights`` (floats aligned with ``input_ids``) and ``ref_logps`` (reference log-probabilities aligned with
 ``input_ids``; entry ``j`` scores token ``j`` given the tokens before it, entry 0 is unused).
 
 Two layers of checks:

@@ -21,7 +21,7 @@ LOSS_NORMALIZATIONS = ("token", "sample")
 MIXTURE_MODES = ("resample", "upweight")
 IMPLEMENTED_MIXTURE_MODES = ("resample", "upweight")
 
-# Dataset columns the trainers understand (DESIGN.md). The domain column's name is configurable.
+# Dataset columns the trainers understand (docs/methods.md#columns). The domain column's name is configurable.
 SAMPLE_WEIGHT_COLUMN = "sample_weight"
 TOKEN_WEIGHTS_COLUMN = "token_weights"
 REF_LOGPS_COLUMN = "ref_logps"

@@ -1,4 +1,4 @@
-"""Inner products of gradients that stay exact when parameters are sharded (DGA's signal, METHODS §3).
+"""Inner products of gradients that stay exact when parameters are sharded (DGA's signal, docs/methods.md#dga).
 
 After a backward through the data-parallel wrapper each rank holds the *reduced* gradient — in full (single process,
 DDP: replicated on every rank) or as its shard (FSDP2: a ``DTensor`` whose local piece is this rank's shard). The

@@ -1,4 +1,5 @@
-"""Exact hypervolume, Pareto fronts and a Pareto archive (used by ``reward_weighting="hypervolume"``, METHODS §4).
+"""Exact hypervolume, Pareto fronts and a Pareto archive (used by ``reward_weighting="hypervolume"``,
+docs/methods.md#hypervolume).
 
 Conventions
 -----------

@@ -1,9 +1,9 @@
-"""The weighted loss: per-token log-probabilities and the METHODS §0 numerator/denominator.
+"""The weighted loss: per-token log-probabilities and the numerator/denominator of docs/methods.md#normalization.
 
 Pure functions of tensors; the Trainer glue (:mod:`hfweight.mixin`) decides what the denominator of a step is and
 when it is reduced across ranks.
 
-Normalization contract (METHODS §0), over one optimizer step (all micro-batches, all ranks)::
+Normalization contract (docs/methods.md#normalization), over one optimizer step (all micro-batches, all ranks)::
 
     token:   L = Σ v_i w_t ℓ_t / Σ v_i w'_t          (w  = loss weights, w' = denominator weights)
     sample:  L = Σ v_i ℓ_i / Σ_{i: n_i>0} v_i,       ℓ_i = Σ_t w_t ℓ_t / Σ_t w'_t
@@ -34,7 +34,7 @@ def shifted_labels(inputs: dict) -> torch.Tensor:
 
 def enable_fused_log_probs(model: nn.Module) -> bool:
     """Patch ``model`` with TRL's fused LM head so that ``model(..., fused_lm_head=True)`` returns per-token
-    log-probabilities without materializing the ``(batch, seq, vocab)`` logits (DESIGN.md, "One pipeline").
+    log-probabilities without materializing the ``(batch, seq, vocab)`` logits (README, "Design").
 
     Returns False (and leaves the model untouched) when the model has no LM head TRL can drive; the caller then
     computes the log-probs from the model's logits as the parent Trainer computes its loss. The plain forward (no ``fused_lm_head``) stays the original, so evaluation and

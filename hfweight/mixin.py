@@ -1,8 +1,8 @@
 """The one piece of Trainer glue shared by every Weighted* trainer.
 
 It owns everything a strategy must not know about: which dataset columns to keep and how to collate them, the
-optimizer-step denominator of METHODS §0 (computed once per step over all micro-batches and ranks), cross-rank
-reduction of statistics, logging through ``Trainer.log``, and checkpointing of strategy state.
+optimizer-step denominator of docs/methods.md#normalization (computed once per step over all micro-batches and ranks),
+cross-rank reduction of statistics, logging through ``Trainer.log``, and checkpointing of strategy state.
 
 How a training step runs with weighting on:
 
@@ -204,7 +204,8 @@ class _StepPlan:
     domain_sums: torch.Tensor | None
     """Local ``[loss_sum; token_count; sample_count; excess_sum]`` per domain ``(4, k)``, over the micro-batches."""
     rescale: list | None = None
-    """Rescale mode (METHODS §0 (b)): one row per local sample, appended by each micro-batch (see ``_RESCALE_ROWS``)."""
+    """Rescale mode (docs/methods.md#exact-modes): one row per local sample, appended by each micro-batch (see
+    ``_RESCALE_ROWS``)."""
     returned: torch.Tensor | float = 0.0
     """Rescale mode: sum of this rank's losses returned to the Trainer so far in this step (for the logged loss)."""
     batches: list | None = None
@@ -745,7 +746,7 @@ class WeightingMixin:
         return batch_samples, num_items_in_batch
 
     def _prepare_step(self, batch_samples: list[dict]) -> None:
-        """Compute each micro-batch's pre-forward weights and the step denominator ``Z`` (METHODS §0, items 1–5)."""
+        """Compute each micro-batch's pre-forward weights and the step denominator ``Z`` (docs/methods.md#normalization)."""
         for batch in batch_samples:
             check_labels(batch)
         if getattr(self, "_alignment_target", None) is not None and self.mixture.gradients_requested():
@@ -867,11 +868,12 @@ class WeightingMixin:
     def _loss_based_weights(self, batch_samples: list[dict]) -> list[torch.Tensor]:
         """Sample weights that depend on this step's losses (Sow et al., loss truncation, STORM), exactly.
 
-        METHODS §0 option (a): a no-grad scoring forward of the current model over the step's prefetched micro-batches
-        gives every sample's mean token loss; the losses of all micro-batches of all ranks are gathered in a fixed
-        order (micro-batch, then rank), the strategy weighs that global batch once, and each rank keeps its own slice
-        by *global* rank. The weights are then known before the first backward, so the step denominator is exact and
-        the gradient is invariant to GA and the number of ranks. Cost: one extra forward per micro-batch (~+33% FLOPs).
+        docs/methods.md#exact-modes, score mode: a no-grad scoring forward of the current model over the step's
+        prefetched micro-batches gives every sample's mean token loss; the losses of all micro-batches of all ranks are
+        gathered in a fixed order (micro-batch, then rank), the strategy weighs that global batch once, and each rank
+        keeps its own slice by *global* rank. The weights are then known before the first backward, so the step
+        denominator is exact and the gradient is invariant to GA and the number of ranks. Cost: one extra forward per
+        micro-batch (~+33% FLOPs).
         """
         local = []
         model = self.model
@@ -933,7 +935,7 @@ class WeightingMixin:
 
     def _setup_sample_mode(self) -> None:
         """Resolve the ``mode`` of a loss-based sample strategy (:data:`hfweight.strategies.sample.SAMPLE_MODES`):
-        ``"score"`` (METHODS §0 (a), :meth:`_loss_based_weights`) or ``"rescale"`` (§0 (b), :meth:`_rescale_micro_batch`
+        ``"score"`` (:meth:`_loss_based_weights`) or ``"rescale"`` (:meth:`_rescale_micro_batch`
         and :meth:`_rescale_gradients`); ``"auto"`` is rescale unless DeepSpeed owns the gradients. STORM also gets
         its meta batch (:meth:`_storm_meta_step`)."""
         self._sample_mode = None

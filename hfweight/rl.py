@@ -1,5 +1,5 @@
 """``WeightedGRPOTrainer`` / ``WeightedRLOOTrainer``: TRL's online RL trainers with multi-objective reward weighting
-and prompt-domain mixtures (METHODS §4).
+and prompt-domain mixtures (docs/methods.md#rewards).
 
 TRL computes the rewards of a generation batch in ``_calculate_rewards`` (gathered over all ranks, shape
 ``(N, K)``: N completions of the whole generation batch, K reward functions, NaN where a function returned None) and

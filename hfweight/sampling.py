@@ -1,6 +1,6 @@
 """The ``resample`` application mode: draw each training example's domain from the mixture ``α``.
 
-Two pieces, both seeded identically on every rank (never by rank; METHODS §3):
+Two pieces, both seeded identically on every rank (never by rank; docs/methods.md#cross-rank):
 
 - :class:`DomainSampler` — a ``Sampler[int]`` for map-style datasets. Every rank iterates the *same global sequence*
   of row indices and accelerate's ``BatchSamplerShard`` (or any batch-level sharding) hands each rank its batches, so

@@ -1,4 +1,5 @@
-"""One optimizer step under a weighting configuration, for the GA/rank invariance check of METHODS §0."""
+"""One optimizer step under a weighting configuration, for the GA/rank invariance check of
+docs/methods.md#normalization."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 
+import torch
 import torch.nn.functional as F
 from helpers import pad_collate, tiny_model, toy_dataset, toy_rows, training_args
 from transformers import TrainerCallback
@@ -141,3 +142,73 @@ def _by_step(trainer):
     for step, ids in trainer.seen:
         out.setdefault(step, []).append(ids.tolist())
     return out
+
+
+# ---- per-domain statistics, recomputed independently ---------------------------------------------------------------
+
+STATS_ROWS = {tuple(r["input_ids"]): r for r in toy_rows(40)}
+STATS_FIELDS = ("loss_sum", "token_count", "sample_count", "excess_sum")
+
+
+class SnapshotParameters(TrainerCallback):
+    """The model's parameters at the start of every optimizer step (what that step's forwards saw)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.by_step = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.by_step[state.global_step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def domain_stats_by_hand(parameters: dict, batches: list[dict]) -> list[list[float]]:
+    """``[loss_sum; token_count; sample_count; excess_sum]`` per domain (rows: those fields, columns: NAMES) of the given
+    micro-batches, in plain PyTorch: each row alone (unpadded) through a fresh model carrying ``parameters``; token loss
+    ``ℓ_t = −log p(label)``, DoReMi's excess ``max(ℓ_t − ℓ_ref,t, 0)`` with ``ℓ_ref,t = −ref_logps[t]`` of the label's
+    position, domains looked up from the raw toy rows."""
+    model = tiny_model()
+    model.load_state_dict(parameters)
+    model.eval()
+    sums = torch.zeros(4, len(NAMES), dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches:
+            for ids in batch["input_ids"]:
+                row = STATS_ROWS[tuple(x for x in ids.tolist() if x != 0)]
+                d = NAMES.index(row["domain"])
+                logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].double()
+                labels = torch.tensor(row["labels"][1:])
+                valid = labels != -100
+                loss = F.cross_entropy(logits[valid], labels[valid], reduction="none")
+                ref_loss = -torch.tensor(row["ref_logps"][1:], dtype=torch.float64)[valid]
+                sums[:, d] += torch.stack([loss.sum(), valid.sum().double(), torch.tensor(1.0),
+                                           (loss - ref_loss).clamp(min=0).sum()])
+    return sums.tolist()
+
+
+def domain_stats_run(batch: int, ga: int, steps: int = 3) -> dict:
+    """A DoReMi run (upweight, sequential rows, the toy `ref_logps` as reference) whose controller is spied on: per step,
+    the DomainStats it received (summed over micro-batches and ranks) and this rank's own share recomputed by hand from
+    the micro-batches it trained on and the parameters at the step's start."""
+    collator = RecordingCollator()
+    args = WeightedTrainingArguments(
+        **training_args(tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                        gradient_accumulation_steps=ga, learning_rate=0.5),
+        mixture="doremi", mixture_mode="upweight",
+    )
+    model = tiny_model()
+    snapshots = SnapshotParameters(model)
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=toy_dataset(40), data_collator=collator,
+                              callbacks=[snapshots])
+    received = []
+    observe = trainer.mixture.observe
+
+    def spy(stats):
+        received.append([getattr(stats, f).tolist() for f in STATS_FIELDS])
+        observe(stats)
+
+    trainer.mixture.observe = spy
+    trainer.train()
+    local = [domain_stats_by_hand(snapshots.by_step[s], collator.batches[s * ga : (s + 1) * ga]) for s in range(steps)]
+    logged = [{n: h[f"domain_loss/{n}"] for n in NAMES if f"domain_loss/{n}" in h}
+              for h in trainer.state.log_history if "loss" in h]
+    return {"received": received, "local": local, "logged": logged}

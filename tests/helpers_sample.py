@@ -1,5 +1,6 @@
 """A few optimizer steps under a loss-based sample weighting, recording gradients and weights, for the GA/rank
-invariance checks of METHODS §0 (used in-process and by ``scripts/sample_worker.py`` under 2 ranks)."""
+invariance checks of docs/methods.md#normalization (used in-process and by ``scripts/sample_worker.py`` under 2
+ranks)."""
 
 from __future__ import annotations
 

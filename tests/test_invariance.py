@@ -1,6 +1,7 @@
-"""METHODS §0: the same optimizer step at (batch 8, GA 1, 1 rank), (2, 4, 1) and (4, 1, 2 ranks) gives the same
-gradients, for every static strategy and both normalization modes, with variable-length rows and a micro-batch
-whose labels are all ignored — through WeightedTrainer and through WeightedSFTTrainer (TRL's preparation, packing)."""
+"""docs/methods.md#normalization: the same optimizer step at (batch 8, GA 1, 1 rank), (2, 4, 1) and (4, 1, 2 ranks)
+gives the same gradients, for every static strategy and both normalization modes, with variable-length rows and a
+micro-batch whose labels are all ignored — through WeightedTrainer and through WeightedSFTTrainer (TRL's preparation,
+packing)."""
 
 import os
 

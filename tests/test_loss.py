@@ -1,4 +1,5 @@
-"""The weighted loss against independent plain-PyTorch computations of the METHODS §0 formulas."""
+"""The weighted loss against independent plain-PyTorch computations of the formulas of
+docs/methods.md#normalization."""
 
 import copy
 
@@ -18,7 +19,8 @@ from hfweight.loss import (
 
 
 def _reference_step_loss(model, rows, normalization, use_token_weights, use_sample_weights):
-    """Loop-by-loop §0: token L = Σ v w ℓ / Σ v w; sample L = Σ v ℓ_i / Σ_{n_i>0} v, ℓ_i = Σ w ℓ / Σ w."""
+    """Loop by loop (docs/methods.md#normalization): token L = Σ v w ℓ / Σ v w;
+    sample L = Σ v ℓ_i / Σ_{n_i>0} v, ℓ_i = Σ w ℓ / Σ w."""
     num, den = 0.0, 0.0
     with torch.no_grad():
         for r in rows:

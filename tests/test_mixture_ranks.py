@@ -1,11 +1,13 @@
 """Two ranks (gloo): identical mixture probabilities on both ranks at every step, the ranks' shards of every global
-batch disjoint and complete; DGA's inner products under DDP equal the 1-rank ones (no double counting), and
-per-shard partial sums reduce to the exact products for sharded (DTensor) gradients."""
+batch disjoint and complete; the per-domain statistics the controller receives are the sum of both ranks' rows; DGA's
+inner products under DDP equal the 1-rank ones (no double counting), and per-shard partial sums reduce to the exact
+products for sharded (DTensor) gradients."""
 
 import json
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 from helpers import run_two_ranks
 from helpers_mixture import dga_alignment, resample_run
@@ -49,3 +51,14 @@ def test_sharded_partial_products_are_exact(ranks):
     for r in ranks:
         assert r["sharded"]["sharded"]
         assert r["sharded"]["got"] == pytest.approx(r["sharded"]["expected"], rel=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_two_rank_domain_statistics_are_the_sum_of_both_ranks_shares(ranks):
+    """Each rank's controller receives the same per-domain statistics, equal to the sum of both ranks' shares, each
+    recomputed by hand from the rows that rank trained on (an un-reduced or double-counted sum fails)."""
+    a, b = ranks[0]["domain_stats"], ranks[1]["domain_stats"]
+    assert a["received"] == b["received"] and len(a["received"]) == 2
+    for got, mine, theirs in zip(a["received"], a["local"], b["local"]):
+        assert mine != theirs  # the ranks trained on different rows
+        np.testing.assert_allclose(np.array(got), np.array(mine) + np.array(theirs), rtol=1e-5, atol=1e-6)

@@ -6,15 +6,136 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import datasets
 import numpy as np
 import pytest
 import torch
 from helpers import GradientCapture, pad_collate, tiny_model, toy_dataset, toy_rows, training_args
-from helpers_mixture import NAMES, RecordingCollator, _stream_trainer, _token_sum, _trainer
+from helpers_mixture import (
+    NAMES,
+    RecordingCollator,
+    SnapshotParameters,
+    _stream_trainer,
+    _token_sum,
+    _trainer,
+    domain_stats_run,
+)
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments
+
+# ---- per-domain statistics (what DoReMi, ODM, policy and schedule learn from) -----------------------------------------
+
+
+@pytest.mark.parametrize("batch,ga", [(4, 1), (2, 3)])
+def test_domain_statistics_equal_a_plain_pytorch_recomputation(batch, ga):
+    """The DomainStats the controller receives at each step (token-loss sums, token and sample counts, DoReMi's excess
+    loss over the reference) equal a recomputation, row by row, from the step's micro-batches and the parameters at
+    the step's start; so does the logged per-domain mean loss. Checked with GA 1 and GA 3 over 3 steps (the model
+    moves between steps, so stale parameters or a stale step would fail too)."""
+    run = domain_stats_run(batch, ga, steps=3)
+    assert len(run["received"]) == 3
+    for step, (got, expected) in enumerate(zip(run["received"], run["local"])):
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+        exp = np.array(expected)
+        assert (exp[1] > 0).sum() >= 2 and len(set(exp[0].round(6))) == 3  # domains present, and told apart
+        assert (exp[3] > 0).any() and (exp[3] < exp[0]).all()  # the clamp at 0 matters: excess < loss
+        logged = run["logged"][step]
+        for d, name in enumerate(NAMES):
+            if exp[1][d] > 0:
+                assert logged[name] == pytest.approx(exp[0][d] / exp[1][d], rel=1e-5)
+
+
+# ---- temperature and Skill-it through the trainer ---------------------------------------------------------------------
+
+
+def test_temperature_mixture_draws_domains_in_proportion_to_size_to_the_one_over_tau():
+    """mixture='temperature' (τ = 2) on unbalanced domains (code 14, math 6, prose 3 rows): the trainer counts the
+    domain sizes, the controller's mixture is α_d = n_d^{1/τ} / Σ n^{1/τ}, the first logged mixture is α, and the
+    resample sampler's draws over ~3000 indices match α within 4 binomial standard deviations (and are far from the
+    proportional mixture, τ = 1)."""
+    rows = toy_rows(40)
+    sizes = {"code": 14, "math": 6, "prose": 3}
+    kept = [r for d in NAMES for r in [x for x in rows if x["domain"] == d][: sizes[d]]]
+    n = np.array([sizes[d] for d in NAMES], dtype=float)
+    alpha = n ** 0.5 / (n ** 0.5).sum()
+    trainer = _trainer(tempfile.mkdtemp(), datasets.Dataset.from_list(kept), max_steps=1, mixture="temperature",
+                       mixture_mode="resample", mixture_kwargs={"temperature": 2.0, "min_prob": 0})
+    np.testing.assert_allclose(trainer.mixture.probabilities().numpy(), alpha, rtol=1e-12)
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    np.testing.assert_allclose([logged[f"mixture/{d}"] for d in NAMES], alpha, rtol=1e-6)
+
+    sampler = trainer._get_train_sampler()
+    domain_of_row = [r["domain"] for r in kept]
+    draws = [domain_of_row[i] for _ in range(130) for i in sampler]  # 130 epochs × 23 indices
+    freq = np.array([draws.count(d) for d in NAMES]) / len(draws)
+    sigma = np.sqrt(alpha * (1 - alpha) / len(draws))
+    assert (np.abs(freq - alpha) < 4 * sigma).all(), (freq, alpha)
+    assert (np.abs(freq - n / n.sum()) > 10 * sigma).any()
+
+
+def _heldout_domain_losses(parameters: dict, rows: list[dict]) -> np.ndarray:
+    """Per-domain token-mean loss of held-out rows (NAMES order), each row alone through a model with ``parameters``."""
+    model = tiny_model()
+    model.load_state_dict(parameters)
+    model.eval()
+    loss_sum, tokens = np.zeros(len(NAMES)), np.zeros(len(NAMES))
+    with torch.no_grad():
+        for r in rows:
+            s, c = _token_sum(model, pad_collate([r]))
+            loss_sum[NAMES.index(r["domain"])] += float(s)
+            tokens[NAMES.index(r["domain"])] += int(c)
+    return loss_sum / tokens
+
+
+def test_skillit_update_matches_its_formula_from_the_held_out_losses(tmp_path):
+    """mixture='skillit' through the trainer (graph A, η 0.3, window 2, update every 2 steps, 4 steps): held-out
+    per-domain losses are requested before training and after steps 2 and 4; each equals a by-hand token mean over that
+    domain's held-out rows with the parameters of that moment; the mixture starts at softmax(η A·1) and after the evals
+    at steps 2 and 4 is softmax(log p₀ + η A · Σ of the last 2 evals), p₀ uniform."""
+    A = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.8, 0.0, 1.0]])
+    eta, window = 0.3, 2
+    heldout = toy_rows(9, seed=1)
+    model = tiny_model()
+    snapshots = SnapshotParameters(model)
+    args = WeightedTrainingArguments(
+        **training_args(str(tmp_path), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=9,
+                        learning_rate=0.5),
+        mixture="skillit", mixture_mode="resample",
+        mixture_kwargs={"graph": A.tolist(), "eta": eta, "window": window, "update_every": 2, "min_prob": 0},
+    )
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=toy_dataset(40),
+                              eval_dataset=datasets.Dataset.from_list(heldout), data_collator=pad_collate,
+                              callbacks=[snapshots])
+
+    def softmax(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    np.testing.assert_allclose(trainer.mixture.probabilities().numpy(), softmax(eta * A @ np.ones(3)), rtol=1e-12)
+    evals = []  # (step, losses received, mixture right after)
+    observe_eval = trainer.mixture.observe_eval
+
+    def spy(losses, step):
+        observe_eval(losses, step)
+        evals.append((step, losses.numpy().copy(), trainer.mixture.probabilities().numpy()))
+
+    trainer.mixture.observe_eval = spy
+    trainer.train()
+    assert [step for step, _, _ in evals] == [0, 2, 4]
+    parameters_at = {0: snapshots.by_step[0], 2: snapshots.by_step[2],
+                     4: {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    history = []
+    for step, losses, probabilities in evals:
+        np.testing.assert_allclose(losses, _heldout_domain_losses(parameters_at[step], heldout), rtol=1e-5)
+        history.append(losses)
+        if step > 0:
+            expected = softmax(np.log(np.full(3, 1 / 3)) + eta * A @ np.sum(history[-window:], axis=0))
+            np.testing.assert_allclose(probabilities, expected, rtol=1e-10)
+    assert not np.allclose(evals[1][2], evals[2][2])  # the held-out losses moved the mixture between updates
+
 
 # ---- DGA ----------------------------------------------------------------------------------------------------------
 

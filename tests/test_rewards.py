@@ -1,4 +1,5 @@
-"""Reward weighting strategies (METHODS §4) against independent re-implementations on hand-made reward matrices."""
+"""Reward weighting strategies (docs/methods.md#rewards) against independent re-implementations on hand-made reward
+matrices."""
 
 import math
 

@@ -1,5 +1,5 @@
 """WeightedGRPOTrainer / WeightedRLOOTrainer: parity with TRL, the reward hook, validation, the gradient Gram,
-prompt-domain mixtures, resume, edge cases and configuration errors (METHODS §4)."""
+prompt-domain mixtures, resume, edge cases and configuration errors (docs/methods.md#rewards)."""
 
 import json
 import math
@@ -22,7 +22,7 @@ from helpers_rl import (
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer
-from hfweight.rl import DomainRepeatSampler, domain_reward_signal, group_advantages, nan_robust_means
+from hfweight.rl import DomainRepeatSampler, domain_reward_signal, group_advantages
 
 PAIRS = {
     "grpo": (GRPOTrainer, GRPOConfig, WeightedGRPOTrainer, WeightedGRPOConfig),
@@ -218,13 +218,87 @@ def test_hypervolume_validates_before_training_and_every_n_steps(tmp_path):
     assert [step for step, _ in seen] == [0, 2, 4]
     # Validations inside the step-end callback do not swallow the training logs of those steps.
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]
-    # Each validation: 8 prompts × 4 generations (8 eval batches of 4); the scores are the NaN-robust column means.
+    # Each validation: 8 prompts × 4 generations (8 eval batches of 4); the scores are the column means over the
+    # rewards that were scored (NaN = a reward function returned None), computed here with NumPy's nanmean.
     rows = trainer.recorded["validation_rewards"]
     assert len(rows) == 24 and sum(len(r) for r in rows) == 3 * 32
     for i, (_, scores) in enumerate(seen):
         batch = torch.cat(rows[8 * i : 8 * i + 8])
-        torch.testing.assert_close(scores, nan_robust_means(batch))
+        expected = np.nanmean(batch.double().numpy(), axis=0)
+        np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-6)
     assert trainer.reward_weighting.reference is not None
+
+
+def _nelder_mead_candidates(simplex, alpha=1.0, gamma=2.0, rho=0.5, sigma=0.5):
+    """Textbook Nelder–Mead (minimization) as a generator: yields the next point to evaluate, receives its value.
+    Order (stable), reflect; accept if f_best ≤ f_r < f_second-worst; expand if f_r < f_best (keep the better of the
+    expansion and the reflection); otherwise contract inside, and shrink towards the best if that fails."""
+    points = [np.asarray(v, dtype=float) for v in simplex]
+    values = []
+    for x in points:
+        values.append((yield x))
+    while True:
+        order = sorted(range(len(points)), key=lambda i: values[i])
+        points, values = [points[i] for i in order], [values[i] for i in order]
+        centroid = np.mean(points[:-1], axis=0)
+        reflected = centroid + alpha * (centroid - points[-1])
+        f_r = yield reflected
+        if values[0] <= f_r < values[-2]:
+            points[-1], values[-1] = reflected, f_r
+        elif f_r < values[0]:
+            expanded = centroid + gamma * (reflected - centroid)
+            f_e = yield expanded
+            points[-1], values[-1] = (expanded, f_e) if f_e < f_r else (reflected, f_r)
+        else:
+            contracted = centroid + rho * (points[-1] - centroid)
+            f_c = yield contracted
+            if f_c < values[-1]:
+                points[-1], values[-1] = contracted, f_c
+            else:
+                points = [points[0]] + [points[0] + sigma * (x - points[0]) for x in points[1:]]
+                values = values[:1]
+                for x in points[1:]:
+                    values.append((yield x))
+
+
+def test_nelder_mead_moves_the_thresholds_by_its_simplex_rule_through_grpo(tmp_path):
+    """Constrained weights with the Nelder–Mead threshold search, through WeightedGRPOTrainer: every validation
+    (patience 1) tells the candidate thresholds the negated task score (brevity), and the thresholds used from then on
+    are the next point of a textbook Nelder–Mead run on those values, starting from the simplex τ, τ + 0.2·τ_i e_i.
+    The training steps log and use the current candidate."""
+    tau = {"hit_reward": 0.2, "low_reward": 0.5}
+    trainer = make_trainer(
+        recording(WeightedGRPOTrainer), WeightedGRPOConfig, tmp_path, reward_weighting="constrained",
+        reward_weighting_kwargs={"task": "short_reward", "thresholds": tau, "nelder_mead": True, "nm_patience": 1,
+                                 "nm_step": 0.2, "nm_tol": 0.0},
+        reward_validation_steps=1, max_steps=6, eval_dataset=prompt_dataset(4, seed=1), per_device_eval_batch_size=4,
+    )
+    weighter = trainer.reward_weighting
+    seen = []  # (thresholds in force, validation scores) at each validation
+    observe = weighter.observe_validation
+
+    def spy(scores, step, *args, **kwargs):
+        seen.append((step, [weighter.thresholds[n] for n in tau], scores.clone()))
+        return observe(scores, step, *args, **kwargs)
+
+    weighter.observe_validation = spy
+    trainer.train()
+    assert [step for step, _, _ in seen] == list(range(7))
+
+    search = _nelder_mead_candidates([[0.2, 0.5], [0.2 * 1.2, 0.5], [0.2, 0.5 * 1.2]])
+    candidate = next(search)
+    after = []
+    for _, in_force, scores in seen:
+        np.testing.assert_allclose(in_force, candidate, rtol=1e-12)
+        candidate = search.send(-float(scores[1]))  # the task, short_reward, is column 1; minimize −score
+        after.append(candidate)
+    assert len({tuple(np.round(c, 9)) for c in after}) >= 4  # the search went past its initial simplex
+    assert any(not np.allclose(c, v) for c in after[2:] for v in [[0.2, 0.5], [0.24, 0.5], [0.2, 0.6]])
+    # Training step s (1-based) runs after validation s − 1: it logs and uses that validation's next candidate.
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    for s, h in enumerate(logged, start=1):
+        got = [h[f"threshold/{n}"] for n in tau]
+        np.testing.assert_allclose(got, after[s - 1], rtol=1e-12, err_msg=f"step {s}")
 
 
 # ---- prompt-domain mixtures -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Per-sample strategies (METHODS §1) against independent re-implementations in plain Python/NumPy.
+"""Per-sample strategies (docs/methods.md, per-sample weights) against independent re-implementations in plain
+Python/NumPy.
 
 Nothing here calls the formulas under test to build an expected value: every reference is written out again below.
 """
@@ -433,7 +434,7 @@ def test_lookahead_surrogate_gives_the_exact_meta_gradient():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-10)
 
 
-# ---- rescale protocol (METHODS §0 option (b)) -------------------------------------------------------------------------
+# ---- rescale protocol (docs/methods.md#exact-modes) -----------------------------------------------------------------
 
 
 def test_range_normalization_and_unnormalized_weights_by_hand():

@@ -1,7 +1,7 @@
-"""Loss-based sample weighting inside the trainers (METHODS §0 and §1): both exact modes give the same gradients at
-(batch 8, GA 1, 1 rank), (2, 4, 1) and (4, 1, 2 ranks); each rank's weights are its slice of the 1-rank computation on
-the global batch, and equal an independent NumPy computation; STORM's meta step gives the exact look-ahead meta
-gradient of the trainer's real loss. Resume: tests/test_sample_resume.py.
+"""Loss-based sample weighting inside the trainers (docs/methods.md#exact-modes): both exact modes give the same
+gradients at (batch 8, GA 1, 1 rank), (2, 4, 1) and (4, 1, 2 ranks); each rank's weights are its slice of the 1-rank
+computation on the global batch, and equal an independent NumPy computation; STORM's meta step gives the exact
+look-ahead meta gradient of the trainer's real loss. Resume: tests/test_sample_resume.py.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _assert_same_run(got: dict, expected: dict, tolerance: float = TOLERANCE, we
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_gradient_accumulation_invariance(name, reference, tmp_path):
-    """(2, 4, 1) = (8, 1, 1) at every step, gradients and weights, in both modes (METHODS §0)."""
+    """(2, 4, 1) = (8, 1, 1) at every step, gradients and weights, in both modes (docs/methods.md#exact-modes)."""
     _assert_same_run(run_steps(CONFIGS[name], 2, 4, str(tmp_path)), reference[name])
     assert any(_departs(w, column) for _, _, w, column in _steps(reference[name])), "the weights stayed the static column"
 

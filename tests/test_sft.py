@@ -150,18 +150,59 @@ def test_packed_loss_equals_unpacked_per_sample_computation(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["dft", "prior"])
 def test_lora_via_peft_config(tmp_path, strategy):
-    """PEFT/LoRA through `peft_config`; `prior` uses the PEFT base (adapters off) as its reference."""
+    """PEFT/LoRA through `peft_config`: the optimizer moves the adapters only (every base weight equals the original
+    model's after training); with `prior`, the reference is the PEFT base with adapters off, so the `ref_logps` the
+    strategy receives at every micro-batch equal the original (pre-LoRA) model's log-probabilities of the labels, and
+    differ from the policy's (adapters initialized non-zero, so a reference that left them on would fail). fp32
+    (bf16=False): under CPU bf16 autocast both the policy and its reference round to ~1e-3."""
     from peft import LoraConfig
 
     data = datasets.Dataset.from_list(sft_rows(16))
     extra = {"reference_model": "base"} if strategy == "prior" else {}
+    original = tiny_model()
     trainer = WeightedSFTTrainer(
         model=tiny_model(),
-        args=WeightedSFTConfig(**_common(tmp_path, max_steps=2), token_weighting=strategy, **extra),
+        args=WeightedSFTConfig(**_common(tmp_path, max_steps=2, bf16=False), token_weighting=strategy, **extra),
         train_dataset=data,
         processing_class=tiny_tokenizer(),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
+    adapters_before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+    seen = []  # (model inputs, ref_logps, policy logps, mask) of every micro-batch
+    compute_loss, loss_weights = trainer.compute_loss, trainer.token_weighting.loss_weights
+
+    def spy_compute_loss(model, inputs, *args, **kwargs):
+        tensors = {k: v.clone() for k, v in inputs.items() if torch.is_tensor(v) and not k.startswith("hfw_")}
+        seen.append({"inputs": tensors})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    def spy_loss_weights(ctx):
+        seen[-1].update(ref=ctx.ref_logps, logps=ctx.logps, mask=ctx.mask)
+        return loss_weights(ctx)
+
+    trainer.compute_loss, trainer.token_weighting.loss_weights = spy_compute_loss, spy_loss_weights
     trainer.train()
     assert trainer.reference == ("base" if strategy == "prior" else None)
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    assert len(seen) == 4  # 2 steps × GA 2
+
+    base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                for k, v in trainer.model.named_parameters() if "lora_" not in k}
+    for name, value in original.named_parameters():
+        assert torch.equal(base_now[name], value), f"base weight {name} moved"
+    for name, value in trainer.model.named_parameters():
+        assert value.requires_grad == ("lora_" in name), name
+        if "lora_" in name:
+            assert not torch.equal(value, adapters_before[name]), f"adapter {name} did not train"
+
+    if strategy == "prior":
+        original.eval()
+        with torch.no_grad():
+            for micro in seen:
+                inputs = micro["inputs"]
+                logits = original(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1]
+                labels = inputs["labels"][:, 1:]
+                expected = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+                mask = micro["mask"]
+                assert bool(mask.any())
+                torch.testing.assert_close(micro["ref"][mask].double(), expected[mask], rtol=1e-5, atol=1e-5)
+                assert (micro["ref"][mask] - micro["logps"][mask]).abs().max() > 1e-3  # adapters on ≠ base

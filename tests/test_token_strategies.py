@@ -26,7 +26,8 @@ def _token_terms(model, rows):
 
 
 def _expected(strategy, kwargs, terms, rows):
-    """Loss of one step over all rows (token normalization), from the formulas of METHODS §2."""
+    """Loss of one step over all rows (token normalization), from the formulas of docs/methods.md (per-token
+    weights)."""
     if strategy == "dft":
         return sum(p * nll for _, _, p, nll, _ in terms) / len(terms)
     if strategy == "focal":
@@ -83,27 +84,52 @@ def test_rho1_keeps_exact_count_of_highest_excess():
     assert sel[1, 3] == sel[0, 2] == sel[1, 0] == sel[1, 1] == 1
 
 
-def test_rho1_gradient_accumulation_drift_is_bounded(tmp_path):
-    """Documented behaviour: Rho-1 selects per micro-batch, so the selected set (not the normalization) changes
-    with GA. On the invariance rows (with their `token_weights` column) keep_percent=40 selects 6 tokens differently at
-    (2, 4, 1) than at (8, 1, 1) (of ~16 kept): the gradient moves a lot (0.75 relative, measured). At keep_percent=60
-    the selections happen to coincide,
-    and the gradients agree to float rounding: the normalization over the kept tokens (times the column) is exact
-    across micro-batches."""
-    from helpers_invariance import one_step_gradients
+def _rho1_gradients_by_hand(rows: list[dict], micro_batches: list[list[int]], keep_percent: float) -> dict:
+    """Rho-1's gradient when the top-k% tokens by excess loss ``ℓ_t − ℓ_ref,t`` are chosen within each micro-batch:
+    ``∇ Σ_mb Σ_{kept in mb} ℓ_t / Σ_mb ceil(n_mb · k%)``, each row run alone (unpadded) through a fresh model."""
+    model = tiny_model()
+    total, kept = 0.0, 0
+    for micro in micro_batches:
+        losses, excess = [], []
+        for i in micro:
+            r = rows[i]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([r["input_ids"]])).logits[0], -1)
+            for t in range(1, len(r["input_ids"])):
+                if r["labels"][t] != -100:
+                    losses.append(-logp[t - 1, r["labels"][t]])
+                    excess.append(losses[-1].item() + r["ref_logps"][t])  # ℓ − ℓ_ref, ℓ_ref = −ref_logps
+        n_keep = math.ceil(len(losses) * keep_percent / 100)
+        for j in sorted(range(len(losses)), key=lambda j: excess[j], reverse=True)[:n_keep]:
+            total = total + losses[j]
+        kept += n_keep
+    grads = torch.autograd.grad(total / kept, list(model.parameters()), allow_unused=True)
+    return {name: g for (name, _), g in zip(model.named_parameters(), grads) if g is not None}
 
-    def drift(keep_percent: float) -> float:
-        config = dict(token_weighting="rho1", token_weighting_kwargs={"keep_percent": keep_percent})
-        full = one_step_gradients(config, 8, 1, str(tmp_path / f"a{keep_percent}"))
-        accumulated = one_step_gradients(config, 2, 4, str(tmp_path / f"b{keep_percent}"))
-        return max_relative_difference(accumulated, full)
 
-    selection_drift = drift(40.0)
-    print(f"rho1 (40%) drift between (8, 1, 1) and (2, 4, 1): {selection_drift:.3g}")
-    assert 0.1 < selection_drift < 1.5, selection_drift
-    assert drift(60.0) <= 1e-5
-    assert drift(100.0) <= 1e-5  # keeping everything is exact again
-    assert EMPTY_ROWS  # the invariance rows include an all-ignored micro-batch at (2, 4, 1)
+def test_rho1_selects_per_micro_batch_with_the_exact_global_count(tmp_path):
+    """Documented behaviour: Rho-1 selects its top-k% within each micro-batch, so which tokens are kept (not the
+    normalization) changes with GA. Each configuration's gradient equals the plain-PyTorch gradient of that rule:
+    (8, 1, 1) selects over all 8 rows, (2, 4, 1) within each pair of rows, the first pair having no valid token;
+    the two differ, and keeping everything is exact again."""
+    data = toy_dataset(8, empty_rows=EMPTY_ROWS).remove_columns(["token_weights"])  # the pure selection
+    rows = data.to_list()
+    assert all(lab == -100 for i in (0, 1) for lab in rows[i]["labels"])  # an all-ignored first micro-batch at GA 4
+    got = {}
+    for keep in (40.0, 100.0):
+        for batch, ga in ((8, 1), (2, 4)):
+            model = tiny_model()
+            capture = GradientCapture(model)
+            args = WeightedTrainingArguments(
+                **training_args(str(tmp_path / f"{keep}_{batch}"), per_device_train_batch_size=batch,
+                                gradient_accumulation_steps=ga),
+                token_weighting="rho1", token_weighting_kwargs={"keep_percent": keep},
+            )
+            WeightedTrainer(model=model, args=args, train_dataset=data, data_collator=pad_collate, callbacks=[capture]).train()
+            got[keep, batch] = capture.steps[0]
+            micro = [list(range(i, i + batch)) for i in range(0, 8, batch)]
+            assert max_relative_difference(got[keep, batch], _rho1_gradients_by_hand(rows, micro, keep)) <= 1e-5
+    assert max_relative_difference(got[40.0, 2], got[40.0, 8]) > 1e-4  # the selection does depend on the split
+    assert max_relative_difference(got[100.0, 2], got[100.0, 8]) <= 1e-5
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Strategies are pure functions of tensors plus explicit state: they never see a Trainer, a DataLoader or a process
 group. The Trainer glue in :mod:`hfweight.mixin` builds the contexts below, calls the strategies, and takes care of
-normalization (METHODS §0), cross-rank reduction and checkpointing.
+normalization (docs/methods.md#normalization), cross-rank reduction and checkpointing.
 
 Every per-token tensor is *aligned with the shifted labels*: shape ``(batch, seq_len - 1)``, entry ``[i, t]`` belongs to
 the prediction of token ``t + 1`` of row ``i``. Per-token dataset columns are aligned with ``input_ids`` and shifted
@@ -51,7 +51,7 @@ class TokenWeighting(Stateful):
 
     Two roles, because some methods reweight the loss without renormalizing it (DFT divides by the token count):
 
-    - :meth:`denominator_weights` enter the step's normalizer ``Σ v_i w_t`` (METHODS §0). They are computed *before*
+    - :meth:`denominator_weights` enter the step's normalizer ``Σ v_i w_t`` (docs/methods.md#normalization). They are computed *before*
       the forward pass (from the mask, static columns and reference scores). When the true normalizer depends on the
       current model (``denominator_needs_logps``, e.g. Rho-1's top-k selection) they are the planned estimate, and
       :meth:`denominator_weights_after` gives the exact ones after the forward: the glue then rescales the step's
@@ -110,8 +110,8 @@ class SampleWeighting(Stateful):
     needs_losses: bool = False
     """Whether :meth:`weights` needs ``ctx.losses`` (then the glue provides them over the global batch)."""
     supports_rescale: bool = False
-    """Whether the strategy implements the *rescale* protocol below (METHODS §0 option (b)), which lets the glue weigh
-    each micro-batch from its own training-forward losses, with no scoring pass."""
+    """Whether the strategy implements the *rescale* protocol below (docs/methods.md#exact-modes), which lets the glue
+    weigh each micro-batch from its own training-forward losses, with no scoring pass."""
 
     def weights(self, ctx: SampleContext) -> torch.Tensor | None:
         """Weights of the samples in ``ctx``; ``None`` means all ones."""

@@ -1,4 +1,4 @@
-"""Domain-mixture controllers (METHODS §3).
+"""Domain-mixture controllers (docs/methods.md#mixture-modes).
 
 Every controller keeps a mixture ``α`` over the ``k`` domains of the training set (sorted names, bound by the glue with
 :meth:`MixtureController.bind`) and returns it as a float64 ``(k,)`` tensor from :meth:`probabilities`. Controllers
@@ -7,7 +7,7 @@ step, on every rank, with all-reduced :class:`DomainStats`, so every rank comput
 
 The linear mixing law
 ---------------------
-Most methods are one update (Aioli's view, DESIGN.md): ``log α ← log α + η · A·signal``, renormalized, smoothed
+Most methods are one update (Aioli's "linear mixing law" view): ``log α ← log α + η · A·signal``, renormalized, smoothed
 towards uniform and floored. :func:`mix_update` is that update, written once; DoReMi (excess loss), Aioli (held-out
 loss drops), Skill-it (skills graph × held-out losses) and DGA (gradient alignment) differ only in the signal and
 ``A``. ODM's EXP3 is the exception (its exploration term mixes in ``ε_t`` additively).
@@ -707,8 +707,8 @@ class ODMMixture(_Controller):
 
     Divergences: the authors' main setting draws one domain per batch (one reward per step); here every domain present
     in the step gets its reward, as in their ``mixed_minibatches`` variant. The smoothed-mean variant's code is not in
-    the public snapshot; it follows METHODS §3 (β = 0.9) and applies the EMA to the importance-weighted reward. The
-    floor ``min_prob`` is applied after the EXP3 mixture (ε_t ≥ it in practice).
+    the public snapshot; it follows docs/methods.md#odm (β = 0.9) and applies the EMA to the importance-weighted
+    reward. The floor ``min_prob`` is applied after the EXP3 mixture (ε_t ≥ it in practice).
 
     Args:
         warmup_steps: Steps on ``initial_weights`` before the first update (default 2000).

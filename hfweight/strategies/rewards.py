@@ -1,4 +1,4 @@
-"""Multi-objective reward weighting for GRPO / RLOO (METHODS §4).
+"""Multi-objective reward weighting for GRPO / RLOO (docs/methods.md#rewards).
 
 Each strategy turns the rewards of one generation batch ``(N, K)`` — K reward functions, gathered over all ranks, NaN
 where a reward function returned None — into the weights ``(K,)`` that TRL multiplies them by
@@ -482,7 +482,7 @@ class SAWWeighting(_RewardWeightingBase):
     Per reward k over the batch's valid entries (population statistics): ``s_k = CV_k = σ_k / max(|μ_k|, eps)``
     (``statistic="cv"``), or ``s_k = σ_k`` (``"std"``), or ``s_k = 1`` (``"none"``). Then
     ``w_k = c · w0_k · s_k`` with ``c`` such that ``Σ|w| = Σ|w0|`` (:func:`keep_total`: the total of the initial
-    weights is kept, which RLOO's reward scale needs); with the default ``w0 = 1`` this is METHODS' ``K·CV_k/Σ CV``.
+    weights is kept, which RLOO's reward scale needs); with the default ``w0 = 1`` this is ``K·CV_k/Σ CV``.
 
     - A constant reward (σ = 0) or one with no valid entry gets ``s_k = 0``, hence weight 0; when every reward is
       constant the initial weights are returned. Never NaN.

@@ -1,12 +1,12 @@
-"""Per-sample weighting strategies (METHODS §1).
+"""Per-sample weighting strategies (docs/methods.md, "Per-sample weights").
 
 Every strategy here returns one weight per sample of the set it is given; the Trainer glue turns them into the step
-objective of METHODS §0 (``Σ v_i ℓ_i / Σ v_i`` in sample mode, ``Σ v_i w_t ℓ_t / Σ v_i w_t`` in token mode). The
-loss-based strategies (``loss``, ``truncation``, ``storm``) declare ``needs_losses = True``: the glue then passes
-``ctx.losses``, the per-sample mean token loss of the **global batch** of the optimizer step (all micro-batches of
-the accumulation, all ranks, concatenated in a fixed order; NaN for a sample without a valid token). Because the input
-is global and the computation deterministic, every rank computes the same weights and the same state updates, with
-no communication inside the strategy; each rank then keeps its own slice (by *global* rank).
+objective of docs/methods.md#normalization (``Σ v_i ℓ_i / Σ v_i`` in sample mode, ``Σ v_i w_t ℓ_t / Σ v_i w_t`` in
+token mode). The loss-based strategies (``loss``, ``truncation``, ``storm``) declare ``needs_losses = True``: the glue
+then passes ``ctx.losses``, the per-sample mean token loss of the **global batch** of the optimizer step (all
+micro-batches of the accumulation, all ranks, concatenated in a fixed order; NaN for a sample without a valid token).
+Because the input is global and the computation deterministic, every rank computes the same weights and the same state
+updates, with no communication inside the strategy; each rank then keeps its own slice (by *global* rank).
 
 Contents:
 
@@ -32,7 +32,7 @@ from .base import SampleContext, SampleWeighting
 
 @register_sample_weighting("static")
 class StaticSampleWeighting(SampleWeighting):
-    """Weights read from the dataset's ``sample_weight`` column (METHODS §1.4).
+    """Weights read from the dataset's ``sample_weight`` column (docs/methods.md#static-sample).
 
     In token normalization every token of sample ``i`` carries ``v_i``; in sample normalization the step loss is
     ``Σ v_i ℓ_i / Σ v_i``.
@@ -177,11 +177,11 @@ def softmax_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     The weights solve ``max_v Σ v_i f_i − r·KL(v ‖ uniform)`` on the simplex, hence ``r → ∞`` gives uniform weights
     and, since every score here lies in ``[0, 1]``, ``max v / min v ≤ e^{1/r}``.
 
-    Why mean 1 rather than sum 1: the glue divides the step objective by ``Σ v`` (METHODS §0), so a global scale
-    cancels and the *relative* weights, which are exactly the paper's, are all that reaches the gradient. Mean-1 weights
-    keep per-sample quantities (logged weighted losses, a static ``sample_weight`` column they are multiplied with,
-    domain upweighting factors) on the same scale as in the unweighted run. The GPT-2 code does the same in effect: it
-    multiplies the sum-1 weights back by the batch size (``* world_size * len(device_weights)``).
+    Why mean 1 rather than sum 1: the glue divides the step objective by ``Σ v`` (docs/methods.md#normalization), so a
+    global scale cancels and the *relative* weights, which are exactly the paper's, are all that reaches the gradient.
+    Mean-1 weights keep per-sample quantities (logged weighted losses, a static ``sample_weight`` column they are
+    multiplied with, domain upweighting factors) on the same scale as in the unweighted run. The GPT-2 code does the
+    same in effect: it multiplies the sum-1 weights back by the batch size (``* world_size * len(device_weights)``).
 
     ``temperature`` must be > 0; ``float("inf")`` gives uniform weights. NaN scores get weight 0, are left out of the
     max and the normalization, and ``N`` counts only the others; all-NaN gives all zeros. Computed in float64.
@@ -203,20 +203,19 @@ def softmax_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     return out
 
 
-# ---- the two exact modes (METHODS §0 options (a) and (b)) ------------------------------------------------------------
+# ---- the two exact modes (docs/methods.md#exact-modes) ---------------------------------------------------------------
 
 SAMPLE_MODES = ("auto", "rescale", "score")
 """How the glue obtains loss-dependent weights before normalizing the step (``mode`` kwarg of the loss-based
 strategies). Both are exact, i.e. the step's gradient does not depend on GA or on the number of ranks:
 
-- ``"rescale"`` (METHODS §0 option (b)): each micro-batch is weighted from the losses of its own training forward
-  (no extra pass) with *unnormalized* weights ``u_i``; it backpropagates ``Σ u_i ℓ_i`` and, after the step's last
-  micro-batch, the glue all-reduces ``Σ u_j`` (all micro-batches, all ranks) and rescales the gradients by it before
-  clipping. Batch statistics a strategy needs (Sow et al.'s min/max, the truncation cutoff, STORM's feature
-  standardization) come from the steps before.
-- ``"score"`` (METHODS §0 option (a)): a no-grad scoring forward over the step's prefetched micro-batches gives every
-  loss first; the strategy then weighs the whole global batch with its own statistics. One extra forward per
-  micro-batch (~1.3x the step).
+- ``"rescale"``: each micro-batch is weighted from the losses of its own training forward (no extra pass) with
+  *unnormalized* weights ``u_i``; it backpropagates ``Σ u_i ℓ_i`` and, after the step's last micro-batch, the glue
+  all-reduces ``Σ u_j`` (all micro-batches, all ranks) and rescales the gradients by it before clipping. Batch
+  statistics a strategy needs (Sow et al.'s min/max, the truncation cutoff, STORM's feature standardization) come from
+  the steps before.
+- ``"score"``: a no-grad scoring forward over the step's prefetched micro-batches gives every loss first; the strategy
+  then weighs the whole global batch with its own statistics. One extra forward per micro-batch (~1.3x the step).
 - ``"auto"`` (default): ``"rescale"`` wherever the gradients live in ``param.grad`` (single process, DDP, FSDP);
   ``"score"`` under DeepSpeed, whose engine keeps (and clips) the gradients itself.
 """
@@ -278,7 +277,7 @@ def unnormalized_softmax_weights(scores: torch.Tensor, temperature: float) -> to
 @register_sample_weighting("loss")
 class LossReweighting(SampleWeighting):
     """Dynamic loss-based sample reweighting — Sow et al., "Dynamic Loss-Based Sample Reweighting for Improved Large
-    Language Model Pretraining", ICLR 2025 (METHODS §1.1).
+    Language Model Pretraining", ICLR 2025 (docs/methods.md#sow).
 
     Two exact modes (``mode``, see :data:`SAMPLE_MODES`); they differ only in where the min/max of ``h`` come from:
 
@@ -320,9 +319,9 @@ class LossReweighting(SampleWeighting):
     Divergences from the authors' code:
       - NaN (and ±inf) losses, e.g. a sample with no valid token, get weight 0 and are left out of the min/max and
         the softmax; the authors' code would turn every weight into NaN.
-      - The weights are normalized by the glue's ``Σ v`` over the whole step (METHODS §0). The GPT-2 code divides the
-        weighted sum by the local token count instead (``Σ N v_i n_i ℓ_i / Σ n_i``): the same gradient direction,
-        a scale differing by ``Σ v_i n_i / Σ n_i``. ``fms-fsdp`` (equal-length sequences) is sample mode exactly.
+      - The weights are normalized by the glue's ``Σ v`` over the whole step (docs/methods.md#normalization). The
+        GPT-2 code divides the weighted sum by the local token count instead (``Σ N v_i n_i ℓ_i / Σ n_i``): the same
+        gradient direction, a scale differing by ``Σ v_i n_i / Σ n_i``. ``fms-fsdp`` (equal-length sequences) is sample mode exactly.
       - The weights are computed over the step's *global* batch (all micro-batches and ranks), which equals the
         authors' all-gathered micro-batch when ``GA = 1`` (their setting); with ``GA > 1`` the batch over which min,
         max and softmax are taken is the whole step, so the result does not depend on how the step is split.
@@ -405,7 +404,7 @@ class LossReweighting(SampleWeighting):
 @register_sample_weighting("truncation")
 class LossTruncation(SampleWeighting):
     """Loss truncation — Kang & Hashimoto, "Improved Natural Language Generation via Loss Truncation", ACL 2020
-    (METHODS §1.2; code ``ddkang/loss_dropper``, ``LossDropper``).
+    (docs/methods.md#truncation; code ``ddkang/loss_dropper``, ``LossDropper``).
 
     Samples whose loss is above the ``(1 − drop_fraction)`` quantile of a ring buffer of recent sample losses get
     weight 0, the others 1 (times the static ``sample_weight`` column, if any). Per call (one optimizer step):
@@ -433,7 +432,7 @@ class LossTruncation(SampleWeighting):
 
     Cross-rank: the original keeps one buffer per process, fed with that process's samples. Here the input is the
     step's global batch (all ranks, fixed order), so the buffer, the counters and the cutoff are identical on every
-    rank: the "reduced across ranks" version of METHODS §1.2, with no communication in this class.
+    rank: the "reduced across ranks" version, with no communication in this class.
 
     The glue must call :meth:`weights` (score mode) or :meth:`begin_step`/:meth:`end_step` (rescale mode) exactly once
     per optimizer step, in training only (each call feeds the buffer).
@@ -578,8 +577,8 @@ def sample_features(
       domain currently is; NaN column when ``prev_losses`` is None.
 
     Heck et al. build their features from the model's own predictions and losses over ``G`` forward passes; their
-    feature list is not verified here (METHODS §1.3), and these single-pass features are this library's choice.
-    Non-finite inputs stay non-finite (NaN/inf) so the caller can mask them; float32.
+    feature list is not verified here (docs/methods.md#storm), and these single-pass features are this library's
+    choice. Non-finite inputs stay non-finite (NaN/inf) so the caller can mask them; float32.
     """
     loss = torch.as_tensor(losses).detach().to(torch.float32).flatten()
     nan = torch.full_like(loss, float("nan"))
@@ -646,11 +645,11 @@ def lookahead_surrogate(
 
         S(ω) = −η Σ_i c_i s_i(ω) d_i / Σ_k c_k s_k(ω) D_k,      d_i = ⟨∇_θ N_i(θ), g_val⟩  (detached)
 
-    for a training step whose loss is ``L_train = Σ_i c_i s_i N_i(θ) / Σ_k c_k s_k D_k`` (METHODS §0): ``N_i`` the
-    sample's numerator (its token-loss sum in token normalization, its mean token loss in sample normalization),
-    ``D_i`` its share of the denominator (its token count, or 1), ``c_i`` the static part of its weight
-    (``static``: the ``sample_weight`` column × domain factor; default 1), and ``g_val = ∇_θ L_meta(θ')`` the
-    gradient of :func:`meta_objective` at the look-ahead ``θ' = θ − η ∇_θ L_train``. Then
+    for a training step whose loss is ``L_train = Σ_i c_i s_i N_i(θ) / Σ_k c_k s_k D_k``
+    (docs/methods.md#normalization): ``N_i`` the sample's numerator (its token-loss sum in token normalization, its
+    mean token loss in sample normalization), ``D_i`` its share of the denominator (its token count, or 1), ``c_i`` the
+    static part of its weight (``static``: the ``sample_weight`` column × domain factor; default 1), and ``g_val = ∇_θ
+    L_meta(θ')`` the gradient of :func:`meta_objective` at the look-ahead ``θ' = θ − η ∇_θ L_train``. Then
     ``∂S/∂s_k = −η c_k (d_k − D_k d̄) / Z = ∂L_meta(θ'(ω))/∂s_k`` exactly (``Z = Σ c s D``, ``d̄ = Σ c s d / Z =
     ⟨∇L_train, g_val⟩``): θ' is linear in the normalized weights at fixed θ, so ``∂θ'/∂s_k = −η c_k (∇N_k − D_k
     ∇L_train) / Z`` involves no second derivative of the model (the tests check it against the second-order graph,
@@ -688,11 +687,11 @@ def scales_kl_to_uniform(scales: torch.Tensor) -> torch.Tensor:
 @register_sample_weighting("storm")
 class MetaRescaler(SampleWeighting):
     """STORM-like self-taught on-the-fly meta loss rescaling — after Heck et al., "Learning from Noisy Labels via
-    Self-Taught On-the-Fly Meta Loss Rescaling", AAAI 2025 (METHODS §1.3). The authors' code (university GitLab) was
-    not readable here: the features, the architecture of Ω and the normalizations below are this library's choices
-    and are documented as such; only the scheme (a rescaler fed with the model's own signals, meta-learned through a
-    one-step look-ahead on batches drawn from the noisy training data, the meta batch itself rescaled) follows the
-    paper.
+    Self-Taught On-the-Fly Meta Loss Rescaling", AAAI 2025 (docs/methods.md#storm). The authors' code (university
+    GitLab) was not readable here: the features, the architecture of Ω and the normalizations below are this library's
+    choices and are documented as such; only the scheme (a rescaler fed with the model's own signals, meta-learned
+    through a one-step look-ahead on batches drawn from the noisy training data, the meta batch itself rescaled)
+    follows the paper.
 
     This class holds Ω (:attr:`rescaler`, a :class:`RescalerNet`), its optimizer (:attr:`meta_optimizer`, Adam) and the
     running feature statistics. :meth:`weights` is a no-grad forward: ``v_i = Ω(F_i) / mean_j Ω(F_j)`` over the
@@ -765,7 +764,7 @@ class MetaRescaler(SampleWeighting):
     features are single-pass (loss, loss change vs. the domain's running mean; no entropy, no statistics over G
     forward passes); Ω is a 2-layer MLP with a softplus output started at exactly 1; the meta batch is the previous
     training batch rather than a separately drawn one; the look-ahead is first-order by finite differences rather than
-    through a second-order graph; weights are normalized by their step-global sum (METHODS §0).
+    through a second-order graph; weights are normalized by their step-global sum (docs/methods.md#normalization).
     """
 
     needs_losses = True

@@ -1,4 +1,4 @@
-"""Per-token weighting strategies (METHODS §2).
+"""Per-token weighting strategies (docs/methods.md, "Per-token weights").
 
 Each strategy turns a :class:`~hfweight.strategies.base.TokenContext` into detached per-token weights. The static
 column, when the dataset carries one, multiplies every strategy's weights (so ``token_weighting="dft"`` on a dataset
@@ -17,7 +17,7 @@ from .base import TokenContext, TokenWeighting
 
 @register_token_weighting("static")
 class StaticTokenWeighting(TokenWeighting):
-    """Weights read from the dataset's ``token_weights`` column (METHODS §2.6).
+    """Weights read from the dataset's ``token_weights`` column (docs/methods.md#static-token).
 
     The column is aligned with ``input_ids``: entry ``j`` weighs the loss of predicting token ``j`` (entry 0 is never
     used, since nothing predicts the first token). The weights enter both the numerator and the normalizer, so the
@@ -68,7 +68,7 @@ def focal_weights(logps: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def prior_weights(ref_logps: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """PRIOR-style reference-probability weights (arXiv 2505.08971; no public code; formula from METHODS §2.5):
+    """PRIOR-style reference-probability weights (arXiv 2505.08971; no public code; docs/methods.md#prior):
     ``w_t = (1 − p_ref,t)^α``, renormalized to mean 1 over each sequence's valid tokens, so tokens a reference
     (lacking the information to learn) already predicts well count less.
 
@@ -205,7 +205,8 @@ class ASFTWeighting(DFTWeighting):
     ``ctx.kl``. The reference is ``reference_model`` (a path, ``"base"`` for a PEFT model, or a model object), and by
     default a frozen copy of the initial model, as in the authors' code. Divergence from that code: their trainer
     divides by the micro-batch token count and ignores ``num_items_in_batch`` (so their loss depends on gradient
-    accumulation); here the KL term is normalized over the whole optimizer step like every other term (METHODS §0).
+    accumulation); here the KL term is normalized over the whole optimizer step like every other term
+    (docs/methods.md#normalization).
 
     Args: ``kl_weight`` λ ≥ 0 (default 0.1, the authors' code; their README says 0.05).
     """

@@ -1,5 +1,6 @@
 """2-rank mixture checks (torchrun --nproc_per_node 2 tests/scripts/mixture_worker.py OUT_PREFIX): every rank writes
-OUT_PREFIX.rank{r}.json with a resample run, a DGA alignment, and sharded inner products vs the full ones."""
+OUT_PREFIX.rank{r}.json with a resample run, a DGA alignment, the per-domain statistics DoReMi
+received with this rank's share of them recomputed by hand, and sharded inner products vs the full ones."""
 
 import json
 import os
@@ -10,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from helpers import leave_process_group  # noqa: E402
-from helpers_mixture import dga_alignment, resample_run  # noqa: E402
+from helpers_mixture import dga_alignment, domain_stats_run, resample_run  # noqa: E402
 
 from hfweight.gradalign import complete_products, partial_products, snapshot_gradients  # noqa: E402
 
@@ -46,6 +47,7 @@ def main():
     prefix = sys.argv[1]
     out = {"resample": resample_run(2, 2, mixture="doremi", kwargs={}), "dga": dga_alignment(2, 1)}
     out["sharded"] = sharded_products()
+    out["domain_stats"] = domain_stats_run(2, 2, steps=2)
     with open(f"{prefix}.rank{os.environ['RANK']}.json", "w") as f:
         json.dump(out, f)
 
