@@ -56,3 +56,93 @@ def test_shm_patch_lands_on_deepspeeds_module_not_on_torch():
     engines.activate("zero2")
     assert sys.modules["deepspeed.comm.torch"].build_shm_op() is None
     assert not hasattr(torch, "build_shm_op")
+
+
+# ---- engine × trainer, 2 ranks (one launch per engine; tests/engine_cases.py) ---------------------------------------
+
+REL = 1e-5  # fp32; the sharded engines reduce in a different order than DDP
+
+
+def _tree_close(got, want, path: str, rel: float = REL) -> list[str]:
+    """Differences between two records (dicts/lists of tensors and numbers) beyond ``rel``, as readable strings."""
+    import torch
+
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return [f"{path}: keys {sorted(got)} != {sorted(want)}"]
+        return [m for k in want for m in _tree_close(got[k], want[k], f"{path}.{k}", rel)]
+    if isinstance(want, (list, tuple)):
+        if len(got) != len(want):
+            return [f"{path}: length {len(got)} != {len(want)}"]
+        return [m for i, (g, w) in enumerate(zip(got, want)) for m in _tree_close(g, w, f"{path}[{i}]", rel)]
+    if isinstance(want, torch.Tensor):
+        if got.shape != want.shape:
+            return [f"{path}: shape {tuple(got.shape)} != {tuple(want.shape)}"]
+        if not want.is_floating_point():
+            return [] if torch.equal(got, want) else [f"{path}: {got} != {want}"]
+        finite = torch.isfinite(want)
+        if not torch.equal(finite, torch.isfinite(got)):
+            return [f"{path}: non-finite entries differ"]
+        diff = (got[finite] - want[finite]).norm().item()
+        scale = want[finite].norm().item()
+        return [] if diff <= rel * max(scale, 1e-12) else [f"{path}: relative difference {diff / scale:.2e}"]
+    if isinstance(want, float):
+        ok = got == want or abs(got - want) <= rel * max(abs(want), 1e-12)
+        return [] if ok else [f"{path}: {got} != {want}"]
+    return [] if got == want else [f"{path}: {got!r} != {want!r}"]
+
+
+def _step_delta(run: dict) -> dict:
+    return {k: run["params"][k] - run["initial"][k] for k in run["initial"]}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs():
+    return engines.run_engine("ddp", "engine_cases:all_cases")
+
+
+def _check_against_ddp(engine: str, runs: list, ddp: list) -> list[str]:
+    """Every case of ``runs`` (both ranks) against DDP's: the refusals, the engine, the parameter change, every
+    dynamic weight and probability (and that both ranks used the same global ones), the logged metrics."""
+    from engine_cases import CASES, REFUSED, SEPARATE_REFERENCE
+
+    problems = []
+    for name in CASES:
+        for rank in range(2):
+            got, want = runs[rank][name], ddp[rank][name]
+            where = f"{engine}/{name}/rank{rank}"
+            assert "refused" not in want, f"ddp/{name} refused: {want['refused']}"
+            if (engine, name) in REFUSED:
+                assert REFUSED[engine, name] in got.get("refused", ""), f"{where}: expected a refusal, got {got.keys()}"
+                continue
+            assert "refused" not in got, f"{where} refused: {got['refused']}"
+            problems += [f"{where}: {p}" for p in engines.check_engine(got["facts"], engine)]
+            problems += _tree_close(_step_delta(got), _step_delta(want), f"{where} parameter change")
+            problems += _tree_close(got["dynamic"], want["dynamic"], f"{where} dynamic")
+            problems += _tree_close(got["logs"], want["logs"], f"{where} logs")
+            reference = got["reference"]
+            if name in SEPARATE_REFERENCE:
+                sharded = reference["local_numel"] < reference["full_numel"]
+                if sharded != (engine in engines.SHARDED) or reference["requires_grad"]:
+                    problems.append(f"{where}: reference {reference}")
+        # The mixture, the loss strategy's state and DGA's alignment are global: identical on both ranks, bit for bit.
+        if (engine, name) not in REFUSED:
+            for step, (r0, r1) in enumerate(zip(runs[0][name]["dynamic"], runs[1][name]["dynamic"])):
+                shared = {k: v for k, v in r0.items() if k != "sample_weights"}
+                problems += _tree_close({k: r1[k] for k in shared}, shared, f"{engine}/{name} step {step} ranks", 0.0)
+    return problems
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_cases_agree_across_ranks(ddp_runs):
+    assert _check_against_ddp("ddp", ddp_runs, ddp_runs) == []
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_engine_takes_the_ddp_steps(engine, ddp_runs):
+    """Every WeightedTrainer / WeightedSFTTrainer case takes DDP's two optimizer steps under the engine."""
+    problems = _check_against_ddp(engine, engines.run_engine(engine, "engine_cases:all_cases"), ddp_runs)
+    assert problems == [], "\n".join(problems[:40])
