@@ -203,9 +203,6 @@ def _reference_facts(trainer) -> dict | None:
     }
 
 
-def all_cases(engine: str, *names: str) -> dict:
-    """Entry point of the 2-rank launch: every case in ``names`` (default all) under ``engine``."""
-    return {name: run_case(engine, name) for name in (names or CASES)}
 
 
 # ---- checkpoint and resume (issue 12 item 3) ----------------------------------------------------------------------
@@ -234,22 +231,32 @@ def _resume_trainer(engine: str, output_dir: str, max_steps: int, recorder) -> W
     return trainer
 
 
-def resume_case(engine: str) -> dict:
-    """N steps + checkpoint, a fresh trainer resumed from it to 2N, and 2N straight: both end states, per rank."""
+def resume_case(engine: str, workdir: str) -> dict:
+    """N steps + checkpoint, a fresh trainer resumed from it to 2N, and 2N straight: both end states, per rank.
+    ``workdir`` must be shared by the ranks (each writes its own shard of the checkpoint there)."""
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        first = _resume_trainer(engine, os.path.join(tmp, "first"), RESUME_STEPS, DynamicRecorder())
-        first.train()
-        checkpoint = os.path.join(tmp, "first", f"checkpoint-{RESUME_STEPS}")
-        for label, kwargs in (("resumed", {"resume_from_checkpoint": checkpoint}), ("straight", {})):
-            recorder = DynamicRecorder()
-            trainer = _resume_trainer(engine, os.path.join(tmp, label), 2 * RESUME_STEPS, recorder)
-            trainer.train(**kwargs)
-            out[label] = {
-                "facts": engines.assert_engine(trainer, engine),
-                "params": full_parameters(trainer, engine),
-                "dynamic": recorder.steps,
-                "logs": _logs(trainer),
-                "checkpoint_files": sorted(os.listdir(checkpoint)),
-            }
+    root = os.path.join(workdir, engine)
+    first = _resume_trainer(engine, os.path.join(root, "first"), RESUME_STEPS, DynamicRecorder())
+    first.train()
+    checkpoint = os.path.join(root, "first", f"checkpoint-{RESUME_STEPS}")
+    for label, kwargs in (("resumed", {"resume_from_checkpoint": checkpoint}), ("straight", {})):
+        recorder = DynamicRecorder()
+        trainer = _resume_trainer(engine, os.path.join(root, label), 2 * RESUME_STEPS, recorder)
+        trainer.train(**kwargs)
+        out[label] = {
+            "facts": engines.assert_engine(trainer, engine),
+            "params": full_parameters(trainer, engine),
+            "dynamic": recorder.steps,
+            "logs": _logs(trainer),
+            "checkpoint_files": sorted(os.listdir(checkpoint)),
+        }
+    return out
+
+
+def all_cases(engine: str, workdir: str, *names: str) -> dict:
+    """Entry point of the 2-rank launch: every case in ``names`` (default all) under ``engine``, and under a sharded
+    engine also :func:`resume_case` (``workdir``: a directory shared by the ranks)."""
+    out = {"cases": {name: run_case(engine, name) for name in (names or CASES)}}
+    if engine != "ddp" and not names:
+        out["resume"] = resume_case(engine, workdir)
     return out

@@ -103,7 +103,10 @@ def cli_flags(engine: str, workdir: str, layer_class: str = "LlamaDecoderLayer")
             with open(path, "w") as f:
                 json.dump(value, f)
             value = path
-        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        elif key == "fsdp":
+            # `TrainingArguments.fsdp` is typed `str` for the parser: "true" would be an unknown FSDP option.
+            value = "full_shard"
+        flags += [f"--{key}", str(value)]
     return flags
 
 

@@ -44,7 +44,7 @@ def test_training_overrides_and_flags(tmp_path):
     assert zero3["stage"] == 3 and zero3["stage3_param_persistence_threshold"] == 0
     assert engines.training_overrides("fsdp2")["fsdp_config"]["version"] == 2
     flags = engines.cli_flags("fsdp2", str(tmp_path))
-    assert flags[:2] == ["--fsdp", "true"] and flags[2] == "--fsdp_config" and flags[3].endswith(".json")
+    assert flags[:2] == ["--fsdp", "full_shard"] and flags[2] == "--fsdp_config" and flags[3].endswith(".json")
     with pytest.raises(ValueError, match="unknown engine"):
         engines.training_overrides("zero1")
 
@@ -96,9 +96,21 @@ def _step_delta(run: dict) -> dict:
     return {k: run["params"][k] - run["initial"][k] for k in run["initial"]}
 
 
+_LAUNCHES: dict[str, list] = {}
+
+
+def _launch(engine: str, tmp_path_factory) -> list:
+    """All of tests/engine_cases.py under ``engine``: one 2-rank launch per engine and test session."""
+    if engine not in _LAUNCHES:
+        workdir = str(tmp_path_factory.mktemp(f"engine_{engine}"))
+        ranks = engines.run_engine(engine, "engine_cases:all_cases", workdir)
+        _LAUNCHES[engine] = ranks
+    return _LAUNCHES[engine]
+
+
 @pytest.fixture(scope="module")
-def ddp_runs():
-    return engines.run_engine("ddp", "engine_cases:all_cases")
+def ddp_runs(tmp_path_factory):
+    return [rank["cases"] for rank in _launch("ddp", tmp_path_factory)]
 
 
 def _check_against_ddp(engine: str, runs: list, ddp: list) -> list[str]:
@@ -142,7 +154,31 @@ def test_ddp_cases_agree_across_ranks(ddp_runs):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
-def test_engine_takes_the_ddp_steps(engine, ddp_runs):
+def test_engine_takes_the_ddp_steps(engine, ddp_runs, tmp_path_factory):
     """Every WeightedTrainer / WeightedSFTTrainer case takes DDP's two optimizer steps under the engine."""
-    problems = _check_against_ddp(engine, engines.run_engine(engine, "engine_cases:all_cases"), ddp_runs)
+    runs = [rank["cases"] for rank in _launch(engine, tmp_path_factory)]
+    problems = _check_against_ddp(engine, runs, ddp_runs)
     assert problems == [], "\n".join(problems[:40])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_engine_resume_equals_straight_run(engine, tmp_path_factory):
+    """Loss-based sample weights + an ODM mixture: N steps, a checkpoint, a new trainer resumed to 2N ends exactly
+    where 2N straight steps end (parameters, optimizer-driven updates, mixture and strategy state, logs)."""
+    from engine_cases import RESUME_STEPS
+
+    for rank, run in enumerate(_launch(engine, tmp_path_factory)):
+        resumed, straight = run["resume"]["resumed"], run["resume"]["straight"]
+        assert engines.check_engine(resumed["facts"], engine) == []
+        assert len(resumed["dynamic"]) == RESUME_STEPS  # only the steps after the checkpoint ran
+        where = f"{engine}/rank{rank}"
+        problems = _tree_close(resumed["params"], straight["params"], f"{where} params", 0.0)
+        problems += _tree_close(resumed["dynamic"], straight["dynamic"][RESUME_STEPS:], f"{where} dynamic", 0.0)
+        problems += _tree_close(resumed["logs"], straight["logs"], f"{where} logs", 0.0)
+        assert problems == [], "\n".join(problems[:40])
+        # the engine's own sharded checkpoint, plus hfweight's state of each rank
+        files = resumed["checkpoint_files"]
+        assert "hfweight_state.pt" in files and "hfweight_state_rank1.pt" in files, files
+        assert ("global_step2" in files) if engine.startswith("zero") else ("pytorch_model_fsdp_0" in files), files
