@@ -182,3 +182,21 @@ def test_engine_resume_equals_straight_run(engine, tmp_path_factory):
         files = resumed["checkpoint_files"]
         assert "hfweight_state.pt" in files and "hfweight_state_rank1.pt" in files, files
         assert ("global_step2" in files) if engine.startswith("zero") else ("pytorch_model_fsdp_0" in files), files
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_entry_script_runs_under_fsdp2(tmp_path):
+    """An entry script runs unchanged under an engine (tests/scripts/engine_entry.py appends `--fsdp full_shard
+    --fsdp_config <json>`) and every rank reports FSDP2 at work after training."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = engines.run_entry(
+        "fsdp2", str(root / "trainers" / "pretrain.py"), "--config", str(root / "recipes/tiny/pretrain_domain_weights.yaml"),
+        "--max_steps", "2", "--save_strategy", "no", "--per_device_train_batch_size", "4", "--max_length", "64",
+        "--logging_steps", "1", "--output_dir", str(tmp_path / "run"),
+    )
+    facts = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("ENGINE_FACTS ")]
+    assert len(facts) == 2 and all(engines.check_engine(f, "fsdp2") == [] for f in facts), proc.stdout[-3000:]
