@@ -54,8 +54,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def deepspeed_config(stage: int) -> dict:
-    """A DeepSpeed config for fp32 CPU training; ``auto`` values are filled in by transformers from the
-    TrainingArguments (batch size, GA, clipping, optimizer, scheduler)."""
+    """A DeepSpeed config for CPU training; ``auto`` values are filled in by transformers from the TrainingArguments
+    (batch size, GA, clipping, precision)."""
     zero = {"stage": stage}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
@@ -66,8 +66,9 @@ def deepspeed_config(stage: int) -> dict:
         "train_batch_size": "auto",
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the tests use Trainer's torch SGD, not a DeepSpeed optimizer
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
+        # "auto": follow the trainer's bf16/fp16 (TRL's SFTConfig defaults to bf16=True; the tests pass bf16=False)
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
     }
 
 
