@@ -9,8 +9,9 @@ calls :func:`engine_facts` on the trained trainer and asserts on it (:func:`asse
 Use from a pytest test (the parent process)::
 
     from engines import run_engine
-    outputs = run_engine("zero3", "tests/scripts/engine_worker.py", "my_module:my_function", "extra", "args")
-    # -> [rank0_result, rank1_result]: whatever my_module.my_function(*args) returned on each rank
+    outputs = run_engine("zero3", "my_module:my_function", "extra", "args")
+    # -> [rank0_result, rank1_result]: what my_module.my_function("zero3", "extra", "args") returned on each rank
+    #    (my_module importable from tests/ or PYTHONPATH; it runs inside tests/scripts/engine_worker.py)
 
 or from inside an already-launched worker / entry script::
 
@@ -20,7 +21,8 @@ or from inside an already-launched worker / entry script::
     trainer.train()
     engines.assert_engine(trainer, engine)         # raises unless the engine is really active
 
-Entry scripts (``trainers/*.py``) run unchanged through ``tests/scripts/engine_entry.py ENGINE SCRIPT ARGS...``, which
+Entry scripts (``trainers/*.py``) run unchanged through :func:`run_entry` (``HFW_ENGINE=<engine> torchrun
+--nproc_per_node 2 tests/scripts/engine_entry.py SCRIPT ARGS...``), which
 applies :func:`activate` and appends :func:`cli_flags` to the script's arguments.
 
 What :func:`activate` does (tests only; nothing of this is in ``hfweight/``):
