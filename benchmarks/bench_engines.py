@@ -86,15 +86,29 @@ def measure(engine: str, variant: str, warmup: str, steps: str) -> dict:
     model = build_model(tokenizer, size="small", seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         args = WeightedTrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=warmup + steps, learning_rate=1e-4,
-            optim="adamw_torch", lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
-            report_to="none", disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0,
-            **VARIANTS[variant], **engines.training_overrides(engine, type(model.model.layers[0]).__name__),
+            output_dir=tmp,
+            per_device_train_batch_size=BATCH,
+            max_steps=warmup + steps,
+            learning_rate=1e-4,
+            optim="adamw_torch",
+            lr_scheduler_type="constant",
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            **VARIANTS[variant],
+            **engines.training_overrides(engine, type(model.model.layers[0]).__name__),
         )
         reference = build_model(tokenizer, size="small", seed=1) if variant == "prior+reference" else None
         trainer = WeightedTrainer(
-            model=model, args=args, train_dataset=weighted_blocks(SEQ_LEN, seed=0),
-            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[Clock()],
+            model=model,
+            args=args,
+            train_dataset=weighted_blocks(SEQ_LEN, seed=0),
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            callbacks=[Clock()],
             reference_model=reference,
         )
         del reference  # the trainer holds it (wrapped, and under ZeRO-3/FSDP2 sharded)
@@ -176,8 +190,13 @@ def main(argv=None) -> None:
         args.warmup, args.steps = 1, 2
     load = round(os.getloadavg()[0], 1)
     rows = run_all(args.engines, args.variants, args.warmup, args.steps)
-    meta = {"warmup": args.warmup, "steps": args.steps, "load": load,
-            "params": rows[0]["ranks"][0]["facts"]["full_numel"], "cpus": os.cpu_count()}
+    meta = {
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "load": load,
+        "params": rows[0]["ranks"][0]["facts"]["full_numel"],
+        "cpus": os.cpu_count(),
+    }
     results = os.path.join(HERE, "results")
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, f"{args.name}.json"), "w") as f:

@@ -135,14 +135,21 @@ def build_trainer(engine: str, name: str, output_dir: str, callbacks=(), max_ste
         args = WeightedTrainingArguments(**_base_args(output_dir, engine, max_steps, **arg_overrides), **config)
         eval_dataset = toy_dataset(12, seed=1) if config.get("mixture") == "dga" else None
         return WeightedTrainer(
-            model=tiny_model(), args=args, train_dataset=toy_dataset(ROWS * 2 if "resample" in str(config) else ROWS),
-            eval_dataset=eval_dataset, data_collator=pad_collate, callbacks=list(callbacks),
+            model=tiny_model(),
+            args=args,
+            train_dataset=toy_dataset(ROWS * 2 if "resample" in str(config) else ROWS),
+            eval_dataset=eval_dataset,
+            data_collator=pad_collate,
+            callbacks=list(callbacks),
         )
     packing = config.pop("packing", False)
     max_length = config.pop("max_length", 24)
     args = WeightedSFTConfig(
-        **_base_args(output_dir, engine, max_steps, **arg_overrides), max_length=max_length, packing=packing,
-        bf16=False, **config,
+        **_base_args(output_dir, engine, max_steps, **arg_overrides),
+        max_length=max_length,
+        packing=packing,
+        bf16=False,
+        **config,
     )
     extra = {}
     if name in SEPARATE_REFERENCE:
@@ -152,8 +159,9 @@ def build_trainer(engine: str, name: str, output_dir: str, callbacks=(), max_ste
 
         # init_lora_weights=False: the adapters change the model from the first step, so "base" (adapters off) is a
         # different model from the policy.
-        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                          init_lora_weights=False)
+        extra["peft_config"] = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
     if name == "sft_prior_cached":
         train = _cached_sft_rows()
     else:
@@ -161,8 +169,12 @@ def build_trainer(engine: str, name: str, output_dir: str, callbacks=(), max_ste
     if name == "sft_prior_base_lora":
         torch.manual_seed(7)  # LoRA's random init: the same on every engine and rank
     return WeightedSFTTrainer(
-        model=tiny_model(), args=args, train_dataset=train, processing_class=tiny_tokenizer(),
-        callbacks=list(callbacks), **extra,
+        model=tiny_model(),
+        args=args,
+        train_dataset=train,
+        processing_class=tiny_tokenizer(),
+        callbacks=list(callbacks),
+        **extra,
     )
 
 
@@ -175,7 +187,9 @@ def run_case(engine: str, name: str) -> dict:
         except ValueError as error:
             return {"refused": str(error)}
         recorder.trainer = trainer
-        initial = {n: p.detach().cpu().double().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        initial = {
+            n: p.detach().cpu().double().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+        }
         trainer.train()
         facts = engines.assert_engine(trainer, engine)
         return {
@@ -203,8 +217,6 @@ def _reference_facts(trainer) -> dict | None:
     }
 
 
-
-
 # ---- checkpoint and resume (issue 12 item 3) ----------------------------------------------------------------------
 
 RESUME_CONFIG = dict(
@@ -220,13 +232,19 @@ RESUME_STEPS = 2  # N: checkpoint after N steps, resume to 2N
 def _resume_trainer(engine: str, output_dir: str, max_steps: int, recorder) -> WeightedTrainer:
     args = WeightedTrainingArguments(
         **_base_args(
-            output_dir, engine, max_steps, optim="adamw_torch", learning_rate=1e-2, save_strategy="steps",
+            output_dir,
+            engine,
+            max_steps,
+            optim="adamw_torch",
+            learning_rate=1e-2,
+            save_strategy="steps",
             save_steps=RESUME_STEPS,
         ),
         **copy.deepcopy(RESUME_CONFIG),
     )
-    trainer = WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(64), data_collator=pad_collate,
-                              callbacks=[recorder])
+    trainer = WeightedTrainer(
+        model=tiny_model(), args=args, train_dataset=toy_dataset(64), data_collator=pad_collate, callbacks=[recorder]
+    )
     recorder.trainer = trainer
     return trainer
 

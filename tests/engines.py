@@ -246,7 +246,9 @@ def run_engine(engine: str, function: str, *args: str, timeout: int = 600) -> li
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "out")
-        launch(str(TESTS_DIR / "scripts" / "engine_worker.py"), prefix, function, *args, engine=engine, timeout=timeout)
+        launch(
+            str(TESTS_DIR / "scripts" / "engine_worker.py"), prefix, function, *args, engine=engine, timeout=timeout
+        )
         return [torch.load(f"{prefix}.rank{r}.pt", weights_only=False) for r in range(2)]
 
 

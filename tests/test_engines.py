@@ -24,15 +24,24 @@ def test_check_engine_catches_a_silent_ddp_fallback():
     assert engines.check_engine(DDP_FACTS, "ddp") == []
     for engine in ("zero2", "zero3", "fsdp2"):
         assert engines.check_engine(DDP_FACTS, engine), f"a DDP run passed as {engine}"
-    zero2 = {**DDP_FACTS, "distributed_type": "DistributedType.DEEPSPEED", "zero_stage": 2,
-             "wrapper": "deepspeed.runtime.engine.DeepSpeedEngine"}
+    zero2 = {
+        **DDP_FACTS,
+        "distributed_type": "DistributedType.DEEPSPEED",
+        "zero_stage": 2,
+        "wrapper": "deepspeed.runtime.engine.DeepSpeedEngine",
+    }
     assert engines.check_engine(zero2, "zero2") == []
     assert engines.check_engine(zero2, "zero3"), "ZeRO-2 passed as ZeRO-3"
     unsharded_zero3 = {**zero2, "zero_stage": 3}  # stage 3 with every parameter below the persistence threshold
     assert any("not sharded" in p for p in engines.check_engine(unsharded_zero3, "zero3"))
     assert engines.check_engine({**unsharded_zero3, "local_numel": 11344}, "zero3") == []
-    fsdp = {**DDP_FACTS, "distributed_type": "DistributedType.FSDP", "dtensor_params": 21, "local_numel": 11360,
-            "wrapper": "transformers.models.llama.modeling_llama.FSDPLlamaForCausalLM"}
+    fsdp = {
+        **DDP_FACTS,
+        "distributed_type": "DistributedType.FSDP",
+        "dtensor_params": 21,
+        "local_numel": 11360,
+        "wrapper": "transformers.models.llama.modeling_llama.FSDPLlamaForCausalLM",
+    }
     assert engines.check_engine(fsdp, "fsdp2") == []
     assert engines.check_engine({**fsdp, "dtensor_params": 20}, "fsdp2")
     assert engines.check_engine({**fsdp, "world_size": 1}, "fsdp2")
@@ -110,7 +119,9 @@ def _update_differences(got: dict, want: dict, path: str, steps: int) -> list[st
         ulp = (torch.nextafter(stored, torch.full_like(stored, float("inf"))) - stored).double()
         diff = (update_got - update_want).norm().item()
         if diff > REL * update_want.norm().item() + steps * ulp.norm().item():
-            problems.append(f"{path}.{name}: update differs by {diff:.2e} (update norm {update_want.norm().item():.2e})")
+            problems.append(
+                f"{path}.{name}: update differs by {diff:.2e} (update norm {update_want.norm().item():.2e})"
+            )
     return problems
 
 
@@ -143,7 +154,9 @@ def _check_against_ddp(engine: str, runs: list, ddp: list) -> list[str]:
             where = f"{engine}/{name}/rank{rank}"
             assert "refused" not in want, f"ddp/{name} refused: {want['refused']}"
             if (engine, name) in REFUSED:
-                assert REFUSED[engine, name] in got.get("refused", ""), f"{where}: expected a refusal, got {got.keys()}"
+                assert REFUSED[engine, name] in got.get("refused", ""), (
+                    f"{where}: expected a refusal, got {got.keys()}"
+                )
                 continue
             assert "refused" not in got, f"{where} refused: {got['refused']}"
             problems += [f"{where}: {p}" for p in engines.check_engine(got["facts"], engine)]
@@ -202,8 +215,9 @@ def test_engine_resume_equals_straight_run(engine, tmp_path_factory):
         # run averages only its own steps); `epoch` after a resume in resample mode is reported to the lead
         # separately (the resumed run counts the epoch from the checkpoint's step 0: 0.125 instead of 0.375).
         session = ("train_loss", "epoch")
-        problems += _tree_close(_without(resumed["logs"], session), _without(straight["logs"], session),
-                                f"{where} logs", 0.0)
+        problems += _tree_close(
+            _without(resumed["logs"], session), _without(straight["logs"], session), f"{where} logs", 0.0
+        )
         assert problems == [], "\n".join(problems[:40])
         # the engine's own sharded checkpoint, plus hfweight's state of each rank
         files = resumed["checkpoint_files"]
@@ -221,9 +235,24 @@ def test_entry_script_runs_under_fsdp2(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     proc = engines.run_entry(
-        "fsdp2", str(root / "trainers" / "pretrain.py"), "--config", str(root / "recipes/tiny/pretrain_domain_weights.yaml"),
-        "--max_steps", "2", "--save_strategy", "no", "--per_device_train_batch_size", "4", "--max_length", "64",
-        "--logging_steps", "1", "--output_dir", str(tmp_path / "run"),
+        "fsdp2",
+        str(root / "trainers" / "pretrain.py"),
+        "--config",
+        str(root / "recipes/tiny/pretrain_domain_weights.yaml"),
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_length",
+        "64",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "run"),
     )
-    facts = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("ENGINE_FACTS ")]
+    facts = [
+        json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("ENGINE_FACTS ")
+    ]
     assert len(facts) == 2 and all(engines.check_engine(f, "fsdp2") == [] for f in facts), proc.stdout[-3000:]
