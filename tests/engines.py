@@ -238,7 +238,7 @@ def launch(script: str, *args: str, engine: str = "ddp", timeout: int = 600) -> 
     return proc
 
 
-def run_engine(engine: str, function: str, *args: str, timeout: int = 600) -> list:
+def run_engine(engine: str, function: str, *args: str, timeout: int = 1200) -> list:
     """Run ``function`` (``"module:name"``, importable from tests/) on 2 ranks under ``engine`` and return what each
     rank returned (``[rank0, rank1]``, loaded with ``torch.load``). The function gets ``engine`` and ``*args``; it
     builds its trainer with :func:`training_overrides` and should call :func:`assert_engine` on it."""
@@ -252,7 +252,7 @@ def run_engine(engine: str, function: str, *args: str, timeout: int = 600) -> li
         return [torch.load(f"{prefix}.rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def run_entry(engine: str, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_entry(engine: str, script: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     """Run an entry script (e.g. ``trainers/sft.py --config x.yaml``) unchanged on 2 ranks under ``engine``; the
     engine's flags are appended to its arguments."""
     return launch(str(TESTS_DIR / "scripts" / "engine_entry.py"), script, *args, engine=engine, timeout=timeout)
