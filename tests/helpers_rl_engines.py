@@ -1,0 +1,80 @@
+"""GRPO/RLOO under a data-parallel engine (issue 12 items 2 and 4): run on 2 ranks by ``engines.run_engine``.
+
+:func:`one_step_cases` trains every configuration of :data:`CASES` for one optimizer step on the tiny model and
+returns, per case, what the test compares against the DDP launch: the parameter update (gathered whole from the
+ZeRO-3 partitions / FSDP2 shards), the reward weights TRL applied, the weighter's state after the step, the
+prompt-domain probabilities, and for ``gradient`` the Gram of the per-reward policy gradients built from per-shard
+partial sums. Every case also records :func:`engines.engine_facts` so the test can prove the engine was active.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import torch
+from helpers import tiny_model
+from helpers_rl import make_trainer, recording
+
+from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer
+
+CASES = {
+    "static": dict(reward_weighting="static", reward_weights=[1.0, 0.5, 2.0]),
+    "popart": dict(reward_weighting="popart"),
+    "constrained": dict(reward_weighting="constrained", reward_weighting_kwargs={"thresholds": [0.9, 0.5]}),
+    # Two generation batches: the Gram of the first sets the weights the second step's advantages use.
+    "gradient": dict(reward_weighting="gradient", reward_weighting_kwargs={"reg": 10.0}, max_steps=2),
+    "gradient1": dict(reward_weighting="gradient", reward_weighting_kwargs={"reg": 10.0}),
+    "mixture": dict(mixture="odm", mixture_kwargs={"warmup_steps": 0}, max_steps=2),
+}
+TRAINERS = {"grpo": (WeightedGRPOTrainer, WeightedGRPOConfig), "rloo": (WeightedRLOOTrainer, WeightedRLOOConfig)}
+# SGD at a unit rate, no clipping, constant schedule: the parameter update is minus the step's gradient.
+STEP = dict(optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+
+
+def full_parameters(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter whole on every rank (collective): ZeRO-3 partitions gathered, FSDP2 ``DTensor`` shards
+    assembled; a replicated parameter as is."""
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    out = {}
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                out[name] = param.detach().clone().cpu()
+        elif hasattr(param, "full_tensor"):
+            out[name] = param.full_tensor().detach().clone().cpu()
+        else:
+            out[name] = param.detach().clone().cpu()
+    return out
+
+
+def one_step_cases(engine: str, algo: str, *names: str) -> dict:
+    import engines
+
+    trainer_cls, config_cls = TRAINERS[algo]
+    initial = dict(tiny_model(0).named_parameters())
+    results = {}
+    for name in names or list(CASES):
+        kwargs = {**STEP, "max_steps": 1, **CASES[name], **engines.training_overrides(engine)}
+        with tempfile.TemporaryDirectory() as out:
+            trainer = make_trainer(recording(trainer_cls), config_cls, out, **kwargs)
+            trainer.train()
+            facts = engines.assert_engine(trainer, engine)
+            after = full_parameters(trainer)
+        result = {
+            "facts": facts,
+            "update": {k: after[k] - initial[k].detach() for k in after},
+            "weights": [w.tolist() for w in trainer.recorded["weights"]],
+            "rewards": [r.tolist() for r in trainer.recorded["rewards"]],
+        }
+        if trainer.reward_weighting is not None:
+            result["state"] = json.loads(json.dumps(trainer.reward_weighting.state_dict(), default=str))
+        if trainer.mixture is not None:
+            result["probabilities"] = trainer.mixture.probabilities().tolist()
+            result["domains"] = trainer.recorded["domains"]
+        if name == "gradient":
+            result["gram"] = trainer._last_reward_gram.clone()
+        results[name] = result
+    return results
