@@ -14,7 +14,7 @@ Three parts, each a block of rows ``check | value | expected | ok``:
    difference of the loss and of the gradients in fp32 and under bf16 autocast, and the peak memory of each path
    (the fused path must be lower: it never holds the ``(batch, seq, vocab)`` logits).
 3. **cost** — step time and peak memory of WeightedTrainer/WeightedSFTTrainer against the parent on the same
-   Qwen2.5-0.5B-shaped model: static token+sample weights, ``dft``, ``loss`` sample weights, an online ``odm``
+   Qwen2.5-0.5B-shaped model: static sample weights (a column), ``dft``, ``loss`` sample weights, an online ``odm``
    mixture. Reported, not judged (the README states the CPU numbers).
 
 The model is built from a config (random weights): Qwen2.5-0.5B's shape is hidden 896, 24 layers, 14 query / 2
@@ -114,7 +114,7 @@ def parity_trainers(kind: str, weighted: bool, tokenizer, corpus, cuda: bool, ou
     if kind == "Trainer":
         cls, args_cls = (hfweight.WeightedTrainer, hfweight.WeightedTrainingArguments) if weighted else (
             Trainer, TrainingArguments)
-        rows = lm_rows(tokenizer, corpus, 24, 64).remove_columns(["sample_weight"])
+        rows = lm_rows(tokenizer, corpus, 24, 64).select_columns(["input_ids"])
         return cls(model=model, args=args_cls(**base, remove_unused_columns=False), train_dataset=rows,
                    data_collator=collate(tokenizer))
     if kind == "SFTTrainer":
@@ -128,7 +128,8 @@ def parity_trainers(kind: str, weighted: bool, tokenizer, corpus, cuda: bool, ou
         ("RLOOTrainer", False): (trl.RLOOTrainer, trl.RLOOConfig),
         ("RLOOTrainer", True): (hfweight.WeightedRLOOTrainer, hfweight.WeightedRLOOConfig),
     }[(kind, weighted)]
-    args = args_cls(**base, num_generations=4, max_completion_length=8)
+    # beta=0: no reference model (RLOO would otherwise load one by the model's hub name, which a config-built model lacks)
+    args = args_cls(**base, num_generations=4, max_completion_length=8, beta=0.0)
     return cls(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
                train_dataset=grpo_dataset(n=24), processing_class=tokenizer)
 
@@ -241,7 +242,7 @@ class _StepTimer:
 
 COST_VARIANTS = {
     "Trainer (parent)": ("lm", None),
-    "static token+sample": ("lm", dict(token_weighting="static", sample_weighting="static")),
+    "static sample weights": ("lm", dict(sample_weighting="static")),
     "loss sample weights": ("lm", dict(sample_weighting="loss")),
     "online mixture (odm)": ("lm", dict(mixture="odm", mixture_mode="loss")),
     "SFTTrainer (parent)": ("sft", None),
@@ -264,7 +265,7 @@ def cost_trainer(variant: str, tokenizer, corpus, shape: dict, cuda: bool, out: 
         rows = lm_rows(tokenizer, corpus, 8 * batch * steps, length)
         if weighting is None:
             return Trainer(model=model, args=TrainingArguments(**base, remove_unused_columns=False),
-                           train_dataset=rows.remove_columns(["sample_weight"]), data_collator=collate(tokenizer))
+                           train_dataset=rows.select_columns(["input_ids"]), data_collator=collate(tokenizer))
         return hfweight.WeightedTrainer(model=model, args=hfweight.WeightedTrainingArguments(**base, **weighting),
                                         train_dataset=rows, data_collator=collate(tokenizer))
     rows = sft_dataset(n=4 * batch * steps)

@@ -9,7 +9,6 @@ partial sums. Every case also records :func:`engines.engine_facts` so the test c
 
 from __future__ import annotations
 
-import json
 import tempfile
 
 import torch
@@ -20,16 +19,27 @@ from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig
 
 CASES = {
     "static": dict(reward_weighting="static", reward_weights=[1.0, 0.5, 2.0]),
-    "popart": dict(reward_weighting="popart"),
-    "constrained": dict(reward_weighting="constrained", reward_weighting_kwargs={"thresholds": [0.9, 0.5]}),
-    # Two generation batches: the Gram of the first sets the weights the second step's advantages use.
+    # Two generation batches each: the first batch's update (weights, Gram, domain probabilities) is what the
+    # second step uses, so a wrong update shows in the parameters as well as in the state.
+    "popart_mixture": dict(reward_weighting="popart", mixture="odm", mixture_kwargs={"warmup_steps": 0}, max_steps=2),
+    "constrained": dict(reward_weighting="constrained", reward_weighting_kwargs={"thresholds": [0.9, 0.5]},
+                        max_steps=2),
     "gradient": dict(reward_weighting="gradient", reward_weighting_kwargs={"reg": 10.0}, max_steps=2),
-    "gradient1": dict(reward_weighting="gradient", reward_weighting_kwargs={"reg": 10.0}),
-    "mixture": dict(mixture="odm", mixture_kwargs={"warmup_steps": 0}, max_steps=2),
 }
 TRAINERS = {"grpo": (WeightedGRPOTrainer, WeightedGRPOConfig), "rloo": (WeightedRLOOTrainer, WeightedRLOOConfig)}
 # SGD at a unit rate, no clipping, constant schedule: the parameter update is minus the step's gradient.
 STEP = dict(optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+
+
+def plain(value):
+    """A state dict as nested lists/dicts of Python numbers (tensors and arrays as lists), for comparison."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
 
 
 def full_parameters(trainer) -> dict[str, torch.Tensor]:
@@ -50,7 +60,12 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def one_step_cases(engine: str, algo: str, *names: str) -> dict:
+def one_step_cases(engine: str, *algos: str) -> dict:
+    """``{algo: {case: result}}`` for every case of :data:`CASES` under ``engine``, for each of ``algos``."""
+    return {algo: _cases(engine, algo) for algo in algos or TRAINERS}
+
+
+def _cases(engine: str, algo: str, *names: str) -> dict:
     import engines
 
     trainer_cls, config_cls = TRAINERS[algo]
@@ -70,11 +85,11 @@ def one_step_cases(engine: str, algo: str, *names: str) -> dict:
             "rewards": [r.tolist() for r in trainer.recorded["rewards"]],
         }
         if trainer.reward_weighting is not None:
-            result["state"] = json.loads(json.dumps(trainer.reward_weighting.state_dict(), default=str))
+            result["state"] = plain(trainer.reward_weighting.state_dict())
         if trainer.mixture is not None:
             result["probabilities"] = trainer.mixture.probabilities().tolist()
             result["domains"] = trainer.recorded["domains"]
-        if name == "gradient":
+        if getattr(trainer, "_last_reward_gram", None) is not None:
             result["gram"] = trainer._last_reward_gram.clone()
         results[name] = result
     return results
