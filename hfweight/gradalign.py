@@ -107,3 +107,14 @@ def complete_products(
 def any_sharded(params: Iterable[torch.nn.Parameter]) -> bool:
     """Whether some rank-local gradient is a shard (so every rank must take part in the all-reduce)."""
     return any(p.grad is not None and local_piece(p.grad)[1] > 1 for p in params)
+
+
+def register_sharded_parameters(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module back in its sharded state. The root module keeps its parameters unsharded after its
+    forward/backward (they are needed again right away), and while it does, ``named_parameters()`` returns the
+    temporary unsharded tensors — whose ``.grad`` is not the gradient the optimizer steps on. Resharding registers the
+    ``DTensor`` parameters again, so ``.grad`` can be read, set aside and cleared on the real ones."""
+    for module in model.modules():
+        reshard = getattr(module, "reshard", None)
+        if reshard is not None and type(module).__name__.startswith("FSDP"):
+            reshard()

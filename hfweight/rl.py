@@ -305,17 +305,6 @@ def _slice_of(flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return flat[rank * size : (rank + 1) * size].clone()
 
 
-def _register_sharded_parameters(model: torch.nn.Module) -> None:
-    """Put every FSDP2 module back in its sharded state. The root module keeps its parameters unsharded after its
-    forward/backward (they are needed again right away), and while it does, ``named_parameters()`` returns the
-    temporary unsharded tensors — whose ``.grad`` is not the gradient the optimizer steps on. Resharding registers the
-    ``DTensor`` parameters again, so ``.grad`` can be read, set aside and cleared on the real ones."""
-    for module in model.modules():
-        reshard = getattr(module, "reshard", None)
-        if reshard is not None and type(module).__name__.startswith("FSDP"):
-            reshard()
-
-
 def _shards_of(param) -> int:
     from .gradalign import local_piece
 
@@ -618,13 +607,15 @@ class RewardWeightingMixin(WeightingMixin):
         """
         from trl.trainer.utils import split_tensor_dict
 
+        from .gradalign import register_sharded_parameters
+
         k = rewards.shape[1]
         start = self.accelerator.process_index * output["advantages"].shape[0]
         local = slice(start, start + output["advantages"].shape[0])
         fsdp = getattr(self, "is_fsdp_enabled", False)
         model = self.model_wrapped if fsdp else self.accelerator.unwrap_model(self.model)
         if fsdp:
-            _register_sharded_parameters(model)
+            register_sharded_parameters(model)
         params = [p for _, p in self._select_gram_parameters()]
         trainable = [p for p in model.parameters() if p.requires_grad]
         saved = [p.grad for p in trainable] if fsdp else None
@@ -646,13 +637,13 @@ class RewardWeightingMixin(WeightingMixin):
 
     def _backward_shards(self, model, chunks, trainable, params) -> list[tuple[torch.Tensor, int]]:
         """FSDP: the summed chunk losses backpropagated into ``.grad``; snapshots of the local gradient shards."""
-        from .gradalign import snapshot_gradients
+        from .gradalign import register_sharded_parameters, snapshot_gradients
 
         for p in trainable:
             p.grad = None
         for chunk in chunks:
             self._compute_loss(model, chunk).backward()
-        _register_sharded_parameters(model)
+        register_sharded_parameters(model)
         snapshots = snapshot_gradients(params)
         return [s if s is not None else (_local_zeros(p), _shards_of(p)) for s, p in zip(snapshots, params)]
 

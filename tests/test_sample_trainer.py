@@ -267,13 +267,3 @@ def test_rescale_needs_the_protocol(tmp_path):
     with pytest.raises(ValueError, match=r"does not implement the rescale protocol.*mode'\] = 'score'"):
         WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(8), data_collator=pad_collate)
 
-
-def test_storm_refuses_sharded_parameters(tmp_path, monkeypatch):
-    """STORM's meta step differentiates the look-ahead θ − η∇θ through whole parameters and whole gradients outside
-    the engine's step: under ZeRO-3/FSDP it fails at init, naming the config to use instead (README, known limits)."""
-    from hfweight.mixin import WeightingMixin
-
-    monkeypatch.setattr(WeightingMixin, "_parameters_sharded", lambda self: True)
-    args = WeightedTrainingArguments(**training_args(str(tmp_path)), sample_weighting="storm")
-    with pytest.raises(ValueError, match=r"storm.*meta step.*ddp\.yaml.*not with DeepSpeed or FSDP"):
-        WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(4), data_collator=pad_collate)
