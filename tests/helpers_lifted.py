@@ -35,7 +35,6 @@ def one_step(engine: str, *names: str) -> dict:
     """Per case: the parameter update (gathered whole), the logged losses, the strategy's state; and per refused
     case the error message."""
     import engines
-
     from helpers_rl_engines import plain
 
     initial = dict(tiny_model(0).named_parameters())

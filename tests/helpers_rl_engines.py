@@ -42,6 +42,18 @@ def plain(value):
     return value
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def step_difference(got: dict, expected: dict) -> float:
+    """‖Δθ − Δθ_DDP‖ / ‖Δθ_DDP‖ over the whole parameter update (all tensors as one vector): per tensor, a layer
+    whose update is tiny (~1e-5) would turn fp32 reduction-order noise into a large ratio."""
+    names = sorted(expected)
+    return relative_difference(torch.cat([got[k].flatten() for k in names]),
+                               torch.cat([expected[k].flatten() for k in names]))
+
+
 def full_parameters(trainer) -> dict[str, torch.Tensor]:
     """Every parameter whole on every rank (collective): ZeRO-3 partitions gathered, FSDP2 ``DTensor`` shards
     assembled; a replicated parameter as is."""
