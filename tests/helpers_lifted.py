@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import tempfile
 
+from engine_cases import full_parameters
 from helpers import pad_collate, tiny_model, toy_dataset, training_args
-from helpers_rl_engines import full_parameters
+from helpers_rl_engines import plain
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments
 
@@ -35,8 +36,6 @@ def one_step(engine: str, *names: str) -> dict:
     """Per case: the parameter update (gathered whole), the logged losses, the strategy's state; and per refused
     case the error message."""
     import engines
-    from helpers_rl_engines import plain
-
     initial = dict(tiny_model(0).named_parameters())
     results = {"refused": {}}
     for name in REFUSED.get(engine, ()):
@@ -51,7 +50,7 @@ def one_step(engine: str, *names: str) -> dict:
             trainer = _trainer(engine, out, CASES[name])
             trainer.train()
             facts = engines.assert_engine(trainer, engine)
-            after = full_parameters(trainer)
+            after = full_parameters(trainer, engine)
         strategy = trainer.sample_weighting
         results[name] = {"facts": facts, "update": {k: after[k] - initial[k].detach() for k in after},
                          "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 
 import torch
+from engine_cases import full_parameters
 from helpers import tiny_model
 from helpers_rl import make_trainer, recording
 
@@ -32,7 +33,8 @@ STEP = dict(optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_gr
 
 
 def plain(value):
-    """A state dict as nested lists/dicts of Python numbers (tensors and arrays as lists), for comparison."""
+    """A state dict as nested lists/dicts of Python numbers (tensors as lists): comparable with ``==`` and
+    ``pytest.approx`` (``engine_cases._plain`` keeps tensors)."""
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -54,24 +56,6 @@ def step_difference(got: dict, expected: dict) -> float:
                                torch.cat([expected[k].flatten() for k in names]))
 
 
-def full_parameters(trainer) -> dict[str, torch.Tensor]:
-    """Every parameter whole on every rank (collective): ZeRO-3 partitions gathered, FSDP2 ``DTensor`` shards
-    assembled; a replicated parameter as is."""
-    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    out = {}
-    for name, param in model.named_parameters():
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
-                out[name] = param.detach().clone().cpu()
-        elif hasattr(param, "full_tensor"):
-            out[name] = param.full_tensor().detach().clone().cpu()
-        else:
-            out[name] = param.detach().clone().cpu()
-    return out
-
-
 def one_step_cases(engine: str, *algos: str) -> dict:
     """``{algo: {case: result}}`` for every case of :data:`CASES` under ``engine``, for each of ``algos``."""
     return {algo: _cases(engine, algo) for algo in algos or TRAINERS}
@@ -89,7 +73,7 @@ def _cases(engine: str, algo: str, *names: str) -> dict:
             trainer = make_trainer(recording(trainer_cls), config_cls, out, **kwargs)
             trainer.train()
             facts = engines.assert_engine(trainer, engine)
-            after = full_parameters(trainer)
+            after = full_parameters(trainer, engine)
         result = {
             "facts": facts,
             "update": {k: after[k] - initial[k].detach() for k in after},
