@@ -143,7 +143,7 @@ def check_parity(tokenizer, corpus, cuda: bool) -> list[tuple]:
             ours = _final_params(parity_trainers(kind, True, tokenizer, corpus, cuda, out))
         floor, diff = _max_abs(again, parent), _max_abs(ours, parent)
         rows.append((f"parity {kind}: parent run twice, max |Δθ|", f"{floor:.3g}", "0", floor == 0))
-        rows.append((f"parity Weighted{kind.replace('Trainer', '') or ''}Trainer off vs {kind}, max |Δθ|",
+        rows.append((f"parity Weighted{kind} off vs {kind}, max |Δθ|",
                      f"{diff:.3g}", "0", diff == 0))
     return rows
 
@@ -244,7 +244,7 @@ COST_VARIANTS = {
     "Trainer (parent)": ("lm", None),
     "static sample weights": ("lm", dict(sample_weighting="static")),
     "loss sample weights": ("lm", dict(sample_weighting="loss")),
-    "online mixture (odm)": ("lm", dict(mixture="odm", mixture_mode="loss")),
+    "online mixture (odm)": ("lm", dict(mixture="odm", mixture_mode="resample")),
     "SFTTrainer (parent)": ("sft", None),
     "dft": ("sft", dict(token_weighting="dft")),
 }
