@@ -179,7 +179,7 @@ def log_prob_loss_and_grads(model, inputs: dict, fused: bool, bf16: bool, cuda: 
     loss.backward()
     peak = _peak(cuda)
     grads = {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.grad is not None}
-    return float(loss), grads, peak
+    return float(loss.detach()), grads, peak
 
 
 def _relative(a: dict, b: dict) -> float:
