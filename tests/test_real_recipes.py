@@ -3,8 +3,8 @@ config's engine, 2 optimizer steps on 2 gloo CPU ranks, with the hub model and d
 the same architecture class and format (tests/standins.py, through ``$HFWEIGHT_STANDINS``). It catches what parsing
 cannot: dataset schemas, chat templates, reward functions, argument combinations.
 
-Only sizes are overridden on the command line (steps, batch, sequence and completion lengths, bf16 off, no saving or
-reporting); everything that decides *what* runs — trainer, weighting, PEFT, packing, reference, streaming — is the
+Only sizes and the device are overridden on the command line (steps, batch, sequence and completion lengths, CPU, bf16
+off, no saving or reporting); everything that decides *what* runs — trainer, weighting, PEFT, packing, reference, streaming — is the
 recipe's own."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes" / "real").glob("*.yaml"))
 ENGINES = {"ddp.yaml": "ddp", "zero2.yaml": "zero2", "zero3.yaml": "zero3", "fsdp2.yaml": "fsdp2"}
-SIZES = ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--bf16", "false", "--logging_steps", "1",
-         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+SIZES = ["--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--bf16", "false", "--use_cpu", "true",
+         "--logging_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
 SCRIPT_SIZES = {
     "pretrain.py": ["--max_length", "32"],
     "sft.py": ["--max_length", "32"],
