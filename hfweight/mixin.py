@@ -1112,6 +1112,8 @@ class WeightingMixin:
             delta = 0.01 / norm if norm > 0 and math.isfinite(norm) else 0.0
             with torch.no_grad():  # 4. central differences of this step's numerators along g_val
                 for sign, out in ((1.0, plus), (-1.0, minus)):
+                    if fsdp:  # drop the root's gathered copy of the previous θ, or the forward would reuse it
+                        register_sharded_parameters(model)
                     for p, t, g in zip(params, theta, g_val):
                         p.copy_(t).add_(g, alpha=sign * delta)
                     for batch in plan.batches:
