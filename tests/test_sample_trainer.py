@@ -266,4 +266,3 @@ def test_rescale_needs_the_protocol(tmp_path):
     args = WeightedTrainingArguments(**training_args(str(tmp_path)), sample_weighting="test_score_only")
     with pytest.raises(ValueError, match=r"does not implement the rescale protocol.*mode'\] = 'score'"):
         WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(8), data_collator=pad_collate)
-
