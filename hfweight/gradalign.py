@@ -71,6 +71,29 @@ def partial_products(
     return sums, sharded
 
 
+def partial_gram(pieces: Sequence[Sequence[tuple[torch.Tensor, int] | None]], world_size: int) -> tuple[torch.Tensor, bool]:
+    """Weighted local partial sums of the Gram ``S_kj = ⟨g_k, g_j⟩`` (float64 ``(K, K)``) of ``K`` gradients, each
+    given as one snapshot per parameter (:func:`snapshot_gradients`: ``(local piece, number of shards)`` or None), and
+    whether any piece was sharded; complete it with :func:`complete_products` (weights as in the module docstring)."""
+    k = len(pieces)
+    sums = torch.zeros(k, k, dtype=_F64)
+    sharded = False
+    for index in range(len(pieces[0]) if k else 0):
+        column = [p[index] for p in pieces]
+        present = [c for c in column if c is not None]
+        if not present:
+            continue
+        shards = present[0][1]
+        sharded = sharded or shards > 1
+        flat = torch.stack([
+            (c[0].detach().reshape(-1).to(_F64) if c is not None else torch.zeros(present[0][0].numel(), dtype=_F64,
+                                                                              device=present[0][0].device))
+            for c in column
+        ])
+        sums += (shards / world_size) * (flat @ flat.T).cpu()
+    return sums, sharded
+
+
 def complete_products(
     partial: torch.Tensor, sharded: bool, world_size: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
@@ -84,3 +107,14 @@ def complete_products(
 def any_sharded(params: Iterable[torch.nn.Parameter]) -> bool:
     """Whether some rank-local gradient is a shard (so every rank must take part in the all-reduce)."""
     return any(p.grad is not None and local_piece(p.grad)[1] > 1 for p in params)
+
+
+def register_sharded_parameters(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module back in its sharded state. The root module keeps its parameters unsharded after its
+    forward/backward (they are needed again right away), and while it does, ``named_parameters()`` returns the
+    temporary unsharded tensors — whose ``.grad`` is not the gradient the optimizer steps on. Resharding registers the
+    ``DTensor`` parameters again, so ``.grad`` can be read, set aside and cleared on the real ones."""
+    for module in model.modules():
+        reshard = getattr(module, "reshard", None)
+        if reshard is not None and type(module).__name__.startswith("FSDP"):
+            reshard()

@@ -148,25 +148,42 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def token_log_probs_and_hidden(
-    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None, keep: dict | None = None
+def token_log_probs_with(
+    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None, of_hidden, keep: dict | None = None
 ):
-    """:func:`token_log_probs` plus the backbone's last hidden state ``(B, T, H)`` (kept in the graph).
+    """:func:`token_log_probs` plus ``of_hidden(h)`` of the backbone's last hidden state ``h`` ``(B, T, H)`` (kept in
+    the graph), evaluated by a forward hook on the backbone — *inside* the model's forward. ``keep`` as in
+    :func:`token_log_probs`.
 
-    The forward still goes through ``model`` (so DDP/FSDP see it); a forward hook on the backbone hands back its
-    output, which full-vocabulary terms such as ASFT's KL need.
+    Inside the forward is where a sharded engine has the top-level module's parameters (the LM head among them)
+    gathered: FSDP2 unshards the root module's parameters for its forward, and DeepSpeed ZeRO-3 arms the hooks that
+    reduce a gradient computed there (TRL's kernels gather the head themselves, ``maybe_gather_lm_head_ctx``). A
+    full-vocabulary term such as ASFT's KL computed there gets the LM head's gradient reduced like the rest; computed
+    after the forward it would read shards. The forward still goes through ``model``, so DDP/FSDP see it.
     """
     captured = {}
 
     def hook(module, args, output):
-        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured["value"] = of_hidden(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
     handle = backbone_of(model).register_forward_hook(hook)
     try:
         logps, mask = token_log_probs(model, inputs, fused, min_fused_logits, keep)
     finally:
         handle.remove()
-    return logps, mask, captured["hidden"]
+    return logps, mask, captured["value"]
+
+
+def token_log_probs_and_hidden(
+    model: nn.Module, inputs: dict, fused: bool, min_fused_logits: int | None = None, keep: dict | None = None
+):
+    """:func:`token_log_probs` plus the backbone's last hidden state ``(B, T, H)`` (kept in the graph)."""
+    return token_log_probs_with(model, inputs, fused, min_fused_logits, lambda hidden: hidden, keep)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A frozen tensor whole on this rank (an FSDP2 ``DTensor`` shard gathered; anything else as is)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def lm_head_of(model: nn.Module) -> nn.Module:
@@ -177,14 +194,21 @@ def lm_head_of(model: nn.Module) -> nn.Module:
 def chunked_forward_kl(policy_hidden, policy_head, reference_hidden, reference_head) -> torch.Tensor:
     """Per-token ``KL(π_ref ‖ π_θ)`` over the full vocabulary ``(B, T-1)`` from both models' hidden states, computed
     tile by tile with TRL's ``ChunkedDivergenceFunction`` (β = 0: forward KL), so neither ``(B, T, V)`` logits tensor
-    is materialized. Gradients flow into the policy only."""
+    is materialized. Gradients flow into the policy only. Call it inside the policy's forward under ZeRO-3/FSDP2
+    (:func:`token_log_probs_with`); the kernel gathers ZeRO-3-partitioned heads itself."""
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
     batch, width = policy_hidden.shape[0], policy_hidden.shape[1] - 1
     h_s = policy_hidden[:, :-1].reshape(batch * width, -1)
     h_t = reference_hidden[:, :-1].reshape(batch * width, -1).to(h_s.device)
-    weight_t = reference_head.weight.to(h_s.device)
-    bias_t = None if reference_head.bias is None else reference_head.bias.to(h_s.device)
+    if hasattr(policy_head.weight, "full_tensor"):
+        raise RuntimeError(
+            "hfweight: the policy's LM head is an FSDP shard here; compute the KL inside the model's forward "
+            "(token_log_probs_with), where FSDP2 has the top-level module's parameters gathered."
+        )
+    # The reference is frozen: gathering an FSDP2-sharded reference head whole costs memory, never a gradient.
+    weight_t = _whole(reference_head.weight).to(h_s.device)
+    bias_t = None if reference_head.bias is None else _whole(reference_head.bias).to(h_s.device)
     divergence, _ = ChunkedDivergenceFunction.apply(
         h_s, policy_head.weight, policy_head.bias, h_t, weight_t, bias_t, 0.0, 1.0
     )

@@ -62,7 +62,7 @@ from .loss import (
     shift_token_column,
     shifted_labels,
     token_log_probs,
-    token_log_probs_and_hidden,
+    token_log_probs_with,
     weighted_denominator,
     weighted_numerator,
 )
@@ -314,13 +314,6 @@ class WeightingMixin:
         if self._needs_reference_model and reference is None:
             # The authors' default (ASFT): the initial model, frozen; for a PEFT model its base with adapters off.
             reference = "base" if hasattr(self.model, "disable_adapter") else copy.deepcopy(self.model)
-        if self._needs_reference_model and self._parameters_sharded():
-            raise ValueError(
-                f"token_weighting={args.token_weighting!r} computes a full-vocabulary KL from the LM head weights "
-                "outside the model's forward, which ZeRO-3 and FSDP shard; train it with DDP or ZeRO-1/2 "
-                "(accelerate_configs/ddp.yaml, zero2.yaml), or use a strategy that only needs reference log-probs "
-                "(prior, rho1)."
-            )
         if (needs_reference or self._needs_reference_model) and reference is not None:
             self.reference = load_reference_model(reference, self.model, self.processing_class)
             if isinstance(self.reference, torch.nn.Module):
@@ -965,11 +958,12 @@ class WeightingMixin:
             strategy.mode = mode
         self._sample_mode = mode
         if getattr(strategy, "needs_meta_step", False):
-            if deepspeed or self._parameters_sharded():
+            if deepspeed:
                 raise ValueError(
-                    f"sample_weighting={name!r}: the meta step moves whole parameters along whole gradients in "
-                    "`param.grad`; train it on one process or with DDP (accelerate_configs/ddp.yaml), not with "
-                    "DeepSpeed or FSDP."
+                    f"sample_weighting={name!r}: the meta step moves the parameters along their gradients in "
+                    "`param.grad` and back, which DeepSpeed keeps in its engine (partitioned under ZeRO-2/3); train it "
+                    "on one process, with DDP or with FSDP2 (accelerate_configs/ddp.yaml, fsdp2.yaml), not with "
+                    "DeepSpeed."
                 )
             self._meta_batch = _MetaBatch()
 
@@ -1137,8 +1131,16 @@ class WeightingMixin:
         The meta term is exact (up to the finite difference) for the step's real loss, including the static weights
         (``sample_weight`` column, domain upweighting) and both normalizations; token weights are not part of it
         (the differences use plain per-sample cross-entropy), an approximation when a token weighting is also on."""
+        from .gradalign import complete_products, local_piece, partial_gram, register_sharded_parameters
+
         storm, meta, model = self.sample_weighting, self._meta_batch, self.model
         token_mode = self.args.loss_normalization == "token"
+        # FSDP2: every update below is elementwise, so it runs on each rank's shards of θ and .grad as is; only the
+        # norm of g_val needs the shards' partial sums. The root module's real (sharded) parameters are registered
+        # again after each forward/backward, which leaves its temporary unsharded ones in place.
+        fsdp = getattr(self, "is_fsdp_enabled", False)
+        if fsdp:
+            register_sharded_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         lr = float(self.optimizer.param_groups[0]["lr"])
         theta = [p.detach().clone() for p in params]
@@ -1174,14 +1176,22 @@ class WeightingMixin:
                 (numerator / total if total > 0 else numerator * 0.0).backward()
                 nan = torch.full_like(means, float("nan"))
                 val_losses.append(torch.where(valid, means, nan).detach().to(torch.float64))
+            if fsdp:
+                register_sharded_parameters(model)
             g_val = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = self._data_parallel_size()
+            if fsdp:  # FSDP reduce-scattered the mean over ranks; the step's gradient is their sum
+                g_val = [g * world for g in g_val]
+            elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 for g in g_val:
                     dist.all_reduce(g)
-            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in g_val)))
+            partial, sharded = partial_gram([[local_piece(g) for g in g_val]], world)
+            norm = float(complete_products(partial, sharded, world, lambda t: self._all_reduce(t).cpu())[0, 0].sqrt())
             delta = 0.01 / norm if norm > 0 and math.isfinite(norm) else 0.0
             with torch.no_grad():  # 4. central differences of this step's numerators along g_val
                 for sign, out in ((1.0, plus), (-1.0, minus)):
+                    if fsdp:  # drop the root's gathered copy of the previous θ, or the forward would reuse it
+                        register_sharded_parameters(model)
                     for p, t, g in zip(params, theta, g_val):
                         p.copy_(t).add_(g, alpha=sign * delta)
                     for batch in plan.batches:
@@ -1189,6 +1199,8 @@ class WeightingMixin:
                         sums = sums.to(torch.float64)
                         out.append(sums if token_mode else sums / counts.clamp(min=1))
         finally:
+            if fsdp:
+                register_sharded_parameters(model)
             with torch.no_grad():
                 for p, t, g in zip(params, theta, g_train):
                     p.copy_(t)
@@ -1260,9 +1272,13 @@ class WeightingMixin:
         kl = None
         outputs = {}
         if self._needs_reference_model:
-            logps, mask, hidden = token_log_probs_and_hidden(model, inputs, self._fused, self.fused_min_logits, outputs)
             ref_hidden = reference_hidden_states(self.reference, self.model, inputs)
-            kl = chunked_forward_kl(hidden, lm_head_of(model), ref_hidden, lm_head_of(self._reference_module()))
+            policy_head, ref_head = lm_head_of(model), lm_head_of(self._reference_module())
+            # Inside the policy's forward: under ZeRO-3/FSDP2 the LM head is gathered there (token_log_probs_with).
+            logps, mask, kl = token_log_probs_with(
+                model, inputs, self._fused, self.fused_min_logits,
+                lambda hidden: chunked_forward_kl(hidden, policy_head, ref_hidden, ref_head), outputs,
+            )
         else:
             logps, mask = token_log_probs(model, inputs, self._fused, self.fused_min_logits, outputs)
         self._log_forward_metrics(inputs, outputs.get("fused"))

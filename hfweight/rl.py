@@ -48,7 +48,6 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from .config import WeightingArguments, as_weighted_config
 from .mixin import WeightingMixin, _is_map_dataset, _MixtureCallback, check_declared_domains
 from .strategies.base import DomainStats
-from .strategies.rewards import gram_from_gradients
 
 MIXTURE_REWARD_SIGNALS = ("learnability", "regret")
 
@@ -313,13 +312,41 @@ class DomainRepeatSampler(Sampler[int]):
         self.domain_sampler.load_state_dict(state)
 
 
-def _offsets(tensors: list[torch.Tensor], indices: list[int]) -> list[tuple[int, int]]:
-    """``(index, start)`` in the concatenation of the flattened ``tensors`` for each of ``indices``."""
-    starts, position = [], 0
-    for t in tensors:
-        starts.append(position)
-        position += t.numel()
-    return [(i, starts[i]) for i in indices]
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's logical shape (DeepSpeed ZeRO-3 keeps an empty tensor in ``.data`` and the shape in
+    ``ds_shape`` outside the forward)."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+def _slice_of(flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous ``1/world`` slice of ``flat`` (the last ranks may get a shorter or empty one)."""
+    size = -(-flat.numel() // world)
+    return flat[rank * size : (rank + 1) * size].clone()
+
+
+def _entries_of(flat: torch.Tensor, params: list, chosen: list) -> torch.Tensor:
+    """The entries of ``chosen`` (a subset of ``params``, in ``params``' order) in ``flat``, the concatenation of the
+    flattened ``params``."""
+    wanted = {id(p) for p in chosen}
+    pieces, position = [], 0
+    for p in params:
+        size = _full_shape(p).numel()
+        if id(p) in wanted:
+            pieces.append(flat[position : position + size])
+        position += size
+    return torch.cat(pieces)
+
+
+def _shards_of(param) -> int:
+    from .gradalign import local_piece
+
+    return local_piece(param.data)[1]
+
+
+def _local_zeros(param) -> torch.Tensor:
+    """A zero gradient piece shaped like this rank's piece of ``param`` (a parameter that received no gradient)."""
+    data = param.data
+    return torch.zeros_like(data.to_local() if hasattr(data, "to_local") else data)
 
 
 # ---- Trainer glue ---------------------------------------------------------------------------------------------------
@@ -396,13 +423,7 @@ class RewardWeightingMixin(WeightingMixin):
                         "functions every `reward_validation_steps` steps)."
                     )
                 self.add_callback(_RewardValidationCallback(self))
-            if getattr(self.reward_weighting, "needs_gram", False) and self._parameters_sharded():
-                raise ValueError(
-                    "reward_weighting='gradient' backpropagates one policy loss per reward through the unwrapped "
-                    "model, which ZeRO-3 and FSDP shard outside their forward; train it with DDP or ZeRO-1/2 "
-                    "(accelerate_configs/ddp.yaml, zero2.yaml)."
-                )
-            self._gram_parameters = self._select_gram_parameters()
+            self._select_gram_parameters()  # fail early on a pattern that matches nothing
         if self.mixture is not None:
             self._setup_prompt_domains()
 
@@ -536,6 +557,8 @@ class RewardWeightingMixin(WeightingMixin):
     # -- gradient Gram --
 
     def _select_gram_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trainable parameters the Gram is built over, looked up on the model as it is now: FSDP2 replaces the
+        parameters with ``DTensor`` ones when the Trainer wraps the model at the start of ``train()``."""
         if not getattr(self.reward_weighting, "needs_gram", False):
             return []
         pattern = self.args.reward_gradient_parameters
@@ -571,8 +594,11 @@ class RewardWeightingMixin(WeightingMixin):
 
         The loss is the parent's own ``_compute_loss`` on this rank's generation batch, split into the same
         ``steps_per_generation`` chunks as training and summed: the gradient the trainer would accumulate with these
-        advantages. Computed with ``torch.autograd.grad`` on the unwrapped model, so ``.grad`` (and DDP's reducer) is
-        never touched; the parent's loss metrics from these passes are discarded.
+        advantages, averaged over ranks as the data-parallel wrapper averages it. Each rank keeps only its share of
+        every reward's gradient (:meth:`_reward_gradient_shares`); the Gram is the sum of the ranks' partial products
+        (:func:`hfweight.gradalign.partial_gram`) — one all-reduce of a ``(K, K)`` matrix, no gradient gathered —
+        then clipped per reward (:func:`hfweight.strategies.rewards.clip_gram`) and handed to the weighter. The
+        parent's loss metrics from these passes are discarded.
 
         Clipping (``clip_scope="model"``, the default): each reward's gradient is clipped by the norm of its
         rank-averaged gradient over *every* trainable parameter, as the authors clip the actor's full gradient
@@ -580,51 +606,111 @@ class RewardWeightingMixin(WeightingMixin):
         keeping the ``reward_gradient_parameters`` subset for the Gram; the whole gradient is then computed (one
         reward at a time), not only the subset's. ``clip_scope="selected"`` clips by the subset's own norm.
         """
-        from trl.trainer.utils import split_tensor_dict
+        from .gradalign import complete_products, partial_gram
+        from .strategies.rewards import clip_gram
 
-        rewards = self._last_rewards.float()
-        k = rewards.shape[1]
-        start = self.accelerator.process_index * output["advantages"].shape[0]
-        local = slice(start, start + output["advantages"].shape[0])
-        model = self.accelerator.unwrap_model(self.model)
-        whole_model = self.reward_weighting.clip_norm is not None and self.reward_weighting.clip_scope == "model"
-        named = self._trainable_parameters if whole_model else self._gram_parameters
-        selected = {n for n, _ in self._gram_parameters}
-        keep = [i for i, (n, _) in enumerate(named) if n in selected]
-        params = [p for _, p in named]
         saved_metrics = {mode: {key: len(v) for key, v in m.items()} for mode, m in self._metrics.items()}
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        flats, norms = [], []
-        for index in range(k):
-            advantages = self.per_reward_advantages(rewards, index)[local].to(output["advantages"].device)
-            batch = dict(output, advantages=advantages)
-            total = [torch.zeros_like(p) for p in params]
-            for chunk in split_tensor_dict(batch, self.args.steps_per_generation):
-                loss = self._compute_loss(model, chunk)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for t, g in zip(total, grads):
-                    if g is not None:
-                        t.add_(g)
-            flat = torch.cat([t.flatten().float() for t in total])
-            if world > 1:
-                dist.all_reduce(flat)  # DDP averages the policy gradient over ranks; so do we
-                flat /= world
-            norms.append(flat.double().norm())
-            flats.append(torch.cat([flat[o : o + total[i].numel()] for i, o in _offsets(total, keep)]))
+        shares, norms = self._reward_gradient_shares(output, self._last_rewards.float())
         for mode, lengths in saved_metrics.items():  # drop what _compute_loss logged during these passes
             for key in list(self._metrics[mode]):
                 del self._metrics[mode][key][lengths.get(key, 0) :]
-        gradients = torch.stack(flats)
-        self._last_reward_gradients = gradients  # (K, P): kept for inspection and tests
-        self._last_reward_gradient_norms = torch.stack(norms).cpu()  # (K,): the norms the clipping used
-        gram = gram_from_gradients(
-            list(gradients.double().cpu()), self.reward_weighting.clip_norm, self._last_reward_gradient_norms
+        world = self.accelerator.num_processes
+        partial, sharded = partial_gram(shares, world)
+        gram = complete_products(partial, sharded, world, lambda t: self._all_reduce(t).cpu())
+        # (K, numel of this rank's share): kept for inspection and tests
+        self._last_reward_gradients = torch.stack(
+            [torch.cat([piece.reshape(-1).float().cpu() for piece, _ in share]) for share in shares]
         )
+        self._last_reward_gram = gram
+        self._last_reward_gradient_norms = norms  # (K,) full-model norms the clipping used, or None (the Gram's own)
+        gram = clip_gram(gram, self.reward_weighting.clip_norm, norms)
         lr = self._get_learning_rate() if self.lr_scheduler is not None else None
         self.reward_weighting.update_from_gram(gram, self.state.global_step, lr=lr)
         for key, value in self.reward_weighting.metrics().items():
             if key.startswith("gradient_influence/"):
                 self._weighting_metrics[key].append(value)
+
+    def _reward_gradient_shares(
+        self, output: dict, rewards: torch.Tensor
+    ) -> tuple[list[list[tuple[torch.Tensor, int]]], torch.Tensor | None]:
+        """Per reward ``k``, this rank's share of the rank-averaged policy gradient ``g_k`` of the Gram parameters, as
+        ``(piece, number of shards)`` per parameter (:mod:`hfweight.gradalign`); plus, with ``clip_scope="model"``,
+        the norms ``‖g_k‖`` over every trainable parameter (``(K,)``, identical on all ranks), else None.
+
+        - FSDP (parameters are ``DTensor`` shards outside the forward): backward through the FSDP module into
+          ``.grad`` — FSDP all-gathers each layer for the pass and reduce-scatters (averages) its gradient as in
+          training — and each rank keeps its own gradient shards. The optimizer's ``.grad`` is set aside and restored.
+        - Otherwise (one process, DDP, DeepSpeed ZeRO-1/2/3): ``torch.autograd.grad`` through the unwrapped model —
+          DDP's reducer and DeepSpeed's gradient hooks (on the parameters' gradient accumulation) never fire, and
+          under ZeRO-3 the layers' forward/backward hooks gather the parameters as in training — then one all-reduce
+          (mean) per reward; each rank keeps a ``1/W`` slice of it, so the ``K`` stored gradients cost ``K/W`` of
+          the selected parameters per rank (with full-model clipping the whole gradient is formed once per reward
+          for its norm, then only the selected slice is kept).
+        """
+        from trl.trainer.utils import split_tensor_dict
+
+        from .gradalign import register_sharded_parameters
+
+        k = rewards.shape[1]
+        start = self.accelerator.process_index * output["advantages"].shape[0]
+        local = slice(start, start + output["advantages"].shape[0])
+        fsdp = getattr(self, "is_fsdp_enabled", False)
+        model = self.model_wrapped if fsdp else self.accelerator.unwrap_model(self.model)
+        if fsdp:
+            register_sharded_parameters(model)
+        params = [p for _, p in self._select_gram_parameters()]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        whole_model = self.reward_weighting.clip_norm is not None and self.reward_weighting.clip_scope == "model"
+        saved = [p.grad for p in trainable] if fsdp else None
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        shares, norms = [], []
+        try:
+            for index in range(k):
+                advantages = self.per_reward_advantages(rewards, index)[local].to(output["advantages"].device)
+                chunks = split_tensor_dict(dict(output, advantages=advantages), self.args.steps_per_generation)
+                if fsdp:
+                    shares.append(self._backward_shards(model, chunks, trainable, params))
+                    if whole_model:
+                        norms.append(self._sharded_gradient_norm(trainable))
+                elif whole_model:
+                    flat = self._averaged_gradient(model, chunks, trainable)
+                    norms.append(flat.double().norm().cpu())
+                    shares.append([(_slice_of(_entries_of(flat, trainable, params), rank, world), world)])
+                else:
+                    shares.append([(_slice_of(self._averaged_gradient(model, chunks, params), rank, world), world)])
+        finally:
+            if saved is not None:
+                for p, g in zip(trainable, saved):
+                    p.grad = g
+        return shares, (torch.stack(norms) if whole_model else None)
+
+    def _sharded_gradient_norm(self, trainable) -> torch.Tensor:
+        """``‖g‖`` of the current (FSDP-sharded) gradients of ``trainable``: local squares weighted by
+        ``shards / W`` (a replicated piece is on every rank), summed over ranks."""
+        from .gradalign import snapshot_gradients
+
+        world = self.accelerator.num_processes
+        squares = torch.zeros((), dtype=torch.float64)
+        for snapshot in snapshot_gradients(trainable):
+            if snapshot is not None:
+                piece, shards = snapshot
+                squares += piece.double().pow(2).sum().cpu() * shards / world
+        return self._all_reduce(squares).cpu().sqrt()
+
+    def _averaged_gradient(self, model, chunks, params) -> torch.Tensor:
+        """The summed chunk losses' gradient w.r.t. ``params`` (flat, float32), averaged over ranks."""
+        total = None
+        for chunk in chunks:
+            grads = torch.autograd.grad(self._compute_loss(model, chunk), params, allow_unused=True)
+            flat = torch.cat([
+                (g if g is not None else torch.zeros(_full_shape(p), device=p.device, dtype=p.dtype)).reshape(-1).float()
+                for g, p in zip(grads, params)
+            ])
+            total = flat if total is None else total.add_(flat)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)  # DDP averages the policy gradient over ranks; so do we
+            total /= dist.get_world_size()
+        return total
 
     # -- logging, state, artifacts --
 

@@ -9,10 +9,39 @@ from typing import Any
 
 BUILTIN = "builtin"
 BUILTIN_PREFIX = "builtin:"
+STANDINS_ENV = "HFWEIGHT_STANDINS"
+
+
+def standin(name: str | None, config: str | None = None) -> tuple[str | None, str | None]:
+    """``(name, config)`` to load for a hub model or dataset id, after the stand-in map.
+
+    ``$HFWEIGHT_STANDINS`` may name a JSON file ``{hub id: local path}`` (a dataset key may also be ``"id:config"``,
+    which wins over the bare id); a mapped dataset loses its hub config, a local folder has none. It is how a real
+    recipe is rehearsed on small local stand-ins of the same architecture and format (``tests/standins.py``) with its
+    entry script and YAML unchanged. Without the variable, which is how the real recipes run, names pass unchanged.
+    """
+    path = os.environ.get(STANDINS_ENV)
+    if not path or name is None:
+        return name, config
+    with open(path) as f:
+        mapping = json.load(f)
+    for key in (f"{name}:{config}", name):
+        if key in mapping:
+            return mapping[key], None
+    return name, config
+
+
+def load_hub_dataset(name: str, config: str | None = None, streaming: bool = False):
+    """``datasets.load_dataset(name, config)`` after the stand-in map (:func:`standin`)."""
+    from datasets import load_dataset
+
+    name, config = standin(name, config)
+    return load_dataset(name, config, streaming=streaming)
 
 
 def load_causal_lm(name_or_path: str, tokenizer_name_or_path: str | None = None, vocab_size: int = 2048, seed: int = 0):
-    """``(model, tokenizer)``: the embedded tiny Llama for ``builtin:<size>``, else ``from_pretrained``."""
+    """``(model, tokenizer)``: the embedded tiny Llama for ``builtin:<size>``, else ``from_pretrained`` (after the
+    stand-in map, :func:`standin`)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         from .defaults import build_corpus, build_model, build_tokenizer
 
@@ -20,6 +49,8 @@ def load_causal_lm(name_or_path: str, tokenizer_name_or_path: str | None = None,
         return build_model(tokenizer, size=name_or_path[len(BUILTIN_PREFIX) :], seed=seed), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name_or_path = standin(name_or_path)[0]
+    tokenizer_name_or_path = standin(tokenizer_name_or_path)[0]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -32,9 +63,7 @@ def load_text_dataset(script_args: Any, seed: int = 0):
         from .defaults import build_corpus
 
         return build_corpus(seed=seed)
-    from datasets import load_dataset
-
-    return load_dataset(
+    return load_hub_dataset(
         script_args.dataset_name, script_args.dataset_config, streaming=getattr(script_args, "dataset_streaming", False)
     )
 
@@ -189,9 +218,7 @@ def load_prompt_data(script_args: Any, seed: int):
         from .defaults import grpo_dataset
 
         return grpo_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.1, seed=seed)
-    from datasets import load_dataset
-
-    return load_dataset(script_args.dataset_name, script_args.dataset_config)
+    return load_hub_dataset(script_args.dataset_name, script_args.dataset_config)
 
 
 def heldout_prompts(dataset, domain_column: str, max_per_domain: int | None):

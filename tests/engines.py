@@ -124,6 +124,13 @@ def activate(engine: str) -> None:
         # Not `deepspeed.comm.torch.build_shm_op = ...`: `deepspeed.comm` star-imports `torch`, so that attribute
         # path is the real torch module and the patch would land there, leaving the g++ build in place.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # An entry script loads its model with `from_pretrained` before any Trainer exists; under ZeRO-3 that runs
+        # `deepspeed.zero.Init`, whose config reads the world size from DeepSpeed's own comm layer — on CPU ranks
+        # (`use_cpu`) accelerate starts gloo without it, so it would see 1 process. Start it here (gloo, as launched).
+        if "WORLD_SIZE" in os.environ:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
     if engine == "fsdp2":
         _patch_fsdp_on_cpu()
 

@@ -556,7 +556,7 @@ def test_two_ranks_use_identical_weights_and_probabilities(algo, tmp_path):
         assert zero["state"] == one["state"], name
         for step, (a, b) in enumerate(zip(zero["domains"], one["domains"])):
             assert len(a) == len(b) == 4, (name, step)  # each rank holds one complete group of 4 generations
-    # The Gram is built from rank-averaged gradients: identical on both ranks.
-    assert ranks[0]["gradient"]["gradients"] == ranks[1]["gradient"]["gradients"]
+    # The Gram is built from rank-averaged gradients (each rank holding a slice, one all-reduce): identical on both ranks.
+    assert ranks[0]["gradient"]["gram"] == ranks[1]["gradient"]["gram"]
     # Dynamic weights actually moved.
     assert ranks[0]["saw_odm"]["weights"][0] != [1.0, 1.0, 1.0]

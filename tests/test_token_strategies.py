@@ -305,13 +305,3 @@ def test_sharded_parameter_detection():
     assert WeightingMixin._parameters_sharded(fake(zero_stage=3))
     assert not WeightingMixin._parameters_sharded(fake(zero_stage=2))
     assert not WeightingMixin._parameters_sharded(fake())
-
-
-def test_asft_refuses_sharded_parameters(tmp_path, monkeypatch):
-    """ASFT reads the LM head weights outside the forward: under ZeRO-3/FSDP it must fail at init, not mid-run."""
-    from hfweight.mixin import WeightingMixin
-
-    monkeypatch.setattr(WeightingMixin, "_parameters_sharded", lambda self: True)
-    args = WeightedTrainingArguments(**training_args(str(tmp_path)), token_weighting="asft")
-    with pytest.raises(ValueError, match="ZeRO-3 and FSDP shard.*ddp.yaml"):
-        WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(4), data_collator=pad_collate)

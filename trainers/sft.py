@@ -20,7 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from hfweight import WeightedSFTConfig, WeightedSFTTrainer  # noqa: E402
-from hfweight.scripts import BUILTIN, final_summary, load_causal_lm, per_domain_eval_sets, print_summary  # noqa: E402
+from hfweight.scripts import (  # noqa: E402
+    BUILTIN,
+    final_summary,
+    load_causal_lm,
+    load_hub_dataset,
+    per_domain_eval_sets,
+    print_summary,
+)
 from hfweight.state import resolve_resume_checkpoint  # noqa: E402
 
 
@@ -45,9 +52,7 @@ def load_sft_data(script_args: SFTScriptArguments, seed: int):
         from hfweight.defaults import sft_dataset
 
         return sft_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.05, seed=seed)
-    from datasets import load_dataset
-
-    return load_dataset(script_args.dataset_name, script_args.dataset_config)
+    return load_hub_dataset(script_args.dataset_name, script_args.dataset_config)
 
 
 DATACLASSES = (SFTScriptArguments, WeightedSFTConfig, ModelConfig)

@@ -757,8 +757,9 @@ class MetaRescaler(SampleWeighting):
     ``g_train`` and ``g_val``; nothing second-order. The textbook alternative — θ' built with ``create_graph=True``
     and one ``backward`` of ``meta_objective(s_V, ℓ_V(θ'(ω)))`` — gives the same gradient (up to the finite
     difference) but needs double backward through the model (not available with fused/flash kernels, FSDP or ZeRO-3)
-    and about 3× the memory. The meta step needs whole parameters and gradients in ``param.grad``: single process or
-    DDP (ZeRO-3/FSDP/DeepSpeed are refused at setup).
+    and about 3× the memory. The meta step needs the gradients in ``param.grad``: single process, DDP or FSDP2 (every
+    update is elementwise, so it runs on each rank's shards; only ‖g_val‖ takes the shards' partial sums and one
+    all-reduce). DeepSpeed is refused at setup: its engine keeps the gradients (partitioned under ZeRO-2/3).
 
     How this differs from the paper's description (Heck et al., AAAI 2025; their code was not readable here): the
     features are single-pass (loss, loss change vs. the domain's running mean; no entropy, no statistics over G

@@ -201,7 +201,8 @@ class ASFTWeighting(DFTWeighting):
     """Anchored SFT (Zhu et al., arXiv 2509.23753; code ``zhuchichi56/ASFT``, ``train_v2.py``):
     ``ℓ'_t = sg(p_t) · ℓ_t + λ · KL(π_ref(·|ctx) ‖ π_θ(·|ctx))``, the KL over the full vocabulary.
 
-    The trainer computes the KL tile by tile from both models' hidden states (no full logits) and passes it as
+    The trainer computes the KL tile by tile from both models' hidden states (no full logits), inside the policy's
+    forward (so ZeRO-3/FSDP2 have the LM head gathered and reduce its gradient as usual), and passes it as
     ``ctx.kl``. The reference is ``reference_model`` (a path, ``"base"`` for a PEFT model, or a model object), and by
     default a frozen copy of the initial model, as in the authors' code. Divergence from that code: their trainer
     divides by the micro-batch token count and ignores ``num_items_in_batch`` (so their loss depends on gradient

@@ -2,7 +2,7 @@
 
 Usage: torchrun --nproc_per_node 2 tests/scripts/rl_worker.py OUT_PREFIX ALGO [CONFIG ...]
 Writes OUT_PREFIX.rank{R}.json: per configuration, the reward weights TRL applied to every generation batch, the
-logged weights/probabilities, the prompt domains this rank received and the per-reward gradients of the Gram.
+logged weights/probabilities, the prompt domains this rank received and the reward-gradient Gram.
 """
 
 import json
@@ -49,7 +49,7 @@ def main():
             "state": json.loads(json.dumps(trainer.reward_weighting.state_dict(), default=str)),
         }
         if name == "gradient":
-            results[name]["gradients"] = trainer._last_reward_gradients.tolist()
+            results[name]["gram"] = trainer._last_reward_gram.tolist()
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump(results, f)
 
