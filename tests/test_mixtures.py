@@ -400,6 +400,7 @@ ALL = {
     "skillit": dict(graph=GRAPH, update_every=2),
     "dga": dict(update_every=2, ema=0.5),
     "policy": dict(policy=lambda h: [1 + h[-1]["step"] % 3, 1, 2]),
+    "learning_progress": dict(eta=0.5, ema=0.5, history_size=6),
 }
 
 
@@ -519,5 +520,6 @@ def test_bad_config_at_bind(name, kwargs, message):
 
 
 def test_every_planned_mixture_is_registered():
-    for name in ("static", "temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy"):
+    for name in ("static", "temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy",
+                 "learning_progress"):
         assert name in MIXTURES

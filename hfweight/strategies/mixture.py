@@ -1326,3 +1326,164 @@ class PolicyMixture(_Controller):
         super().load_state_dict(state)
         self.history = [dict(h) for h in state["history"]]
         self._last_eval = state["last_eval"]
+
+
+# ---- learning progress (Graves et al. 2017) -----------------------------------------------------------------------
+
+
+def rescale_progress(raw: torch.Tensor, history: torch.Tensor, low_q: float, high_q: float) -> torch.Tensor:
+    """Graves et al.'s reward rescaling: map raw progress to ``[−1, 1]`` by the ``low_q``/``high_q`` quantiles
+    ``q_lo``, ``q_hi`` of the recent raw values ``history``:
+
+        r = −1 if x < q_lo;  +1 if x > q_hi;  2·(x − q_lo)/(q_hi − q_lo) − 1 otherwise
+
+    so the scale of the loss never matters. Quantiles by linear interpolation (``torch.quantile``). An empty history or
+    ``q_hi == q_lo`` (nothing to rank against yet) gives 0 for every entry.
+    """
+    raw = torch.as_tensor(raw, dtype=_F64)
+    history = torch.as_tensor(history, dtype=_F64).flatten()
+    if history.numel() == 0:
+        return torch.zeros_like(raw)
+    bounds = torch.quantile(history, torch.tensor([low_q, high_q], dtype=_F64))
+    low, high = float(bounds[0]), float(bounds[1])
+    if not high > low:
+        return torch.zeros_like(raw)
+    return (2 * (raw - low) / (high - low) - 1).clamp(-1.0, 1.0)
+
+
+def exp3s_weights(weights: torch.Tensor, rewards: torch.Tensor, eta: float, share: float) -> torch.Tensor:
+    """One Exp3.S weight update (Auer et al. 2002, as used by Graves et al. 2017, eq. 2), in log space:
+
+        w_i ← log[(1 − α)·exp(w_i + η r_i) + α/(k − 1) · Σ_{j≠i} exp(w_j + η r_j)]
+
+    (``α = share``: the fixed-share mixing that lets a non-stationary bandit switch arms). Returned shifted so that
+    ``max w = 0`` (the policy is a softmax of ``w``, shift-invariant; the update is shift-equivariant), so the log-weights
+    never drift towards overflow. ``k = 1`` returns ``[0]``.
+    """
+    z = torch.as_tensor(weights, dtype=_F64) + eta * torch.as_tensor(rewards, dtype=_F64)
+    k = z.numel()
+    if k == 1:
+        return torch.zeros(1, dtype=_F64)
+    others = torch.stack([torch.logsumexp(torch.cat([z[:i], z[i + 1:]]), dim=0) for i in range(k)])
+    if share > 0:
+        w = torch.logaddexp(math.log1p(-share) + z, math.log(share / (k - 1)) + others)
+    else:
+        w = z
+    return w - w.max()
+
+
+@register_mixture("learning_progress")
+class LearningProgressMixture(_Controller):
+    """Learning progress (Graves et al. 2017, "Automated Curriculum Learning for Neural Networks", ICML): a
+    non-stationary bandit over domains whose reward is how fast each domain's loss is *falling*, not how high it is.
+
+    Why: ODM rewards the loss itself, so a domain of random characters — the highest, irreducible loss — is sampled
+    more and more. The loss of such a domain does not fall, so its progress is ~0 and this controller samples it less;
+    a domain that is learned (or memorized: near-duplicates) stops paying once its loss flattens.
+
+    Per optimizer step ``t`` (every rank, all-reduced :class:`DomainStats`), for each domain present in the step with a
+    finite token-mean loss ``L_d`` (measured on this step's fresh batch *before* training on it):
+
+    1. raw progress ``ν_d = L̄_d − L_d``, ``L̄_d`` the EMA (``ema``) of the domain's earlier losses — the self
+       prediction gain of the paper measured without an extra forward pass: the loss on new data of the domain now
+       vs. on earlier data of the domain before the intervening updates. A domain's first observation only starts
+       ``L̄_d``;
+    2. reward ``r_d`` = :func:`rescale_progress` of ``ν_d`` by the 20th/80th percentiles (``quantiles``) of the last
+       ``history_size`` raw values (all domains pooled), as in the paper;
+    3. Exp3.S (:func:`exp3s_weights`): ``w ← ExpS(w, η·r̃)`` with ``r̃_d = r_d`` for present domains, 0 for absent
+       ones (their weight only takes part in the fixed-share mixing);
+    4. policy ``π = (1 − ε)·softmax(w) + ε/k``, then the ``min_prob`` floor.
+
+    Divergences from the paper, and why: (a) the paper draws *one* task per step and importance-weights its reward by
+    ``1/π``; a mixed batch observes the progress of every domain present in it, so the default applies the rewards
+    unweighted (the full-information form of the same exponential-weights update); ``importance_weighting=True``
+    divides by ``π_d`` as the paper does. (b) progress from the EMA of earlier losses instead of re-scoring the same
+    batch after the update (no extra forward or backward). (c) the quantiles come from a sliding window of recent
+    values rather than the paper's reservoir sample of the whole history (exact resume needs a deterministic buffer;
+    progress shrinks over training, so recent history is the relevant scale). (d) the step size: the paper tuned its
+    constants for runs of many thousands of steps; ``eta`` 0.05 lets a domain that is consistently best or worst move
+    its log-weight by ±1 within 20 steps, so the controller acts within a few hundred steps — see
+    ``docs/guidance.md`` and ``benchmarks/bench_mixture_effectiveness.py`` for the sweep behind it. No authors' code is
+    public; the paper's exact constants could not be checked here.
+
+    Args:
+        eta: Exp3.S step size η (default 0.05).
+        epsilon: Uniform exploration ε (default 0.05): every domain keeps at least ``ε/k``.
+        share: Fixed-share mixing α of Exp3.S (default 1e-3).
+        ema: β of the loss EMA ``L̄_d ← β·L̄_d + (1 − β)·L_d`` (default 0.9).
+        quantiles: ``(low, high)`` percentiles of the rescaling, as fractions (default ``(0.2, 0.8)``).
+        history_size: Raw progress values kept for the quantiles (default 500).
+        importance_weighting: Divide rewards by ``π_d`` (the paper's single-task form; default False).
+        update_every: Update cadence in optimizer steps (default 1): progress is accumulated over the skipped steps'
+            observations only through ``L̄`` (the rewards of skipped steps are not applied).
+        initial_weights: Starting policy (default uniform); ``w`` starts at its log.
+        min_prob: Floor (default 1e-4).
+    """
+
+    def __init__(self, eta: float = 0.05, epsilon: float = 0.05, share: float = 1e-3, ema: float = 0.9,
+                 quantiles=(0.2, 0.8), history_size: int = 500, importance_weighting: bool = False,
+                 update_every: int = 1, initial_weights=None, min_prob: float = 1e-4, domains=None):
+        super().__init__(min_prob=min_prob, domains=domains)
+        self.eta = _positive(eta, "eta")
+        self.epsilon = _fraction(epsilon, "epsilon", closed_right=True)
+        self.share = _fraction(share, "share")
+        self.ema = _fraction(ema, "ema")
+        try:
+            low, high = (float(q) for q in quantiles)
+        except (TypeError, ValueError):
+            raise ValueError(f"mixture_kwargs['quantiles'] must be two fractions (low, high), got {quantiles!r}.") from None
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"mixture_kwargs['quantiles'] must satisfy 0 ≤ low < high ≤ 1, got {quantiles!r}.")
+        self.quantiles = (low, high)
+        self.history_size = _count(history_size, "history_size", minimum=2)
+        self.importance_weighting = bool(importance_weighting)
+        self.update_every = _count(update_every, "update_every")
+        initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
+        _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
+        self.initial_weights = initial_weights
+
+    def _on_bind(self):
+        p0 = self._initial(self.initial_weights, "mixture_kwargs['initial_weights']")
+        self._weights = torch.log(p0.clamp_min(1e-300))
+        self._weights = self._weights - self._weights.max()
+        self._loss_ema = torch.full((self.k,), float("nan"), dtype=_F64)
+        self._history = torch.zeros(0, dtype=_F64)
+        self.last_progress = torch.full((self.k,), float("nan"), dtype=_F64)
+        self.last_reward = torch.zeros(self.k, dtype=_F64)
+        self._set_probs(self._policy())
+
+    def _policy(self) -> torch.Tensor:
+        return (1 - self.epsilon) * torch.softmax(self._weights, dim=0) + self.epsilon / self.k
+
+    def observe(self, stats: DomainStats) -> None:
+        self._check_stats(stats)
+        if self.k == 1:
+            return
+        t = int(stats.step) + 1
+        loss = stats.mean_loss.to(_F64)
+        seen = (stats.sample_count > 0) & torch.isfinite(loss)
+        known = seen & torch.isfinite(self._loss_ema)
+        progress = torch.where(known, self._loss_ema - loss, torch.full_like(loss, float("nan")))
+        self._loss_ema = torch.where(
+            seen, torch.where(torch.isfinite(self._loss_ema), self.ema * self._loss_ema + (1 - self.ema) * loss, loss),
+            self._loss_ema,
+        )
+        if not known.any() or t % self.update_every:
+            return
+        self._history = torch.cat([self._history, progress[known]])[-self.history_size:]
+        reward = torch.where(known, rescale_progress(progress, self._history, *self.quantiles), torch.zeros_like(loss))
+        if self.importance_weighting:
+            reward = reward / self._probs
+        self._weights = exp3s_weights(self._weights, reward, self.eta, self.share)
+        self.last_progress, self.last_reward = progress, reward
+        self._set_probs(self._policy())
+
+    _TENSORS = ("_weights", "_loss_ema", "_history", "last_progress", "last_reward")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), **{name: getattr(self, name).clone() for name in self._TENSORS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for name in self._TENSORS:
+            setattr(self, name, state[name].clone())
