@@ -276,7 +276,7 @@ def test_aioli_config_errors():
     with pytest.raises(ValueError, match="must exceed 1/k"):
         build("aioli", one_hot_factor=0.3)
     with pytest.raises(ValueError, match=r"k·lp_rounds·lp_steps = 3·2·10 = 60 steps"):
-        build("aioli", update_every=50)
+        build("aioli", lp_rounds=2, lp_steps=10, update_every=50)
 
 
 # ---- Skill-it -----------------------------------------------------------------------------------------------------
