@@ -181,6 +181,18 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def included_runs(paths: list[str], steps: int) -> list[dict]:
+    """The runs stored in earlier result files, checked to have the same budget."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["settings"]["steps"] != steps:
+            raise SystemExit(f"--include {path}: its runs have {saved['settings']['steps']} steps, this run {steps}.")
+        runs += saved["runs"]
+    return runs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -191,6 +203,9 @@ def main(argv=None) -> None:
                         help='extra mixture_kwargs for one method, e.g. aioli=\'{"probe_fraction": 0.2}\'')
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps: a smoke test")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--include", nargs="+", default=[], metavar="JSON",
+                        help="result files of earlier runs (same --steps): their runs join the table and are not re-run "
+                             "(split a long benchmark over several invocations, e.g. one per seed)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads ran 4x slower per step)")
     args = parser.parse_args(argv)
@@ -204,11 +219,15 @@ def main(argv=None) -> None:
         OVERRIDES[method] = json.loads(text)
     quiet()
     torch.set_num_threads(args.threads)
-    loads, results = [os.getloadavg()[0]], []
+    loads, results = [os.getloadavg()[0]], included_runs(args.include, args.steps)
+    done = {(r["method"], r["seed"]) for r in results}
     wall = time.perf_counter()
     for seed in args.seeds:
         reference = None
         for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
+            needed_as_reference = method == "stratified" and "doremi" in args.methods and ("doremi", seed) not in done
+            if (method, seed) in done and not needed_as_reference:
+                continue
             out = run(method, seed, args.steps, args.eval_every, reference)
             if method == "stratified":
                 reference = out["model"]
@@ -217,12 +236,16 @@ def main(argv=None) -> None:
             print(f"[seed {seed}] {method:<15} target loss {target_loss(out['final'], method):.4f}  "
                   f"({out['seconds']:.0f} s)  mixture {json.dumps({k: round(v, 3) for k, v in out['mixture'].items()})}",
                   flush=True)
-            results.append(out)
+            if (method, seed) not in done:
+                results.append(out)
     by = {(r["method"], r["seed"]): r for r in results}
+    args.seeds = sorted({seed for _, seed in by})
+    args.methods = [m for m in METHODS if any((m, seed) in by for seed in args.seeds)]
     rows = []
     for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
         finals, reach, deltas, closed, missed = [], [], [], [], 0
-        for seed in args.seeds:
+        seeds = [seed for seed in args.seeds if (method, seed) in by and ("stratified", seed) in by]
+        for seed in seeds:
             r, base = by[(method, seed)], by[("stratified", seed)]
             score = target_loss(r["final"], method)
             base_final = target_loss(base["final"], method)  # arithmetic for dga_arithmetic, the clean mix otherwise
@@ -235,7 +258,7 @@ def main(argv=None) -> None:
             missed += step is None
         rows.append({"method": method, "final": finals, "delta_vs_stratified": deltas, "gap_closed": closed,
                      "steps_to_reach": reach,
-                     "missed": missed, "beats_stratified": sum(d < 0 for d in deltas)})
+                     "missed": missed, "beats_stratified": sum(d < 0 for d in deltas), "seeds": seeds})
     minutes = (time.perf_counter() - wall) / 60
     lines = [
         f"### Mixture effectiveness: tiny Llama, built-in corpus, {args.steps} steps × batch {BATCH} × seq {SEQ_LEN}",
@@ -251,15 +274,15 @@ def main(argv=None) -> None:
     for row in rows:
         reach = mean_std([float(s) for s in row["steps_to_reach"]]).replace(".0000", "")
         if row["missed"]:
-            reach += f" ({row['missed']} of {len(args.seeds)} seeds never)"
+            reach += f" ({row['missed']} of {len(row['seeds'])} seeds never)"
         closed = mean_std([100 * c for c in row["gap_closed"]]).replace(" ± ", "% ± ") + "%" if row["gap_closed"] else "–"
         lines.append(f"| `{row['method']}` | {mean_std(row['final'])} | {mean_std(row['delta_vs_stratified'])} | "
-                     f"{closed} | {row['beats_stratified']}/{len(args.seeds)} | {reach} |")
+                     f"{closed} | {row['beats_stratified']}/{len(row['seeds'])} | {reach} |")
     if OVERRIDES:
         lines += ["", "Overrides: " + "; ".join(f"`{m}`: `{json.dumps(kw)}`" for m, kw in OVERRIDES.items())]
-    lines += ["", "Final mixtures (seed " + str(args.seeds[0]) + "):", ""]
+    lines += ["", "Final mixtures (first seed of each method):", ""]
     for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
-        mix = by[(method, args.seeds[0])]["mixture"]
+        mix = by[(method, min(seed for m, seed in by if m == method))]["mixture"]
         lines.append(f"- `{method}`: " + ", ".join(f"{k} {v:.3f}" for k, v in mix.items()))
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -49,3 +49,15 @@ def test_sharded_partial_products_are_exact(ranks):
     for r in ranks:
         assert r["sharded"]["sharded"]
         assert r["sharded"]["got"] == pytest.approx(r["sharded"]["expected"], rel=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_same_learning_progress_mixture(ranks):
+    """learning_progress learns from all-reduced per-domain losses: bit-identical mixtures on both ranks at every
+    step, moved by the run, and each step's shards complete and disjoint."""
+    a, b = ranks[0]["learning_progress"], ranks[1]["learning_progress"]
+    assert a["probabilities"] == b["probabilities"] and len(a["probabilities"]) == 6
+    assert len({tuple(p) for p in a["probabilities"].values()}) >= 3
+    assert a["global_batches"] == b["global_batches"]
+    for step, batch in enumerate(a["global_batches"]):
+        assert Counter(a["trained"][str(step)]) + Counter(b["trained"][str(step)]) == Counter(batch)
