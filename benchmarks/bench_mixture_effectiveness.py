@@ -181,6 +181,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def save_partial(name: str, args, results: list[dict]) -> None:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.partial.json"), "w") as f:
+        json.dump({"settings": vars(args), "runs": results}, f)
+
+
 def included_runs(paths: list[str], steps: int) -> list[dict]:
     """The runs stored in earlier result files, checked to have the same budget."""
     runs = []
@@ -238,6 +244,7 @@ def main(argv=None) -> None:
                   flush=True)
             if (method, seed) not in done:
                 results.append(out)
+                save_partial(name, args, results)  # an interrupted benchmark keeps its finished runs (--include them)
     by = {(r["method"], r["seed"]): r for r in results}
     args.seeds = sorted({seed for _, seed in by})
     args.methods = [m for m in METHODS if any((m, seed) in by for seed in args.seeds)]

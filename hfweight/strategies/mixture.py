@@ -1520,9 +1520,10 @@ class LearningProgressMixture(_Controller):
         min_prob: Floor (default 1e-4).
     """
 
-    def __init__(self, eta: float = 0.05, epsilon: float = 0.05, share: float = 1e-3, ema: float = 0.9,
+    def __init__(self, eta: float = 0.2, epsilon: float = 0.05, share: float = 1e-3, ema: float = 0.9,
                  quantiles=(0.2, 0.8), history_size: int = 500, importance_weighting: bool = False,
-                 update_every: int = 1, initial_weights=None, min_prob: float = 1e-4, domains=None):
+                 per_share: bool = True, update_every: int = 1, initial_weights=None, min_prob: float = 1e-4,
+                 domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
         self.eta = _positive(eta, "eta")
         self.epsilon = _fraction(epsilon, "epsilon", closed_right=True)
@@ -1537,6 +1538,7 @@ class LearningProgressMixture(_Controller):
         self.quantiles = (low, high)
         self.history_size = _count(history_size, "history_size", minimum=2)
         self.importance_weighting = bool(importance_weighting)
+        self.per_share = bool(per_share)
         self.update_every = _count(update_every, "update_every")
         initial_weights = _resolve_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
         _check_weight_spec(initial_weights, "mixture_kwargs['initial_weights']")
@@ -1564,6 +1566,8 @@ class LearningProgressMixture(_Controller):
         seen = (stats.sample_count > 0) & torch.isfinite(loss)
         known = seen & torch.isfinite(self._loss_ema)
         progress = torch.where(known, self._loss_ema - loss, torch.full_like(loss, float("nan")))
+        if self.per_share:
+            progress = progress / self._probs
         self._loss_ema = torch.where(
             seen, torch.where(torch.isfinite(self._loss_ema), self.ema * self._loss_ema + (1 - self.ema) * loss, loss),
             self._loss_ema,
