@@ -45,15 +45,17 @@ def test_exp3s_by_hand():
 class NumpyLearningProgress:
     """Independent re-implementation: EMA progress, pooled sliding-window quantile rescaling, Exp3.S, ε-uniform."""
 
-    def __init__(self, k, eta, eps, share, beta, q=(0.2, 0.8), size=500, iw=False):
+    def __init__(self, k, eta, eps, share, beta, q=(0.2, 0.8), size=500, iw=False, per_share=True):
         self.k, self.eta, self.eps, self.share, self.beta, self.q, self.size, self.iw = k, eta, eps, share, beta, q, size, iw
+        self.per_share = per_share
         self.w = np.zeros(k)
         self.ema = [None] * k
         self.hist = []
         self.p = np.full(k, 1 / k)
 
     def update(self, losses):  # {domain: loss} of the domains present
-        prog = {d: self.ema[d] - loss for d, loss in losses.items() if self.ema[d] is not None}
+        prog = {d: (self.ema[d] - loss) / (self.p[d] if self.per_share else 1.0)
+                for d, loss in losses.items() if self.ema[d] is not None}
         for d, loss in losses.items():
             self.ema[d] = loss if self.ema[d] is None else self.beta * self.ema[d] + (1 - self.beta) * loss
         if not prog:
@@ -73,11 +75,11 @@ class NumpyLearningProgress:
         self.p = (1 - self.eps) * s + self.eps / self.k
 
 
-@pytest.mark.parametrize("iw", [False, True])
-def test_steps_match_numpy(iw):
+@pytest.mark.parametrize("iw,per_share", [(False, True), (True, False), (False, False)])
+def test_steps_match_numpy(iw, per_share):
     m = build("learning_progress", eta=0.7, epsilon=0.1, share=0.01, ema=0.5, history_size=4, importance_weighting=iw,
-              min_prob=0)
-    ref = NumpyLearningProgress(3, 0.7, 0.1, 0.01, 0.5, size=4, iw=iw)
+              per_share=per_share, min_prob=0)
+    ref = NumpyLearningProgress(3, 0.7, 0.1, 0.01, 0.5, size=4, iw=iw, per_share=per_share)
     plan = [((4.0, 3.0, 5.0), (4, 2, 3)), ((3.5, 3.0, 5.2), (4, 0, 3)), ((3.0, 2.9, 4.9), (1, 1, 1)),
             ((2.0, 4.0, 5.0), (0, 2, 0)), ((2.5, 2.0, 5.1), (2, 2, 2)), ((2.2, 1.5, 4.8), (4, 2, 1)),
             ((2.0, 1.4, 5.0), (3, 3, 3))]
@@ -90,7 +92,7 @@ def test_steps_match_numpy(iw):
 
 def test_junk_is_sampled_less_while_odm_chases_it():
     """Domain 0 ('code' here) has a flat, high loss with noise (random characters); the others fall. After 150 steps
-    learning progress gives it the least probability; ODM (loss as reward) gives it the most."""
+    learning progress gives it the least probability (under half of uniform); ODM (loss as reward) gives it the most."""
     lp, odm = build("learning_progress"), build("odm", warmup_steps=0)
     rng = np.random.default_rng(0)
     for step in range(150):
@@ -99,7 +101,7 @@ def test_junk_is_sampled_less_while_odm_chases_it():
         for m in (lp, odm):
             m.observe(stats(step, loss=loss, tokens=(4, 4, 4)))
     p_lp, p_odm = lp.probabilities(), odm.probabilities()
-    assert p_lp[0] < 0.1 and p_lp[0] == p_lp.min(), p_lp
+    assert p_lp[0] < 0.5 / 3 and p_lp[0] == p_lp.min(), p_lp  # under half its uniform share
     assert p_odm[0] == p_odm.max(), p_odm
 
 
