@@ -196,7 +196,8 @@ def included_runs(paths: list[str], steps: int) -> list[dict]:
         if saved["settings"]["steps"] != steps:
             raise SystemExit(f"--include {path}: its runs have {saved['settings']['steps']} steps, this run {steps}.")
         runs += saved["runs"]
-    return runs
+    unique = {(r["method"], r["seed"]): r for r in runs}  # a run stored in several files counts once
+    return list(unique.values())
 
 
 def main(argv=None) -> None:

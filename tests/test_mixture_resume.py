@@ -4,6 +4,8 @@ domains, and exact resume of the held-out (Aioli) and gradient (DGA) protocols."
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import pytest
 import torch
@@ -102,7 +104,7 @@ def test_resume_of_eval_and_gradient_protocols(tmp_path, mixture, kwargs):
 
     def logged(trainer):
         keys = ["loss"] + [f"mixture/{n}" for n in NAMES] + [f"domain_loss/{n}" for n in NAMES]
-        return {h["step"]: tuple(h.get(k) for k in keys) for h in trainer.state.log_history if "loss" in h}
+        return {h["step"]: tuple(h.get(k, math.nan) for k in keys) for h in trainer.state.log_history if "loss" in h}
 
     expected, got = logged(straight), logged(resumed)
     for step in (4, 5, 6):
