@@ -107,7 +107,7 @@ class WeightingArguments:
         default=None,
         metadata={
             "help": "Domain mixture: None, 'static', 'temperature', 'schedule', 'doremi', 'odm', 'aioli', 'skillit', "
-            "'dga', a registered name, or a MixtureController object."
+            "'dga', 'learning_progress', a registered name, or a MixtureController object."
         },
     )
     mixture_kwargs: dict | str | None = field(

@@ -90,7 +90,8 @@ class Registry:
 TOKEN_WEIGHTINGS = Registry("token_weighting", planned=())
 SAMPLE_WEIGHTINGS = Registry("sample_weighting", planned=("loss", "truncation", "storm"))
 MIXTURES = Registry(
-    "mixture", planned=("temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy")
+    "mixture",
+    planned=("temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy", "learning_progress"),
 )
 REWARD_WEIGHTINGS = Registry(
     "reward_weighting", planned=("static", "popart", "saw", "hypervolume", "gradient", "constrained")

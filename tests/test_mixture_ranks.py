@@ -62,3 +62,14 @@ def test_two_rank_domain_statistics_are_the_sum_of_both_ranks_shares(ranks):
     for got, mine, theirs in zip(a["received"], a["local"], b["local"]):
         assert mine != theirs  # the ranks trained on different rows
         np.testing.assert_allclose(np.array(got), np.array(mine) + np.array(theirs), rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_same_learning_progress_mixture(ranks):
+    """learning_progress learns from all-reduced per-domain losses: bit-identical mixtures on both ranks at every
+    step, moved by the run, and each step's shards complete and disjoint."""
+    a, b = ranks[0]["learning_progress"], ranks[1]["learning_progress"]
+    assert a["probabilities"] == b["probabilities"] and len(a["probabilities"]) == 6
+    assert len({tuple(p) for p in a["probabilities"].values()}) >= 3
+    assert a["global_batches"] == b["global_batches"]
+    for step, batch in enumerate(a["global_batches"]):
+        assert Counter(a["trained"][str(step)]) + Counter(b["trained"][str(step)]) == Counter(batch)

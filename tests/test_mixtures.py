@@ -276,7 +276,7 @@ def test_aioli_config_errors():
     with pytest.raises(ValueError, match="must exceed 1/k"):
         build("aioli", one_hot_factor=0.3)
     with pytest.raises(ValueError, match=r"k·lp_rounds·lp_steps = 3·2·10 = 60 steps"):
-        build("aioli", update_every=50)
+        build("aioli", lp_rounds=2, lp_steps=10, update_every=50)
 
 
 # ---- Skill-it -----------------------------------------------------------------------------------------------------
@@ -400,6 +400,7 @@ ALL = {
     "skillit": dict(graph=GRAPH, update_every=2),
     "dga": dict(update_every=2, ema=0.5),
     "policy": dict(policy=lambda h: [1 + h[-1]["step"] % 3, 1, 2]),
+    "learning_progress": dict(eta=0.5, ema=0.5, history_size=6),
 }
 
 
@@ -519,5 +520,6 @@ def test_bad_config_at_bind(name, kwargs, message):
 
 
 def test_every_planned_mixture_is_registered():
-    for name in ("static", "temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy"):
+    for name in ("static", "temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy",
+                 "learning_progress"):
         assert name in MIXTURES

@@ -1,0 +1,135 @@
+"""Defaults that must act within the run (issue 15): ODM's warm-up scales with the run length or warns; Aioli's probe
+share is a bounded knob whose derived cadence fits short runs; held-out sets covering only some domains."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_mixtures import build, close, stats
+
+# ---- ODM warm-up ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total,warmup", [(200, 20), (50_000, 2000), (None, 2000)])
+def test_odm_default_warmup_fits_the_run(total, warmup):
+    m = build("odm")
+    if total is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m.set_total_steps(total)
+    assert m.warmup_steps == warmup
+    for step in range(warmup):  # observe(step) completes step + 1: no update through t = warmup
+        m.observe(stats(step, loss=(1.0, 2.0, 9.0)))
+    close(m.probabilities(), [1 / 3] * 3)
+    m.observe(stats(warmup, loss=(1.0, 2.0, 9.0)))
+    assert m.probabilities()[2] > 1 / 3  # the first update, right after the warm-up
+
+
+def test_odm_given_warmup_that_outlasts_the_run_warns_with_the_steps():
+    m = build("odm", warmup_steps=2000)
+    with pytest.warns(UserWarning, match=r"warmup_steps=2000 but the run has 200 optimizer steps.*= 20\)"):
+        m.set_total_steps(200)
+    assert m.warmup_steps == 2000  # the user's value is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build("odm", warmup_steps=50).set_total_steps(200)
+
+
+# ---- Aioli probe share ------------------------------------------------------------------------------------------------
+
+FIVE = ["a", "b", "c", "d", "e"]
+FIVE_SIZES = torch.ones(5, dtype=torch.float64)
+
+
+def _probe_steps(m, total):
+    """Drive a bound Aioli through `total` steps, answering every eval request; count steps trained on a probe."""
+    probing = 0
+    for step in range(total):
+        if m.eval_requested():
+            m.observe_eval(torch.linspace(5, 4, m.k, dtype=torch.float64) - 0.001 * step, step)
+        probing += m.wants_probe() is not None
+        m.observe(stats(step, loss=tuple([2.0] * m.k), tokens=tuple([1.0] * m.k)))
+    return probing
+
+
+@pytest.mark.parametrize(
+    "total,rounds,steps,every,share",
+    [(200, 1, 4, 200, 20 / 200),     # a short run: one sweep of 4-step probes, 10% of the run (was 100 of 200 steps)
+     (2000, 1, 4, 200, 200 / 2000),  # 10 rounds of 200 steps, each 10% probes
+     (20_000, 1, 4, 200, 0.1)],
+)
+def test_aioli_default_probe_share_is_bounded(total, rounds, steps, every, share):
+    m = build("aioli", names=FIVE, sizes=FIVE_SIZES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.set_total_steps(total)
+    assert (m.lp_rounds, m.lp_steps, m.update_every) == (rounds, steps, every)
+    if total <= 2000:
+        assert _probe_steps(m, total) / total == pytest.approx(share)
+
+
+def test_aioli_paper_setting_when_it_fits():
+    # 2 domains: 2·2·10 = 40 probe steps fit in 10% of a 400-step round
+    m = build("aioli", names=["a", "b"], sizes=torch.ones(2, dtype=torch.float64), update_every=400)
+    m.set_total_steps(4000)
+    assert (m.lp_rounds, m.lp_steps, m.update_every) == (2, 10, 400)
+    m = build("aioli", names=FIVE, sizes=FIVE_SIZES, probe_fraction=0.5)
+    m.set_total_steps(1000)
+    assert (m.lp_rounds, m.lp_steps, m.update_every) == (2, 10, 200)
+
+
+def test_aioli_too_short_to_probe_keeps_the_prior():
+    m = build("aioli", names=FIVE, sizes=FIVE_SIZES)
+    with pytest.warns(UserWarning, match=r"keeps its prior mixture for this run"):
+        m.set_total_steps(30)  # 10% of 30 = 3 steps < one step per domain
+    assert not m.eval_requested() and _probe_steps(m, 30) == 0
+    close(m.probabilities(), [0.2] * 5)
+
+
+def test_aioli_explicit_probes_over_the_bound_warn():
+    m = build("aioli", lp_rounds=1, lp_steps=2, update_every=20)
+    with pytest.warns(UserWarning, match=r"probes take 6 of every 20 steps \(30%\), more than probe_fraction=0.1"):
+        m.set_total_steps(100)
+    with pytest.raises(ValueError, match=r"'probe_fraction'\] must be > 0"):
+        build("aioli", probe_fraction=0)
+
+
+# ---- Aioli with held-out sets for only some domains ------------------------------------------------------------------
+
+
+def test_aioli_partial_coverage_equals_the_covered_rows_alone():
+    """Held-out losses for 'code' and 'math' only ('prose' NaN, e.g. junk with no held-out set): A's 'prose' row is 0
+    and left out of the normalization; the update equals the hand computation from the covered rows; 'prose' is
+    still probed and weighted by how much it helps the covered domains."""
+    m = build("aioli", lp_rounds=1, lp_steps=1, update_every=10, ema=None, eta=1.0, min_prob=0, one_hot_factor=1.0,
+              probe_fraction=0.5)
+    m.set_total_steps(10)
+    # true drops G[i, j] (eval i, probe j) for the covered rows; prose (row 2) has no held-out data
+    G = np.array([[0.3, 0.1, -0.05], [0.0, 0.4, 0.02]])
+    losses = np.array([5.0, 5.0])
+    probed = []
+    step = 0
+    while True:
+        if m.eval_requested():
+            probe = m.wants_probe()
+            if probe is not None:  # end of a probe: losses drop by the probed domain's column
+                j = int(torch.argmax(probe))
+                losses = losses - G[:, j]
+            m.observe_eval(torch.tensor([losses[0], losses[1], float("nan")], dtype=torch.float64), step)
+        if m.wants_probe() is None and probed:
+            break
+        probe = m.wants_probe()
+        probed.append(int(torch.argmax(probe)))
+        m.observe(stats(step))
+        step += 1
+    assert sorted(probed) == [0, 1, 2]
+    A = np.zeros((3, 3))
+    A[:2] = G - G.min()  # shift by the covered rows' minimum only
+    A /= A.sum()
+    expected = np.exp(A.sum(axis=0)) / np.exp(A.sum(axis=0)).sum()
+    close(m.last_A, A)
+    close(m.probabilities(), expected)
+    assert m.probabilities()[2] == m.probabilities().min()  # junk probes did not lower the covered losses
