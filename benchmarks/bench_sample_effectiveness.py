@@ -115,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=sorted(set(VARIANTS) | set(DEFAULT_VARIANTS)), default=None)
     parser.add_argument("--quick", action="store_true", help="1 seed x 30 steps: a smoke test, not a measurement")
     parser.add_argument("--name", default=None, help="result file name (default: sample_effectiveness[_quick])")
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON",
+        help="summarize the runs of earlier result files (e.g. one process per seed) instead of training",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.eval_every = 30, [0], 10
@@ -326,6 +330,17 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
     return header + "\n".join(rows) + "\n", summary
 
 
+def merged_runs(args) -> list[dict]:
+    """The runs of ``args.merge``'s result files; sets ``args.seeds`` and ``args.variants`` to what they hold."""
+    runs = []
+    for path in args.merge:
+        with open(path) as f:
+            runs.extend(json.load(f)["runs"])
+    args.seeds = sorted({r["seed"] for r in runs})
+    args.variants = [v for v in dict.fromkeys(r["variant"] for r in runs)]
+    return runs
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     quiet()
@@ -344,8 +359,8 @@ def main(argv=None) -> None:
         clean_only = spoiled.select([i for i in range(len(spoiled)) if i not in bad_set])
         datasets_by_variant = {"oracle": clean_only}
         train = spoiled
-    results = []
-    for seed in args.seeds:
+    results = merged_runs(args) if args.merge else []
+    for seed in [] if args.merge else args.seeds:
         for variant in args.variants:
             data = datasets_by_variant.get(variant, train)
             result = run(variant, seed, args, data, heldout, tokenizer, clean_domains)

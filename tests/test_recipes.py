@@ -103,6 +103,18 @@ def test_main_command_runs_end_to_end(tmp_path):
     assert set(pretrain["heldout_loss"]) == {"arithmetic", "code", "noise", "prose", "redundant"}
     assert (root / "pretrain" / "mixture_weights.json").exists()
     assert "held-out loss by domain" in stdout and "pipeline done" in stdout
+    # Each stage beside its unweighted baseline: same start, steps and seed, weighting off, its own directory.
+    assert "What the weighting did" in stdout
+    for stage in pipeline["stages"]:
+        baseline = stage["unweighted"]
+        assert baseline["weighting"] == "off" and baseline["steps"] == stage["steps"]
+        assert (root / (stage["stage"] + "_unweighted") / "model.safetensors").exists()
+        key = "heldout_reward" if "heldout_reward" in stage else "heldout_loss"
+        assert set(baseline[key]) == set(stage[key])
+        if key == "heldout_loss":
+            assert baseline[key] != stage[key]  # weighting changed the model
+        for domain, value in stage[key].items():
+            assert f"{value:.3f}" in stdout and f"{baseline[key][domain]:.3f}" in stdout
     out = root / "pretrain"
 
     sft_out = tmp_path / "sft"
