@@ -301,10 +301,20 @@ class LossReweighting(SampleWeighting):
         strategy: ``"linupper"`` (default), ``"quadratic"`` (alias ``"mid"``), ``"extremes"`` or ``"upper"``; see
             :func:`loss_strategy_scores`. Default ``linupper`` because it is the paper's general recommendation
             ("deprioritizing redundant or uninformative data tends to work best"): it lowers the weight of samples the
-            model already fits while capping, not amplifying, the highest losses (noise, garbage), which is the safe
-            choice for data of unknown quality; it is also what the 1.4B/7B ``fms-fsdp`` runs use (there named
-            ``"upper"``) and what the authors combine with domain reweighting. Their GPT-2 configs use ``quadratic``
-            (124M) and ``extremes`` (210M/684M).
+            model already fits; it is also what the 1.4B/7B ``fms-fsdp`` runs use (there named ``"upper"``) and what
+            the authors combine with domain reweighting. Their GPT-2 configs use ``quadratic`` (124M) and
+            ``extremes`` (210M/684M).
+
+            Not for corrupted or noisy samples (the method's nature, not a deviation): every sample above the
+            batch's mid-range loss gets the top score, so relative to the rest the highest losses — random tokens,
+            wrong labels — get *more* weight, the more the smaller ``r`` (the cap only stops the increase at the
+            mid-range). ``quadratic`` does not help either: a corrupted sample is rarely the batch's single extreme,
+            and clean low-loss samples are pushed down with it. Measured: a toy with 30% wrong labels
+            (``benchmarks/results/sample_diagnosis_toy.md``; weights equal to the authors' rule to 5e-7 at every
+            step) raises the weight on corrupted samples from 30% to 37% (r = 1) and 42% (r = 0.4), and every
+            ``r`` loses to uniform; on the tiny LM with 30% random-token blocks
+            (``benchmarks/results/sample_effectiveness_corrupt.md``) it is worse than uniform too. For corrupted
+            samples use ``truncation``.
         temperature: ``r`` (authors' ``kl_reg`` / ``kl_regularizer``), default 1.0 as in both codes; > 0, with
             ``float("inf")`` giving uniform weights. Smaller is sharper; the max/min weight ratio is ≤ ``e^{1/r}``
             (e ≈ 2.7 at r = 1, e^2.5 ≈ 12 at the authors' r = 0.4).
