@@ -208,12 +208,13 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", action="store_true", help="run only --variants (no fixed reference: merge later)")
     parser.add_argument("--name", default=None, help="result file name")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="summarize earlier result files")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, 20
-    if "fixed" not in args.variants:
+    if "fixed" not in args.variants and not args.only:
         args.variants.insert(0, "fixed")
     from common import quiet
 
@@ -231,17 +232,23 @@ def main(argv=None) -> None:
     else:
         if args.task == "copy":
             copy_start_model(args.model, args.sft_steps)
-        trajectories = {
-            v: {seed: run(v, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate) for seed in seeds}
-            for v in args.variants
-        }
-    summary = summarize(trajectories)
+        trajectories = {}
     settings = {"task": args.task, "seeds": seeds, "steps": args.steps, "eval_every": args.eval_every,
                 "model": args.model, "learning_rate": args.learning_rate}
     if args.task == "copy":
         settings["sft_steps"] = args.sft_steps
     default_name = "reward_effectiveness" + ("" if args.task == "arithmetic" else f"_{args.task}")
     name = args.name or default_name + ("_quick" if args.quick else "")
+    if not args.merge:
+        for seed in seeds:  # every run is saved as it ends, so a cut-short benchmark keeps what it measured
+            for variant in args.variants:
+                points = run(variant, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate)
+                trajectories.setdefault(variant, {})[seed] = points
+                os.makedirs(RESULTS_DIR, exist_ok=True)
+                with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+                    json.dump({"settings": settings, "partial": True, "trajectories": trajectories}, f, indent=1)
+                print(f"[seed {seed}] {variant}: {points}", flush=True)
+    summary = summarize(trajectories)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
         json.dump({"settings": settings, "summary": summary, "trajectories": trajectories}, f, indent=1)
