@@ -116,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 seed x 30 steps: a smoke test, not a measurement")
     parser.add_argument("--name", default=None, help="result file name (default: sample_effectiveness[_quick])")
     parser.add_argument(
+        "--only", action="store_true", help="run only --variants, without uniform/oracle (summarize them with --merge)"
+    )
+    parser.add_argument(
         "--merge", nargs="+", default=None, metavar="JSON",
         help="summarize the runs of earlier result files (e.g. one process per seed) instead of training",
     )
@@ -128,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in table]
     if unknown:
         parser.error(f"--problem {args.problem} has no variant(s) {unknown}; choose from {list(table)}")
-    required = ["uniform"] if args.problem == "domains" else ["uniform", "oracle"]
+    required = [] if args.only else ["uniform"] if args.problem == "domains" else ["uniform", "oracle"]
     args.variants = required + [v for v in args.variants if v not in required]
     suffix = "" if args.problem == "domains" else f"_{args.problem}"
     args.name = args.name or "sample_effectiveness" + suffix + ("_quick" if args.quick else "")
@@ -371,6 +374,11 @@ def main(argv=None) -> None:
                 + f"  ({result['seconds']:.0f} s)",
                 flush=True,
             )
+    if args.only and not args.merge:  # no baseline in this file: keep the runs, summarize after --merge
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
+            json.dump({"settings": vars(args), "runs": results, "environment": _environment()}, f, indent=2)
+        return
     markdown, summary = summarize(results, args)
     command = "python benchmarks/bench_sample_effectiveness.py " + " ".join(sys.argv[1:] if argv is None else argv)
     markdown += f"\nCommand: `{command.strip()}`\n"
