@@ -334,21 +334,22 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
 
 
 def merged_runs(args) -> list[dict]:
-    """The runs of ``args.merge``'s result files; sets ``args.seeds`` and ``args.variants`` to what they hold."""
+    """The runs of ``args.merge``'s result files; sets ``args.seeds``, ``args.variants`` and the run settings to what
+    they hold."""
     runs = []
     for path in args.merge:
         with open(path) as f:
-            runs.extend(json.load(f)["runs"])
+            saved = json.load(f)
+        runs.extend(saved["runs"])
+        for key in ("steps", "batch", "seq", "eval_every", "rate", "problem"):  # what the runs were made with
+            setattr(args, key, saved["settings"][key])
     args.seeds = sorted({r["seed"] for r in runs})
     args.variants = [v for v in dict.fromkeys(r["variant"] for r in runs)]
     return runs
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    quiet()
-    torch.manual_seed(0)
-    domains, clean_domains = problem_domains(args.problem)
+def train_all(args, domains, clean_domains) -> list[dict]:
+    """Every (seed, variant) run of ``args`` on the data of ``args.problem``."""
     per_domain = max(64, args.steps * args.batch // len(domains) + 1)
     tokenizer, train = blocks("train", args.seq, per_domain=per_domain, domains=domains)
     _, held = blocks("heldout", args.seq, per_domain=args.eval_blocks, domains=domains)
@@ -362,8 +363,8 @@ def main(argv=None) -> None:
         clean_only = spoiled.select([i for i in range(len(spoiled)) if i not in bad_set])
         datasets_by_variant = {"oracle": clean_only}
         train = spoiled
-    results = merged_runs(args) if args.merge else []
-    for seed in [] if args.merge else args.seeds:
+    results = []
+    for seed in args.seeds:
         for variant in args.variants:
             data = datasets_by_variant.get(variant, train)
             result = run(variant, seed, args, data, heldout, tokenizer, clean_domains)
@@ -374,6 +375,15 @@ def main(argv=None) -> None:
                 + f"  ({result['seconds']:.0f} s)",
                 flush=True,
             )
+    return results
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    quiet()
+    torch.manual_seed(0)
+    domains, clean_domains = problem_domains(args.problem)
+    results = merged_runs(args) if args.merge else train_all(args, domains, clean_domains)
     if args.only and not args.merge:  # no baseline in this file: keep the runs, summarize after --merge
         os.makedirs(RESULTS_DIR, exist_ok=True)
         with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
