@@ -31,6 +31,12 @@ try), plus the settings named in the row:
 
     python benchmarks/bench_sample_effectiveness.py --problem corrupt      # 3 seeds x 120 steps
     python benchmarks/bench_sample_effectiveness.py --problem duplicate --seeds 0
+
+On a shared machine, one process per seed and a merge (what ``results/sample_effectiveness_corrupt.md`` ran)::
+
+    python benchmarks/bench_sample_effectiveness.py --problem corrupt --steps 60 --batch 8 --eval-every 20 \
+        --eval-blocks 16 --seeds S --name corrupt_seedS                                   # S = 0, 1, 2
+    python benchmarks/bench_sample_effectiveness.py --merge results/corrupt_seed*.json --name sample_effectiveness_corrupt
  The paper's direction
 (Sow et al., ICLR 2025): down-weighting low-loss (redundant) samples speeds up convergence — ``linupper`` and
 ``quadratic`` should then need fewer steps than uniform, ``extremes`` (which up-weights the lowest losses too) not.
