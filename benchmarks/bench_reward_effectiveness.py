@@ -17,6 +17,17 @@ variant, mean ± std over seeds:
 
 The published claim checked (Lu et al. 2025): dynamic weighting reaches Pareto-dominant solutions in fewer steps
 than fixed weights.
+
+``--task copy`` is the task the tiny model can learn (the arithmetic one stays at correctness ≈ 0.01): prompts
+"Repeat after me: <2-5 words>" (:func:`hfweight.defaults.copy_dataset`), rewards ``copy`` (share of words copied in
+place), ``brevity`` (1 − characters/64) and ``words_format`` (nothing but lowercase words; empty fails): a full copy
+of a long phrase costs brevity, the shortest answers fail the format. The starting model is the tiny Llama after a
+short SFT on copy pairs (``--sft_steps`` steps from random init, disjoint seed from the GRPO prompts), built once and
+cached in ``--model`` (default ``/tmp/hfweight_copy_start``), so it copies a little and GRPO has room to improve:
+
+    python benchmarks/bench_reward_effectiveness.py --task copy --seeds 3 --steps 40      # one process
+    python benchmarks/bench_reward_effectiveness.py --task copy --seed_list 1 --name reward_copy_seed1  # one seed
+    python benchmarks/bench_reward_effectiveness.py --task copy --merge results/reward_copy_seed*.json
 """
 
 from __future__ import annotations
@@ -46,6 +57,50 @@ VARIANTS = {
                     "reward_weighting_kwargs": {"thresholds": {"brevity_reward": 0.8, "format_reward": 0.5}}},
 }
 REWARDS = ["correctness", "brevity", "format"]
+# --task copy: the constrained variant keeps brevity and format above these while maximizing the copy reward.
+COPY_VARIANT_OVERRIDES = {
+    "constrained": {"reward_weighting": "constrained", "multi_objective_aggregation": "normalize_then_sum",
+                    "reward_weighting_kwargs": {"thresholds": {"brevity_reward": 0.7, "words_format_reward": 0.8}}},
+}
+COPY_SFT_SEED = 1000  # the starting model's SFT pairs come from this seed, the GRPO prompts from seed 0
+
+
+def task_setup(task: str):
+    """(reward functions, GRPO dataset split, variant table, max completion tokens) of ``task``."""
+    from hfweight.defaults import grpo_dataset
+    from hfweight.defaults.tasks import brevity_reward, copy_dataset, copy_reward, words_format_reward
+    from hfweight.scripts import resolve_reward_functions
+
+    if task == "arithmetic":
+        data = grpo_dataset(seed=0, n=1000).train_test_split(test_size=0.1, seed=0)
+        return resolve_reward_functions(REWARDS), data, VARIANTS, 8
+    data = copy_dataset(seed=0, n=1000).train_test_split(test_size=0.1, seed=0)
+    return [copy_reward, brevity_reward, words_format_reward], data, {**VARIANTS, **COPY_VARIANT_OVERRIDES}, 12
+
+
+def copy_start_model(path: str, steps: int) -> str:
+    """The copy task's starting model: the tiny Llama (random init, seed 0) after ``steps`` SFT steps on copy pairs
+    ("Repeat after me: x y" → "x y", seed ``COPY_SFT_SEED``), weighting off; built once, then read from ``path``."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from hfweight import WeightedSFTConfig, WeightedSFTTrainer
+    from hfweight.defaults.tasks import assistant, copy_dataset
+    from hfweight.scripts import load_causal_lm
+
+    model, tokenizer = load_causal_lm("builtin:tiny", seed=0)
+    pairs = copy_dataset(seed=COPY_SFT_SEED, n=16 * steps).map(
+        lambda row: {"completion": assistant(row["answer"])}, remove_columns=["answer", "domain"]
+    )
+    args = WeightedSFTConfig(
+        output_dir=path, per_device_train_batch_size=16, max_steps=steps, learning_rate=2e-3, lr_scheduler_type="cosine",
+        warmup_steps=5, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+        max_length=64, disable_tqdm=True,
+    )
+    trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 class HeldOutTrajectory(TrainerCallback):
@@ -67,23 +122,23 @@ class HeldOutTrajectory(TrainerCallback):
             self._evaluate(state.global_step)
 
 
-def run(variant: str, model_path: str, seed: int, steps: int, every: int) -> list:
+def run(variant: str, model_path: str, seed: int, steps: int, every: int, task: str = "arithmetic",
+        learning_rate: float = 5e-5) -> list:
     from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer
-    from hfweight.defaults import grpo_dataset
-    from hfweight.scripts import heldout_prompts, load_causal_lm, resolve_reward_functions
+    from hfweight.scripts import heldout_prompts, load_causal_lm
 
     model, tokenizer = load_causal_lm(model_path, seed=seed)
-    data = grpo_dataset(seed=0, n=1000).train_test_split(test_size=0.1, seed=0)
+    reward_funcs, data, variants, completion_tokens = task_setup(task)
     trajectory = HeldOutTrajectory(every)
     args = WeightedGRPOConfig(
-        output_dir=os.path.join(tempfile.gettempdir(), "hfweight_reward_eff", f"{variant}_{seed}"),
-        per_device_train_batch_size=16, per_device_eval_batch_size=16, num_generations=4, max_completion_length=8,
-        max_steps=steps, learning_rate=5e-5, lr_scheduler_type="constant", beta=0.0, logging_steps=10,
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=seed, disable_tqdm=True,
-        **VARIANTS[variant],
+        output_dir=os.path.join(tempfile.gettempdir(), "hfweight_reward_eff", f"{task}_{variant}_{seed}"),
+        per_device_train_batch_size=16, per_device_eval_batch_size=16, num_generations=4,
+        max_completion_length=completion_tokens, max_steps=steps, learning_rate=learning_rate,
+        lr_scheduler_type="constant", beta=0.0, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, seed=seed, disable_tqdm=True, **variants[variant],
     )
     trainer = WeightedGRPOTrainer(
-        model=model, reward_funcs=resolve_reward_functions(REWARDS), args=args, train_dataset=data["train"],
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=data["train"],
         eval_dataset=heldout_prompts(data["test"], "domain", 8), processing_class=tokenizer, callbacks=[trajectory],
     )
     trajectory.trainer = trainer
@@ -122,13 +177,15 @@ def summarize(trajectories: dict) -> dict:
 
 
 def to_markdown(summary: dict, settings: dict) -> str:
+    task = settings.get("task", "arithmetic")
+    names = "correctness / brevity / format" if task == "arithmetic" else "copy / brevity / words_format"
     lines = [
-        "### Reward weighting effectiveness (tiny GRPO, arithmetic, 3 objectives)",
+        f"### Reward weighting effectiveness (tiny GRPO, {task}, 3 objectives)",
         "",
         f"Settings: {json.dumps(settings)}. Hypervolume of each run's held-out front (reference = starting scores − "
         "0.01); steps to reach the fixed-weight run's final hypervolume (same seed).",
         "",
-        "| variant | HV final (mean ± std) | steps to fixed's HV (mean; reached) | final held-out correctness / brevity / format |",
+        f"| variant | HV final (mean ± std) | steps to fixed's HV (mean; reached) | final held-out {names} |",
         "|---|---|---|---|",
     ]
     for variant, s in summary.items():
@@ -140,25 +197,58 @@ def to_markdown(summary: dict, settings: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="outputs/tiny/demo/sft", help="starting model (run `make demo` first)")
+    parser.add_argument("--task", choices=("arithmetic", "copy"), default="arithmetic")
+    parser.add_argument("--model", default=None, help="starting model (arithmetic: outputs/tiny/demo/sft, run `make "
+                        "demo` first; copy: /tmp/hfweight_copy_start, built on first use)")
+    parser.add_argument("--sft_steps", type=int, default=200, help="--task copy: SFT steps of the starting model")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed_list", type=int, nargs="+", default=None, help="these seeds instead of 0..seeds-1")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval_every", type=int, default=10)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", action="store_true", help="run only --variants (no fixed reference: merge later)")
+    parser.add_argument("--name", default=None, help="result file name")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="summarize earlier result files")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, 20
-    if "fixed" not in args.variants:
+    if "fixed" not in args.variants and not args.only:
         args.variants.insert(0, "fixed")
     from common import quiet
 
     quiet()
-    trajectories = {v: {seed: run(v, args.model, seed, args.steps, args.eval_every) for seed in range(args.seeds)}
-                    for v in args.variants}
+    if args.model is None:
+        args.model = "outputs/tiny/demo/sft" if args.task == "arithmetic" else "/tmp/hfweight_copy_start"
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+    if args.merge:
+        trajectories = {}
+        for path in args.merge:
+            with open(path) as f:
+                for variant, by_seed in json.load(f)["trajectories"].items():
+                    trajectories.setdefault(variant, {}).update(by_seed)
+        seeds = sorted({int(seed) for by_seed in trajectories.values() for seed in by_seed})
+    else:
+        if args.task == "copy":
+            copy_start_model(args.model, args.sft_steps)
+        trajectories = {}
+    settings = {"task": args.task, "seeds": seeds, "steps": args.steps, "eval_every": args.eval_every,
+                "model": args.model, "learning_rate": args.learning_rate}
+    if args.task == "copy":
+        settings["sft_steps"] = args.sft_steps
+    default_name = "reward_effectiveness" + ("" if args.task == "arithmetic" else f"_{args.task}")
+    name = args.name or default_name + ("_quick" if args.quick else "")
+    if not args.merge:
+        for seed in seeds:  # every run is saved as it ends, so a cut-short benchmark keeps what it measured
+            for variant in args.variants:
+                points = run(variant, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate)
+                trajectories.setdefault(variant, {})[seed] = points
+                os.makedirs(RESULTS_DIR, exist_ok=True)
+                with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+                    json.dump({"settings": settings, "partial": True, "trajectories": trajectories}, f, indent=1)
+                print(f"[seed {seed}] {variant}: {points}", flush=True)
     summary = summarize(trajectories)
-    settings = {"seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every, "model": args.model}
-    name = "reward_effectiveness" + ("_quick" if args.quick else "")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
         json.dump({"settings": settings, "summary": summary, "trajectories": trajectories}, f, indent=1)

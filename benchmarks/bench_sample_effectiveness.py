@@ -16,7 +16,28 @@ of their token-mean losses), every ``--eval-every`` steps:
 - the number of steps a variant needs to reach uniform's final held-out loss (same seed): the first evaluation at or
   below it; "not reached" counts the seeds that never get there within the budget.
 
-Reported as mean ± std over seeds in ``benchmarks/results/sample_effectiveness.{md,json}``. The paper's direction
+Reported as mean ± std over seeds in ``benchmarks/results/sample_effectiveness.{md,json}``.
+
+``--problem`` chooses what is wrong with the training data (``domains``, above, is the default):
+
+- ``corrupt``: blocks of the three clean domains only, of which ``--rate`` (0.3) are replaced by uniformly random
+  token ids (the same rows for every variant and seed);
+- ``duplicate``: blocks of the three clean domains, of which ``--rate`` are copies of 8 of the others.
+
+Both add an ``oracle`` row (the same run on the data with the bad rows dropped, i.e. the best choice given the
+truth) and a column "gap closed" = (uniform − variant) / (uniform − oracle) per seed: 1 is the oracle, 0 is no
+better than uniform, < 0 is worse. Their variants are the methods with their **documented defaults** (a user's first
+try), plus the settings named in the row:
+
+    python benchmarks/bench_sample_effectiveness.py --problem corrupt      # 3 seeds x 120 steps
+    python benchmarks/bench_sample_effectiveness.py --problem duplicate --seeds 0
+
+On a shared machine, one process per seed and a merge (what ``results/sample_effectiveness_corrupt.md`` ran)::
+
+    python benchmarks/bench_sample_effectiveness.py --problem corrupt --steps 60 --batch 8 --eval-every 20 \
+        --eval-blocks 16 --seeds S --name corrupt_seedS                                   # S = 0, 1, 2
+    python benchmarks/bench_sample_effectiveness.py --merge results/corrupt_seed*.json --name sample_effectiveness_corrupt
+ The paper's direction
 (Sow et al., ICLR 2025): down-weighting low-loss (redundant) samples speeds up convergence — ``linupper`` and
 ``quadratic`` should then need fewer steps than uniform, ``extremes`` (which up-weights the lowest losses too) not.
 """
@@ -60,6 +81,32 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# --problem corrupt / duplicate: the documented defaults of each method (no kwargs), plus knob settings named in the row.
+DEFAULT_VARIANTS: dict[str, dict] = {
+    "uniform": {},
+    "oracle": {},  # uniform weights on the data without the bad rows
+    "loss": {"sample_weighting": "loss"},  # linupper, r = 1, no warm-up
+    "loss_quadratic": {"sample_weighting": "loss", "sample_weighting_kwargs": {"strategy": "quadratic"}},
+    "truncation": {"sample_weighting": "truncation"},  # drop 40%, window scaled with the run
+    "storm": {"sample_weighting": "storm"},
+    # sweeps of the main knobs (--variants to pick them)
+    "loss_r0.4": {"sample_weighting": "loss", "sample_weighting_kwargs": {"temperature": 0.4}},
+    "loss_r4": {"sample_weighting": "loss", "sample_weighting_kwargs": {"temperature": 4.0}},
+    "loss_quadratic_r0.4": {"sample_weighting": "loss", "sample_weighting_kwargs": {"strategy": "quadratic", "temperature": 0.4}},
+    "loss_quadratic_r0.2": {"sample_weighting": "loss", "sample_weighting_kwargs": {"strategy": "quadratic", "temperature": 0.2}},
+    "truncation_d0.2": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"drop_fraction": 0.2}},
+    "truncation_d0.3": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"drop_fraction": 0.3}},
+    "truncation_authors_window": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 10000, "buffer_size": 10000}},
+    "storm_meta_lr1e-2": {"sample_weighting": "storm", "sample_weighting_kwargs": {"meta_lr": 1e-2}},
+}
+PROBLEM_DEFAULT_VARIANTS = ("uniform", "oracle", "loss", "loss_quadratic", "truncation", "storm")
+DUPLICATED_SOURCES = 8  # --problem duplicate: the copies repeat this many distinct blocks
+
+
+def variant_table(problem: str) -> dict[str, dict]:
+    return VARIANTS if problem == "domains" else DEFAULT_VARIANTS
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the fixed budget)")
@@ -69,26 +116,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation period (steps)")
     parser.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks per domain")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--problem", choices=("domains", "corrupt", "duplicate"), default="domains")
+    parser.add_argument("--rate", type=float, default=0.3, help="--problem corrupt/duplicate: share of bad rows")
+    parser.add_argument("--variants", nargs="+", choices=sorted(set(VARIANTS) | set(DEFAULT_VARIANTS)), default=None)
     parser.add_argument("--quick", action="store_true", help="1 seed x 30 steps: a smoke test, not a measurement")
     parser.add_argument("--name", default=None, help="result file name (default: sample_effectiveness[_quick])")
+    parser.add_argument(
+        "--only", action="store_true", help="run only --variants, without uniform/oracle (summarize them with --merge)"
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON",
+        help="summarize the runs of earlier result files (e.g. one process per seed) instead of training",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.eval_every = 30, [0], 10
-    if "uniform" not in args.variants:
-        args.variants = ["uniform", *args.variants]
-    args.name = args.name or "sample_effectiveness" + ("_quick" if args.quick else "")
+    table = variant_table(args.problem)
+    if args.variants is None:
+        args.variants = list(VARIANTS) if args.problem == "domains" else list(PROBLEM_DEFAULT_VARIANTS)
+    unknown = [v for v in args.variants if v not in table]
+    if unknown:
+        parser.error(f"--problem {args.problem} has no variant(s) {unknown}; choose from {list(table)}")
+    required = [] if args.only else ["uniform"] if args.problem == "domains" else ["uniform", "oracle"]
+    args.variants = required + [v for v in args.variants if v not in required]
+    suffix = "" if args.problem == "domains" else f"_{args.problem}"
+    args.name = args.name or "sample_effectiveness" + suffix + ("_quick" if args.quick else "")
     return args
 
 
-def blocks(split: str, seq: int, per_domain: int):
-    """``per_domain`` blocks of ``seq`` tokens of each domain (round-robin over domains), from ``split``."""
+def blocks(split: str, seq: int, per_domain: int, domains=DOMAINS):
+    """``per_domain`` blocks of ``seq`` tokens of each of ``domains`` (round-robin over domains), from ``split``."""
     import datasets
 
     tokenizer, corpus = tokenizer_and_corpus(0)
-    tokenized = lm_dataset(tokenizer, corpus[split], max_length=1 << 16)
-    rows = _chunk_by_domain(tokenized, seq, per_domain * len(DOMAINS))
+    texts = corpus[split].filter(lambda row: row["domain"] in domains)
+    tokenized = lm_dataset(tokenizer, texts, max_length=1 << 16)
+    rows = _chunk_by_domain(tokenized, seq, per_domain * len(domains))
     return tokenizer, datasets.Dataset.from_list(rows)
+
+
+def spoil(train, problem: str, rate: float, vocab_size: int, seed: int = 0):
+    """(the training set with ``rate`` of its rows spoiled, the indices of the spoiled rows). ``corrupt``: the rows'
+    tokens become uniform random ids; ``duplicate``: the rows become copies of ``DUPLICATED_SOURCES`` unspoiled rows.
+    The same rows (fixed ``seed``) for every variant and training seed."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = len(train)
+    bad = sorted(rng.choice(n, size=int(round(rate * n)), replace=False).tolist())
+    bad_set = set(bad)
+    rows = train.to_list()
+    if problem == "corrupt":
+        for i in bad:
+            rows[i]["input_ids"] = rng.integers(0, vocab_size, size=len(rows[i]["input_ids"])).tolist()
+    elif problem == "duplicate":
+        sources = rng.choice([i for i in range(n) if i not in bad_set], size=DUPLICATED_SOURCES, replace=False)
+        for k, i in enumerate(bad):
+            rows[i] = dict(rows[int(sources[k % len(sources)])])
+    else:
+        raise ValueError(f"unknown problem {problem!r}")
+    return datasets.Dataset.from_list(rows), bad
 
 
 @torch.no_grad()
@@ -109,14 +197,14 @@ def heldout_losses(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def run(variant: str, seed: int, args, train, heldout, tokenizer) -> dict:
+def run(variant: str, seed: int, args, train, heldout, tokenizer, clean_domains=CLEAN) -> dict:
     from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
     from hfweight import WeightedTrainer, WeightedTrainingArguments
 
     curve: list[tuple[int, dict]] = []
 
-    clean_sets = {d: heldout[d] for d in CLEAN}
+    clean_sets = {d: heldout[d] for d in clean_domains}
 
     class Evaluate(TrainerCallback):  # the clean domains along the way, every domain at the end
         def on_step_end(self, targs, state, control, model=None, **kwargs):
@@ -143,7 +231,7 @@ def run(variant: str, seed: int, args, train, heldout, tokenizer) -> dict:
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
-        **VARIANTS[variant],
+        **variant_table(args.problem)[variant],
     )
     trainer = WeightedTrainer(
         model=model, args=training, train_dataset=train, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
@@ -152,7 +240,7 @@ def run(variant: str, seed: int, args, train, heldout, tokenizer) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    clean = [(step, statistics.fmean(losses[d] for d in CLEAN)) for step, losses in curve]
+    clean = [(step, statistics.fmean(losses[d] for d in clean_domains)) for step, losses in curve]
     weights = [h for h in trainer.state.log_history if "weights/min" in h]
     return {
         "variant": variant,
@@ -180,8 +268,21 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def problem_domains(problem: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the domains trained on, the clean domains the held-out loss is measured on)."""
+    return (DOMAINS, CLEAN) if problem == "domains" else (CLEAN, CLEAN)
+
+
+def gap_closed(variant_loss: float, uniform_loss: float, oracle_loss: float) -> float:
+    """Share of the uniform → oracle gap a variant closes: 1 = the oracle, 0 = uniform, < 0 = worse than uniform."""
+    return (uniform_loss - variant_loss) / (uniform_loss - oracle_loss)
+
+
 def summarize(results: list[dict], args) -> tuple[str, dict]:
+    domains, clean_domains = problem_domains(args.problem)
     uniform_final = {r["seed"]: r["final_clean"] for r in results if r["variant"] == "uniform"}
+    oracle_final = {r["seed"]: r["final_clean"] for r in results if r["variant"] == "oracle"}
+    with_oracle = bool(oracle_final)
     rows, summary = [], {}
     for variant in args.variants:
         runs = [r for r in results if r["variant"] == variant]
@@ -189,62 +290,122 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         got = [s for s in reached if s is not None]
         summary[variant] = {
             "final_clean": [r["final_clean"] for r in runs],
-            "final_by_domain": {d: [r["final"][d] for r in runs] for d in DOMAINS},
+            "final_by_domain": {d: [r["final"][d] for r in runs] for d in domains},
             "steps_to_uniform_final": reached,
             "delta_vs_uniform": [r["final_clean"] - uniform_final[r["seed"]] for r in runs],
             "seconds": [r["seconds"] for r in runs],
         }
+        if with_oracle:
+            summary[variant]["gap_closed"] = [
+                gap_closed(r["final_clean"], uniform_final[r["seed"]], oracle_final[r["seed"]]) for r in runs
+            ]
         steps = mean_std([float(s) for s in got], digits=0)
+        gap = f" {mean_std(summary[variant]['gap_closed'], digits=2)} |" if with_oracle else ""
         rows.append(
             f"| `{variant}` | {mean_std(summary[variant]['final_clean'])} | "
-            f"{mean_std(summary[variant]['delta_vs_uniform'])} | {steps} | {len(reached) - len(got)}/{len(reached)} | "
-            + " | ".join(mean_std(summary[variant]["final_by_domain"][d], digits=2) for d in DOMAINS)
+            f"{mean_std(summary[variant]['delta_vs_uniform'])} |{gap} {steps} | {len(reached) - len(got)}/{len(reached)} | "
+            + " | ".join(mean_std(summary[variant]["final_by_domain"][d], digits=2) for d in domains)
             + f" | {statistics.fmean(summary[variant]['seconds']):.0f} |"
         )
+    data = {
+        "domains": f"equal shares of {', '.join(domains)}",
+        "corrupt": f"equal shares of {', '.join(domains)}, {args.rate:.0%} of the blocks replaced by uniform random tokens",
+        "duplicate": f"equal shares of {', '.join(domains)}, {args.rate:.0%} of the blocks replaced by copies of "
+        f"{DUPLICATED_SOURCES} other blocks",
+    }[args.problem]
+    oracle_note = (
+        "'oracle' = uniform weights on the data with the bad blocks dropped; 'gap closed' = (uniform − variant) / "
+        "(uniform − oracle), same seed (1 = oracle, < 0 = worse than uniform); rows other than uniform/oracle use the "
+        "method's documented defaults unless the name says otherwise; "
+        if with_oracle
+        else ""
+    )
     header = (
-        f"### Sample weighting effectiveness (built-in corpus, tiny Llama from scratch)\n\n"
-        f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.batch} x {args.seq} tokens, equal shares of "
-        f"{', '.join(DOMAINS)}; held-out evaluated every {args.eval_every} steps. Cells: mean ± std over seeds. "
-        f"'clean' = mean held-out token loss of {', '.join(CLEAN)}; 'Δ' = variant − uniform (same seed; < 0 is "
-        f"better); 'steps' = first evaluation at or below uniform's final clean loss (seeds that reached it); "
-        f"load average at the end: {_load_average()}.\n\n"
-        "| variant | clean loss | Δ vs uniform | steps to uniform's final | not reached | "
-        + " | ".join(DOMAINS)
+        f"### Sample weighting effectiveness ({args.problem}; built-in corpus, tiny Llama from scratch)\n\n"
+        f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.batch} x {args.seq} tokens, {data}; "
+        f"held-out evaluated every {args.eval_every} steps. Cells: mean ± std over seeds. "
+        f"'clean' = mean held-out token loss of {', '.join(clean_domains)}; 'Δ' = variant − uniform (same seed; < 0 is "
+        f"better); {oracle_note}'steps' = first evaluation at or below uniform's final clean loss (seeds that reached "
+        f"it); load average at the end: {_load_average()}.\n\n"
+        "| variant | clean loss | Δ vs uniform |"
+        + (" gap closed |" if with_oracle else "")
+        + " steps to uniform's final | not reached | "
+        + " | ".join(domains)
         + " | s/run |\n|---|---|---|---|---|"
-        + "---|" * len(DOMAINS)
+        + ("---|" if with_oracle else "")
+        + "---|" * len(domains)
         + "---|\n"
     )
     return header + "\n".join(rows) + "\n", summary
+
+
+def merged_runs(args) -> list[dict]:
+    """The runs of ``args.merge``'s result files; sets ``args.seeds``, ``args.variants`` and the run settings to what
+    they hold."""
+    runs = []
+    for path in args.merge:
+        with open(path) as f:
+            saved = json.load(f)
+        runs.extend(saved["runs"])
+        for key in ("steps", "batch", "seq", "eval_every", "rate", "problem"):  # what the runs were made with
+            setattr(args, key, saved["settings"][key])
+    args.seeds = sorted({r["seed"] for r in runs})
+    args.variants = [v for v in dict.fromkeys(r["variant"] for r in runs)]
+    return runs
+
+
+def train_all(args, domains, clean_domains) -> list[dict]:
+    """Every (seed, variant) run of ``args`` on the data of ``args.problem``."""
+    per_domain = max(64, args.steps * args.batch // len(domains) + 1)
+    tokenizer, train = blocks("train", args.seq, per_domain=per_domain, domains=domains)
+    _, held = blocks("heldout", args.seq, per_domain=args.eval_blocks, domains=domains)
+    heldout = {
+        d: torch.tensor([row["input_ids"] for row in held if row["domain"] == d], dtype=torch.long) for d in domains
+    }
+    datasets_by_variant = {}
+    if args.problem != "domains":
+        spoiled, bad = spoil(train, args.problem, args.rate, len(tokenizer))
+        bad_set = set(bad)
+        clean_only = spoiled.select([i for i in range(len(spoiled)) if i not in bad_set])
+        datasets_by_variant = {"oracle": clean_only}
+        train = spoiled
+    results = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            data = datasets_by_variant.get(variant, train)
+            result = run(variant, seed, args, data, heldout, tokenizer, clean_domains)
+            results.append(result)
+            print(
+                f"[seed {seed}] {variant:15s} clean {result['final_clean']:.4f}  "
+                + "  ".join(f"{d} {result['final'][d]:.3f}" for d in domains)
+                + f"  ({result['seconds']:.0f} s)",
+                flush=True,
+            )
+    return results
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     quiet()
     torch.manual_seed(0)
-    tokenizer, train = blocks("train", args.seq, per_domain=max(64, args.steps * args.batch // len(DOMAINS) + 1))
-    _, held = blocks("heldout", args.seq, per_domain=args.eval_blocks)
-    heldout = {
-        d: torch.tensor([row["input_ids"] for row in held if row["domain"] == d], dtype=torch.long) for d in DOMAINS
-    }
-    results = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            result = run(variant, seed, args, train, heldout, tokenizer)
-            results.append(result)
-            print(
-                f"[seed {seed}] {variant:15s} clean {result['final_clean']:.4f}  "
-                + "  ".join(f"{d} {result['final'][d]:.3f}" for d in DOMAINS)
-                + f"  ({result['seconds']:.0f} s)",
-                flush=True,
-            )
+    domains, clean_domains = problem_domains(args.problem)
+    results = merged_runs(args) if args.merge else train_all(args, domains, clean_domains)
+    if args.only and not args.merge:  # no baseline in this file: keep the runs, summarize after --merge
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
+            json.dump({"settings": vars(args), "runs": results, "environment": _environment()}, f, indent=2)
+        return
     markdown, summary = summarize(results, args)
+    command = "python benchmarks/bench_sample_effectiveness.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    markdown += f"\nCommand: `{command.strip()}`\n"
     print(markdown)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{args.name}.md"), "w") as f:
         f.write(markdown)
     with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
-        payload = {"settings": {k: v for k, v in vars(args).items()}, "variants": VARIANTS, "summary": summary,
-                   "runs": results, "environment": _environment()}
+        table = variant_table(args.problem)
+        payload = {"settings": {k: v for k, v in vars(args).items()}, "variants": {v: table[v] for v in args.variants},
+                   "summary": summary, "runs": results, "environment": _environment()}
         json.dump(payload, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
 
 

@@ -92,6 +92,19 @@ class _MixtureCallback(TrainerCallback):
         self.trainer._serve_eval_request()
         self.trainer._push_stream_probabilities()
 
+class _RunLengthCallback(TrainerCallback):
+    """Tells a sample strategy with a ``set_run_length`` hook (loss truncation) how many samples the run will see,
+    before the first step: ``max_steps`` × the global batch (per-device batch × GA × data-parallel processes)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer._data_parallel_size()
+        trainer.sample_weighting.set_run_length(state.max_steps * global_batch)
+
+
 # Keys the prepare phase adds to each micro-batch (stripped with the other hfw_* keys before the forward).
 BATCH_V = "hfw_v"  # per-sample weights (S,)
 BATCH_DEN_W = "hfw_den_w"  # denominator token weights (B, T-1)
@@ -936,6 +949,8 @@ class WeightingMixin:
         self._score_step = None
         self.last_sample_weights = None
         strategy = self.sample_weighting
+        if hasattr(strategy, "set_run_length"):
+            self.add_callback(_RunLengthCallback(self))
         if not getattr(strategy, "needs_losses", False):
             return
         name = self.args.sample_weighting if isinstance(self.args.sample_weighting, str) else type(strategy).__name__

@@ -25,15 +25,18 @@ from hfweight.defaults import (
     build_corpus,
     build_model,
     build_tokenizer,
+    copy_dataset,
+    copy_reward,
     correctness_reward,
     format_reward,
     grpo_dataset,
     lm_dataset,
     sft_dataset,
     tiny_setup,
+    words_format_reward,
 )
 from hfweight.defaults import corpus as corpus_module
-from hfweight.defaults.corpus import ARITHMETIC_OPS, ARITHMETIC_PATTERN, atomic_build, solve
+from hfweight.defaults.corpus import ARITHMETIC_OPS, ARITHMETIC_PATTERN, REDUNDANT_WORDS, atomic_build, solve
 
 SMALL = 120  # documents per domain in the cheap corpora
 
@@ -375,6 +378,33 @@ def test_reward_functions_on_strings_and_messages():
     assert correctness_reward(["1"], answer=[None], prompts=[[]], trainer_state=None, domain=["add"]) == [None]
     blocks = [[{"role": "assistant", "content": [{"type": "text", "text": "42"}]}]]
     assert correctness_reward(blocks, answer=["42"]) == [1.0] and format_reward(blocks, answer=["42"]) == [1.0]
+
+
+def test_copy_dataset():
+    data = copy_dataset(seed=0, n=400)
+    assert data.column_names == ["prompt", "answer", "domain"]
+    assert copy_dataset(seed=0, n=400).to_list() == data.to_list()
+    assert copy_dataset(seed=1, n=400).to_list() != data.to_list()
+    assert set(data["domain"]) == {"words2", "words3", "words4", "words5"}
+    for row in data:
+        phrase = row["prompt"][0]["content"].removeprefix("Repeat after me: ")
+        assert phrase == row["answer"] and row["domain"] == f"words{len(phrase.split())}"
+        assert set(phrase.split()) <= set(REDUNDANT_WORDS)
+
+
+def test_copy_rewards_hand_worked():
+    """Words in place over the longer of the two; the format accepts nothing but lowercase words."""
+    texts = ["red blue", " red blue\n", "red", "red blue blue", "blue red", "", "Red blue.", "red  blue", "a\nb"]
+    conversational = [[{"role": "assistant", "content": t}] for t in texts]
+    for completions in (texts, conversational):
+        answers = ["red blue"] * len(texts)
+        assert copy_reward(completions, answer=answers) == [1.0, 1.0, 0.5, 2 / 3, 0.0, 0.0, 0.0, 1.0, 0.0]
+        assert words_format_reward(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert copy_reward(["x"], answer=[None]) == [None]
+    # the rewards conflict: the full copy of a long phrase is less brief than a partial one
+    long = "alpha beta gamma delta north"
+    full, partial = copy_reward([long, "alpha"], answer=[long, long]), brevity_reward([long, "alpha"])
+    assert full[0] > full[1] and partial[0] < partial[1]
 
 
 def test_tiny_setup(cache):

@@ -80,6 +80,34 @@ def _run(args, timeout=600):
     return proc.stdout
 
 
+def test_demo_baseline_switches_every_weighting_off():
+    """The demo's unweighted baseline of a stage: same recipe, every weighting switch (and its kwargs) unset."""
+    demo = _script("demo")
+    for stage in demo.read_pipeline(os.path.join(ROOT, "recipes/tiny/demo.yaml"))["stages"]:
+        configs = parser_for(stage["config"]).parse_args_and_config(["--config", os.path.join(ROOT, stage["config"])])
+        training = next(c for c in configs if hasattr(c, "weighting_summary"))
+        assert training.weighting_summary(), stage  # every demo stage is weighted
+        demo.switch_weighting_off(configs)
+        assert training.weighting_summary() == {} and not training.weighting_enabled
+        assert all(getattr(training, f"{name}_kwargs") == {} for name in demo.WEIGHTING_SWITCHES)
+
+
+def test_demo_comparison_table_puts_the_baseline_beside_each_stage():
+    summaries = [
+        {"stage": "pretrain", "heldout_loss": {"code": 2.5, "prose": 3.0},
+         "unweighted": {"heldout_loss": {"code": 2.0, "prose": 3.5}}},
+        {"stage": "grpo", "heldout_reward": {"format": 0.75}, "unweighted": {"heldout_reward": {"format": 0.5}}},
+    ]
+    rows = [line.split() for line in _script("demo").comparison_table(summaries).splitlines() if line.startswith(("pre", "grpo"))]
+    assert [(r[0], r[-4], r[-3], r[-2], r[-1]) for r in rows] == [
+        ("pretrain", "code", "2.000", "2.500", "+0.500"),
+        ("pretrain", "prose", "3.500", "3.000", "-0.500"),
+        ("pretrain", "mean", "2.750", "2.750", "+0.000"),
+        ("grpo", "format", "0.500", "0.750", "+0.250"),
+        ("grpo", "mean", "0.500", "0.750", "+0.250"),
+    ]
+
+
 @pytest.mark.slow
 def test_main_command_runs_end_to_end(tmp_path):
     """The README's main command (the demo pipeline), shortened: every stage saves a model, logs and a plot, and the
@@ -103,6 +131,18 @@ def test_main_command_runs_end_to_end(tmp_path):
     assert set(pretrain["heldout_loss"]) == {"arithmetic", "code", "noise", "prose", "redundant"}
     assert (root / "pretrain" / "mixture_weights.json").exists()
     assert "held-out loss by domain" in stdout and "pipeline done" in stdout
+    # Each stage beside its unweighted baseline: same start, steps and seed, weighting off, its own directory.
+    assert "What the weighting did" in stdout
+    for stage in pipeline["stages"]:
+        baseline = stage["unweighted"]
+        assert baseline["weighting"] == "off" and baseline["steps"] == stage["steps"]
+        assert (root / (stage["stage"] + "_unweighted") / "model.safetensors").exists()
+        key = "heldout_reward" if "heldout_reward" in stage else "heldout_loss"
+        assert set(baseline[key]) == set(stage[key])
+        if key == "heldout_loss":
+            assert baseline[key] != stage[key]  # weighting changed the model
+        for domain, value in stage[key].items():
+            assert f"{value:.3f}" in stdout and f"{baseline[key][domain]:.3f}" in stdout
     out = root / "pretrain"
 
     sft_out = tmp_path / "sft"

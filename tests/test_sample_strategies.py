@@ -27,6 +27,7 @@ from hfweight.strategies.sample import (
     sample_features,
     scales_kl_to_uniform,
     softmax_weights,
+    truncation_window,
     unnormalized_softmax_weights,
 )
 
@@ -569,3 +570,69 @@ def test_good_kwargs_build(tmp_path):
     storm = _args(tmp_path, "storm", {"hidden": 4}).build_sample_weighting()
     assert isinstance(storm, MetaRescaler) and isinstance(storm.meta_optimizer, torch.optim.Adam)
     assert LossTruncation().recompute_every == 10000 and LossReweighting().strategy == "linupper"
+
+
+# ---- loss truncation: sizes that scale with the run (issue 15) ----------------------------------------------------------
+
+
+def test_truncation_window_scales_with_the_run():
+    """Unset sizes: the authors' 10 000 until the run length is known, then min(10 000, ceil(run / 10)); explicit
+    sizes are kept as given."""
+    assert truncation_window(3200) == 320 and truncation_window(3201) == 321
+    assert truncation_window(10**6) == 10000 and truncation_window(0) == 1
+    t = LossTruncation()
+    assert (t.buffer_size, t.min_samples, t.recompute_every) == (10000, 10000, 10000)
+    t.set_run_length(3200)
+    assert (t.buffer_size, t.min_samples, t.recompute_every, t.buffer.numel()) == (320, 320, 320, 320)
+    assert t.warnings == []
+    explicit = LossTruncation(buffer_size=50, min_samples=7)
+    explicit.set_run_length(3200)
+    assert (explicit.buffer_size, explicit.min_samples, explicit.recompute_every) == (50, 7, 50)
+
+
+def test_truncation_acts_within_a_short_run_by_default():
+    """The default drops the top 40% once a tenth of the run was seen: 100 steps of 32 samples, one outlier per step
+    (loss 50 among losses 0..31): before the fix (hot start 10 000) nothing was ever dropped."""
+    t = LossTruncation()
+    t.set_run_length(100 * 32)
+    dropped_outliers = 0
+    for step in range(100):
+        weights = t.weights(ctx([float(i) for i in range(31)] + [50.0])).tolist()
+        dropped_outliers += weights[-1] == 0.0
+        if step < 10:  # 320 losses are needed first (32 per step)
+            assert weights == [1.0] * 32
+    assert dropped_outliers == 90
+
+
+def test_truncation_warns_when_min_samples_outlasts_the_run(caplog):
+    t = LossTruncation(min_samples=10000)
+    with caplog.at_level("WARNING"):
+        t.set_run_length(3200)
+    assert len(t.warnings) == 1
+    assert "min_samples=10000" in t.warnings[0] and "3200 samples" in t.warnings[0] and "320 here" in t.warnings[0]
+    assert t.warnings[0] in caplog.text
+    quiet = LossTruncation(min_samples=10000, drop_fraction=0.0)  # drops nothing anyway: nothing to warn about
+    quiet.set_run_length(3200)
+    assert quiet.warnings == []
+
+
+def test_truncation_resume_keeps_the_checkpointed_run_sizes():
+    """A resumed run whose length (hence window) differs continues with the sizes the checkpointed run resolved."""
+    g = np.random.default_rng(4)
+    batches = [g.exponential(2.0, size=8).tolist() for _ in range(30)]
+    uninterrupted, first = LossTruncation(drop_fraction=0.3), LossTruncation(drop_fraction=0.3)
+    uninterrupted.set_run_length(240)
+    first.set_run_length(240)
+    expected = [uninterrupted.weights(ctx(b)).tolist() for b in batches]
+    for b in batches[:12]:
+        first.weights(ctx(b))
+    for load_first in (True, False):  # the glue's order of set_run_length and load_state_dict does not matter
+        resumed = LossTruncation(drop_fraction=0.3)
+        if load_first:
+            resumed.load_state_dict(first.state_dict())
+            resumed.set_run_length(1000)
+        else:
+            resumed.set_run_length(1000)
+            resumed.load_state_dict(first.state_dict())
+        assert (resumed.buffer_size, resumed.min_samples) == (24, 24)
+        assert [resumed.weights(ctx(b)).tolist() for b in batches[12:]] == expected[12:]

@@ -266,3 +266,21 @@ def test_rescale_needs_the_protocol(tmp_path):
     args = WeightedTrainingArguments(**training_args(str(tmp_path)), sample_weighting="test_score_only")
     with pytest.raises(ValueError, match=r"does not implement the rescale protocol.*mode'\] = 'score'"):
         WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(8), data_collator=pad_collate)
+
+
+def test_trainer_tells_truncation_the_run_length(tmp_path):
+    """The glue passes max_steps × global batch (per-device batch × GA × ranks) before the first step, so the default
+    hot start scales with the run (3 steps × 2 × 4 = 24 samples → window 3) and truncation acts within it."""
+    base = training_args(
+        str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=3, learning_rate=0.1
+    )
+    trainer = WeightedTrainer(
+        model=tiny_model(),
+        args=WeightedTrainingArguments(**base, sample_weighting="truncation"),
+        train_dataset=toy_dataset(ROWS),
+        data_collator=pad_collate,
+    )
+    trainer.train()
+    strategy = trainer.sample_weighting
+    assert strategy.run_samples == 24 and (strategy.min_samples, strategy.buffer_size) == (3, 3)
+    assert strategy.has_cutoff and strategy.seen == 24

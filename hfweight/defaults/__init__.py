@@ -4,7 +4,7 @@
   ``train`` and ``heldout`` splits, cached on disk;
 - :func:`build_tokenizer`: a byte-level BPE trained on it in seconds, with a TRL-compatible chat template, cached;
 - :func:`build_model`: a small Llama (``tiny`` ≈ 1.3M or ``small`` ≈ 20M parameters) with random weights;
-- :func:`lm_dataset`, :func:`sft_dataset`, :func:`grpo_dataset` and the GRPO reward functions.
+- :func:`lm_dataset`, :func:`sft_dataset`, :func:`grpo_dataset`, :func:`copy_dataset` and the GRPO reward functions.
 
 The cache lives in ``$HFWEIGHT_CACHE`` (default ``~/.cache/hfweight``) unless a ``cache_dir`` is passed.
 """
@@ -16,7 +16,17 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .corpus import DOMAINS, build_corpus
 from .model import SIZES, build_model
-from .tasks import brevity_reward, correctness_reward, format_reward, grpo_dataset, lm_dataset, sft_dataset
+from .tasks import (
+    brevity_reward,
+    copy_dataset,
+    copy_reward,
+    correctness_reward,
+    format_reward,
+    grpo_dataset,
+    lm_dataset,
+    sft_dataset,
+    words_format_reward,
+)
 from .tokenizer import build_tokenizer
 
 
@@ -37,10 +47,13 @@ __all__ = [
     "build_corpus",
     "build_model",
     "build_tokenizer",
+    "copy_dataset",
+    "copy_reward",
     "correctness_reward",
     "format_reward",
     "grpo_dataset",
     "lm_dataset",
     "sft_dataset",
     "tiny_setup",
+    "words_format_reward",
 ]

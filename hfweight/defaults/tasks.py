@@ -7,6 +7,10 @@
 - :func:`grpo_dataset` gives arithmetic prompts with a verifiable ``answer``, one domain per operation (``add``,
   ``sub``, ``mul``), scored by :func:`correctness_reward`, :func:`brevity_reward` and :func:`format_reward` (TRL's
   reward-function signature; completions may be strings or lists of messages).
+- :func:`copy_dataset` gives "Repeat after me: ..." prompts (2–5 words; the phrasing of the SFT echo rows, so a tiny
+  SFT'd model starts with some skill and learns it within a few minutes of GRPO), scored by :func:`copy_reward`
+  (words copied, in place), :func:`brevity_reward` and :func:`words_format_reward` (nothing but lowercase words):
+  copying all of a long phrase costs brevity, and the shortest answers fail the format, so the three conflict.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ BREVITY_SCALE = 64
 
 _INTEGER = re.compile(r"-?\d+")
 _JUST_AN_INTEGER = re.compile(r"\s*-?\d+\s*")
+_LOWERCASE_WORDS = re.compile(r"[a-z]+( [a-z]+)*")
+COPY_WORDS = (2, 5)  # words per copy prompt (inclusive range)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,3 +205,43 @@ def brevity_reward(completions: list, answer: list | None = None, **kwargs: Any)
 def format_reward(completions: list, answer: list | None = None, **kwargs: Any) -> list[float | None]:
     """1.0 where the completion is just an integer (optionally surrounded by whitespace), else 0.0."""
     return [1.0 if _JUST_AN_INTEGER.fullmatch(completion_text(c)) else 0.0 for c in completions]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GRPO: copy a short phrase (a task the tiny model learns in minutes)
+
+
+def copy_dataset(seed: int = 0, n: int = 1000) -> datasets.Dataset:
+    """``n`` prompts "Repeat after me: <phrase>" with the phrase (2–5 words of ``REDUNDANT_WORDS``) as ``answer``
+    and ``domain`` = ``"words<k>"`` (k words; equally likely). Deterministic for a seed. Score completions with
+    :func:`copy_reward`, :func:`brevity_reward` and :func:`words_format_reward`."""
+    rng = domain_rng(seed, "grpo-copy")
+    rows = []
+    for _ in range(n):
+        k = rng.randint(*COPY_WORDS)
+        phrase = " ".join(rng.choice(REDUNDANT_WORDS) for _ in range(k))
+        rows.append({"prompt": user(f"Repeat after me: {phrase}"), "answer": phrase, "domain": f"words{k}"})
+    return datasets.Dataset.from_list(rows)
+
+
+def copy_score(text: str, expected: str) -> float:
+    """Share of positions where the completion's word equals the phrase's, over the longer of the two (so a missing
+    and an extra word cost alike): 1.0 for an exact copy, 0.0 for no word in place."""
+    got, want = text.split(), expected.split()
+    if not got and not want:
+        return 1.0
+    return sum(g == w for g, w in zip(got, want)) / max(len(got), len(want))
+
+
+def copy_reward(completions: list, answer: list, **kwargs: Any) -> list[float | None]:
+    """:func:`copy_score` of each completion against its row's ``answer`` (``None`` where the row has none)."""
+    return [
+        None if expected is None else copy_score(completion_text(c), expected)
+        for c, expected in zip(completions, answer)
+    ]
+
+
+def words_format_reward(completions: list, answer: list | None = None, **kwargs: Any) -> list[float | None]:
+    """1.0 where the completion is one or more lowercase words separated by single spaces (surrounding whitespace
+    allowed) and nothing else, else 0.0: an empty answer, punctuation or a second line fails."""
+    return [1.0 if _LOWERCASE_WORDS.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]

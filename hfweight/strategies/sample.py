@@ -20,6 +20,7 @@ Contents:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import numbers
 
@@ -299,10 +300,20 @@ class LossReweighting(SampleWeighting):
         strategy: ``"linupper"`` (default), ``"quadratic"`` (alias ``"mid"``), ``"extremes"`` or ``"upper"``; see
             :func:`loss_strategy_scores`. Default ``linupper`` because it is the paper's general recommendation
             ("deprioritizing redundant or uninformative data tends to work best"): it lowers the weight of samples the
-            model already fits while capping, not amplifying, the highest losses (noise, garbage), which is the safe
-            choice for data of unknown quality; it is also what the 1.4B/7B ``fms-fsdp`` runs use (there named
-            ``"upper"``) and what the authors combine with domain reweighting. Their GPT-2 configs use ``quadratic``
-            (124M) and ``extremes`` (210M/684M).
+            model already fits; it is also what the 1.4B/7B ``fms-fsdp`` runs use (there named ``"upper"``) and what
+            the authors combine with domain reweighting. Their GPT-2 configs use ``quadratic`` (124M) and
+            ``extremes`` (210M/684M).
+
+            Not for corrupted or noisy samples (the method's nature, not a deviation): every sample above the
+            batch's mid-range loss gets the top score, so relative to the rest the highest losses — random tokens,
+            wrong labels — get *more* weight, the more the smaller ``r`` (the cap only stops the increase at the
+            mid-range). ``quadratic`` does not help either: a corrupted sample is rarely the batch's single extreme,
+            and clean low-loss samples are pushed down with it. Measured: a toy with 30% wrong labels
+            (``benchmarks/results/sample_diagnosis_toy.md``; weights equal to the authors' rule to 5e-7 at every
+            step) raises the weight on corrupted samples from 30% to 37% (r = 1) and 42% (r = 0.4), and every
+            ``r`` loses to uniform; on the tiny LM with 30% random-token blocks
+            (``benchmarks/results/sample_effectiveness_corrupt.md``) it is worse than uniform too. For corrupted
+            samples use ``truncation``.
         temperature: ``r`` (authors' ``kl_reg`` / ``kl_regularizer``), default 1.0 as in both codes; > 0, with
             ``float("inf")`` giving uniform weights. Smaller is sharper; the max/min weight ratio is ≤ ``e^{1/r}``
             (e ≈ 2.7 at r = 1, e^2.5 ≈ 12 at the authors' r = 0.4).
@@ -401,6 +412,16 @@ class LossReweighting(SampleWeighting):
 # ---- Kang & Hashimoto, ACL 2020: loss truncation ------------------------------------------------------------------------
 
 
+TRUNCATION_AUTHORS_WINDOW = 10000
+"""``ddkang/loss_dropper``'s ``min_count`` = ``recompute`` = buffer length."""
+
+
+def truncation_window(run_samples: int) -> int:
+    """Buffer length, hot start and recompute period of loss truncation for a run of ``run_samples`` samples:
+    ``min(10 000, ceil(run_samples / 10))``, at least 1 (see :class:`LossTruncation`)."""
+    return max(1, min(TRUNCATION_AUTHORS_WINDOW, -(-int(run_samples) // 10)))
+
+
 @register_sample_weighting("truncation")
 class LossTruncation(SampleWeighting):
     """Loss truncation — Kang & Hashimoto, "Improved Natural Language Generation via Loss Truncation", ACL 2020
@@ -418,12 +439,21 @@ class LossTruncation(SampleWeighting):
     Args:
         drop_fraction: ``dropc``, the fraction of (buffered) samples dropped; default 0.4 as the authors; in [0, 1).
             0 drops nothing.
-        buffer_size: ring-buffer length; default 10 000 as the authors (their buffer has ``recompute`` entries).
-        min_samples: hot start: nothing is dropped before this many losses have been seen; default 10 000 as the
-            authors (``min_count``). On a short fine-tuning run lower it: at 32 samples per step the default spends the
-            first 313 steps untruncated.
-        recompute_every: losses pushed between two cutoff computations; ``None`` (default) = ``buffer_size``, the
+        buffer_size: ring-buffer length. ``None`` (default): the run's *window* (below); the authors use 10 000
+            (their buffer has ``recompute`` entries).
+        min_samples: hot start: nothing is dropped before this many losses have been seen. ``None`` (default): the
+            run's window; the authors use 10 000 (``min_count``).
+        recompute_every: losses pushed between two cutoff computations; ``None`` (default) = the buffer length, the
             authors' behaviour (their ``recompute`` is both the buffer length and the period).
+
+    The window (what every ``None`` size above resolves to): ``min(10 000, ceil(run_samples / 10))`` once the glue has
+    told the strategy how many samples the run will see (:meth:`set_run_length`, called at the start of training
+    with ``max_steps × global batch``), 10 000 (the authors' value) when it never does. Why: the authors' 10 000
+    is a small share of their runs (summarization, several epochs of ~10^5-10^6 samples); in a run of 3 200 samples
+    it is longer than the run, and truncation never drops anything. ``run_samples / 10`` keeps their proportions for
+    short runs: the cutoff starts after the first tenth of the run and is refreshed nine more times. A value set
+    explicitly is kept as given; if it is ``min_samples`` ≥ the run's samples, :meth:`set_run_length` warns with the
+    numbers (truncation would then never act).
         mode: ``"auto"`` (default), ``"rescale"`` or ``"score"`` (:data:`SAMPLE_MODES`). The cutoff applied to a step
             comes from earlier steps only, so both modes give the *same* weights: 1-2 above happen in
             :meth:`begin_step` and :meth:`local_weights` (each micro-batch from its own forward, the glue dividing by
@@ -455,8 +485,8 @@ class LossTruncation(SampleWeighting):
     def __init__(
         self,
         drop_fraction: float = 0.4,
-        buffer_size: int = 10000,
-        min_samples: int = 10000,
+        buffer_size: int | None = None,
+        min_samples: int | None = None,
         recompute_every: int | None = None,
         mode: str = "auto",
     ):
@@ -467,11 +497,21 @@ class LossTruncation(SampleWeighting):
                 f"sample_weighting='truncation': `drop_fraction` must be in [0, 1) (the fraction of samples dropped), "
                 f"got {drop_fraction!r}."
             )
-        self.buffer_size = _as_int(buffer_size, "buffer_size", "truncation", 1)
-        self.min_samples = _as_int(min_samples, "min_samples", "truncation", 0)
-        self.recompute_every = (
-            self.buffer_size if recompute_every is None else _as_int(recompute_every, "recompute_every", "truncation", 1)
-        )
+        # The sizes left to the run (None): resolved by set_run_length, or to the authors' 10 000 if it never comes.
+        self.requested = {"buffer_size": buffer_size, "min_samples": min_samples, "recompute_every": recompute_every}
+        for name, minimum in (("buffer_size", 1), ("min_samples", 0), ("recompute_every", 1)):
+            if self.requested[name] is not None:
+                self.requested[name] = _as_int(self.requested[name], name, "truncation", minimum)
+        self.run_samples: int | None = None
+        self._resolve_sizes(TRUNCATION_AUTHORS_WINDOW)
+        self.warnings: list[str] = []  # what set_run_length warned about (tests and the model card read it)
+
+    def _resolve_sizes(self, window: int) -> None:
+        """Set buffer/min_samples/recompute from the request, ``window`` standing in for every ``None``; empties the
+        buffer (only called before the first step)."""
+        self.buffer_size = self.requested["buffer_size"] or window
+        self.min_samples = window if self.requested["min_samples"] is None else self.requested["min_samples"]
+        self.recompute_every = self.requested["recompute_every"] or self.buffer_size
         self.buffer = torch.zeros(self.buffer_size, dtype=torch.float64)
         self.position = 0  # next write index
         self.filled = 0  # valid entries in the buffer (≤ buffer_size)
@@ -479,6 +519,24 @@ class LossTruncation(SampleWeighting):
         self.since_recompute = 0  # losses pushed since the cutoff was last computed
         self.cutoff = float("inf")
         self.has_cutoff = False
+
+    def set_run_length(self, run_samples: int) -> None:
+        """Called by the glue before the first step with the number of samples the run will see (``max_steps`` ×
+        global batch): resolves the ``None`` sizes to ``truncation_window(run_samples)`` and warns (``logging`` and
+        :attr:`warnings`) when an explicit ``min_samples`` leaves truncation nothing to act on. After a resume the
+        checkpoint's sizes win (:meth:`load_state_dict`), so the run continues exactly."""
+        self.run_samples = _as_int(run_samples, "run_samples", "truncation", 0)
+        if self.seen == 0:
+            self._resolve_sizes(truncation_window(self.run_samples))
+        if self.drop_fraction > 0 and self.min_samples >= self.run_samples:
+            message = (
+                f"sample_weighting='truncation': `min_samples={self.min_samples}` but the run will see only "
+                f"{self.run_samples} samples (max_steps × global batch), so nothing will ever be dropped; leave "
+                f"`min_samples` unset (it then scales with the run: {truncation_window(self.run_samples)} here) or "
+                "set it below the run's sample count."
+            )
+            self.warnings.append(message)
+            logging.getLogger(__name__).warning(message)
 
     def _refresh_cutoff(self) -> None:
         if self.drop_fraction == 0.0 or self.filled == 0 or self.seen < self.min_samples:
@@ -544,6 +602,12 @@ class LossTruncation(SampleWeighting):
 
     def load_state_dict(self, state: dict) -> None:
         saved_size = int(state["buffer"].numel())
+        config = state.get("config", {})
+        for name in ("buffer_size", "min_samples", "recompute_every"):
+            # sizes left to the run: take the ones the checkpointed run resolved, so resuming continues exactly even
+            # if this run's length (hence its window) differs
+            if self.requested[name] is None and name in config:
+                setattr(self, name, int(config[name]))
         if saved_size != self.buffer_size:
             raise ValueError(
                 f"sample_weighting='truncation': the checkpoint's loss buffer has {saved_size} entries but this run has "
