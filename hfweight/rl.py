@@ -697,6 +697,18 @@ class RewardWeightingMixin(WeightingMixin):
                 squares += piece.double().pow(2).sum().cpu() * shards / world
         return self._all_reduce(squares).cpu().sqrt()
 
+    def _backward_shards(self, model, chunks, trainable, params) -> list[tuple[torch.Tensor, int]]:
+        """FSDP: the summed chunk losses backpropagated into ``.grad``; snapshots of the local gradient shards."""
+        from .gradalign import register_sharded_parameters, snapshot_gradients
+
+        for p in trainable:
+            p.grad = None
+        for chunk in chunks:
+            self._compute_loss(model, chunk).backward()
+        register_sharded_parameters(model)
+        snapshots = snapshot_gradients(params)
+        return [s if s is not None else (_local_zeros(p), _shards_of(p)) for s, p in zip(snapshots, params)]
+
     def _averaged_gradient(self, model, chunks, params) -> torch.Tensor:
         """The summed chunk losses' gradient w.r.t. ``params`` (flat, float32), averaged over ranks."""
         total = None

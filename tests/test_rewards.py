@@ -148,15 +148,17 @@ def saw_reference(batch, w0, statistic="cv", eps=1e-8, gamma=None, reward_max=No
         s = list(std)
     else:
         s = [1.0] * k
-    total = sum(s)
-    w = [w0[j] * k * s[j] / total for j in range(k)] if total > 0 else list(w0)
+    w = [w0[j] * s[j] for j in range(k)]
     if gamma is not None:
         for j in range(k):
             col = a[:, j][~np.isnan(a[:, j])]
             top = reward_max[j] if reward_max and reward_max[j] is not None else col.max()
             sat = np.mean(col >= top - tol)
             w[j] *= (1 - sat) ** gamma
-    return w if any(x != 0 for x in w) else list(w0)
+    total = sum(abs(x) for x in w)
+    if total == 0:
+        return list(w0)
+    return [x * sum(abs(v) for v in w0) / total for x in w]  # the total of the initial weights is kept
 
 
 @pytest.mark.parametrize("statistic", ["cv", "std", "none"])

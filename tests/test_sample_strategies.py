@@ -456,12 +456,15 @@ def test_unnormalized_weights_normalize_to_the_softmax(r):
 
 
 def _split_weights(strategy, losses, domains=None):
-    """local_weights of an arbitrary split (3 + rest, in reverse order) concatenated back: must equal the whole."""
+    """local_weights of an arbitrary split (3 + rest, in reverse order) concatenated back: must equal the whole.
+
+    Equal up to float32 rounding, not bit for bit: STORM's rescaler is a small MLP, and a matrix product over 3 rows
+    and over 6 rows may take different CPU kernels (seen on an AVX-512 machine: last-bit differences)."""
     c = ctx(losses, domains=domains)
     whole = strategy.local_weights(c)
     head = strategy.local_weights(ctx(losses[:3], domains=None if domains is None else domains[:3]))
     tail = strategy.local_weights(ctx(losses[3:], domains=None if domains is None else domains[3:]))
-    assert torch.equal(torch.cat([head, tail]), whole)
+    torch.testing.assert_close(torch.cat([head, tail]), whole, rtol=1e-6, atol=1e-7)
     return whole
 
 
