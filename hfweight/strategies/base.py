@@ -1,8 +1,13 @@
 """The small interfaces every strategy implements.
 
 Strategies are pure functions of tensors plus explicit state: they never see a Trainer, a DataLoader or a process
-group. The Trainer glue in :mod:`hfweight.mixin` builds the contexts below, calls the strategies, and takes care of
+group. The Trainer glue in :mod:`hfweight.glue` builds the contexts below, calls the strategies, and takes care of
 normalization (docs/methods.md#normalization), cross-rank reduction and checkpointing.
+
+A strategy that needs the model beyond the weighted loss (a scoring pass, a meta step, gradient alignment, held-out
+evaluations, ...) *declares* it with one of the ``needs_*`` flags below; each flag names the driver in
+:mod:`hfweight.glue.drivers` that the glue then runs for it. Every optional hook such a driver calls is declared here
+with a default, so the glue never probes a strategy with ``hasattr``.
 
 Every per-token tensor is *aligned with the shifted labels*: shape ``(batch, seq_len - 1)``, entry ``[i, t]`` belongs to
 the prediction of token ``t + 1`` of row ``i``. Per-token dataset columns are aligned with ``input_ids`` and shifted
@@ -67,8 +72,9 @@ class TokenWeighting(Stateful):
     needs_reference_model: bool = False
     """Whether the strategy needs a live reference *model* (full distributions), not just cached log-probs."""
     denominator_needs_logps: bool = False
-    """Whether the exact normalizer depends on the current model (e.g. a top-k selection on excess loss): then
-    :meth:`denominator_weights_after` is called after the forward."""
+    """Whether the exact normalizer depends on the current model (e.g. Rho-1's top-k selection on excess loss): then
+    :meth:`denominator_weights_after` is called after the forward and the step's gradients are corrected (driver:
+    :mod:`hfweight.glue.drivers.exact_denominator`)."""
 
     def denominator_weights(self, ctx: TokenContext) -> torch.Tensor | None:
         """Weights in the normalizer; ``None`` means 1 on every valid token."""
@@ -108,14 +114,27 @@ class SampleWeighting(Stateful):
     column_required: bool = False
     """Whether the strategy cannot run without the dataset's ``sample_weight`` column."""
     needs_losses: bool = False
-    """Whether :meth:`weights` needs ``ctx.losses`` (then the glue provides them over the global batch)."""
+    """Whether :meth:`weights` needs ``ctx.losses``: the glue provides them in one of the exact modes, ``score`` or
+    ``rescale`` (driver: :mod:`hfweight.glue.drivers.loss_modes`)."""
     supports_rescale: bool = False
     """Whether the strategy implements the *rescale* protocol below (docs/methods.md#exact-modes), which lets the glue
     weigh each micro-batch from its own training-forward losses, with no scoring pass."""
+    mode: str = "score"
+    """With ``needs_losses``: ``"score"``, ``"rescale"`` or ``"auto"`` (rescale where the gradients can be rescaled);
+    the glue writes the resolved mode back here."""
+    needs_meta_step: bool = False
+    """Whether the strategy learns in a meta step on the previous batch (STORM; driver:
+    :mod:`hfweight.glue.drivers.meta_step`)."""
+    needs_run_length: bool = False
+    """Whether the strategy must know how many samples the run will see before its first step (loss truncation's
+    window): the glue calls :meth:`set_run_length` at the start of training."""
 
     def weights(self, ctx: SampleContext) -> torch.Tensor | None:
         """Weights of the samples in ``ctx``; ``None`` means all ones."""
         return ctx.column
+
+    def set_run_length(self, run_samples: int) -> None:
+        """With ``needs_run_length``: the number of samples the run will see (max steps × global batch)."""
 
     # ---- rescale protocol (only with ``supports_rescale``) -----------------------------------------------------------
     # Per optimizer step the glue calls ``begin_step`` once, ``local_weights`` once per micro-batch (after its forward,
@@ -152,7 +171,30 @@ class MixtureController(Stateful):
     needs_reference: bool = False
     """Whether :meth:`observe` needs ``stats.excess_sum`` (per-token losses of a reference model)."""
     needs_eval: bool = False
-    """Whether the controller learns from per-domain held-out losses (:meth:`observe_eval`)."""
+    """Whether the controller learns from per-domain held-out losses: the glue evaluates when
+    :meth:`eval_requested` says so and calls :meth:`observe_eval` (driver: :mod:`hfweight.glue.drivers.evaluations`)."""
+    needs_target: bool = False
+    """Whether the controller learns from the alignment of each domain's gradient with a target set's: the glue
+    computes it when :meth:`gradients_requested` says so and calls :meth:`observe_gradients` (DGA; driver:
+    :mod:`hfweight.glue.drivers.alignment`)."""
+
+    def set_total_steps(self, n: int) -> None:
+        """The number of optimizer steps of the run, told before the first step (schedules, warm-ups)."""
+
+    def final_probabilities(self) -> torch.Tensor:
+        """The mixture to report as the run's result (``mixture_weights.json``); by default the current one."""
+        return self.probabilities()
+
+    def eval_requested(self) -> bool:
+        """With ``needs_eval``: whether the glue should evaluate the held-out sets now (checked at step boundaries)."""
+        return False
+
+    def gradients_requested(self) -> bool:
+        """With ``needs_target``: whether the coming optimizer step should measure gradient alignment."""
+        return False
+
+    def observe_gradients(self, signal: torch.Tensor, step: int) -> None:
+        """With ``needs_target``: the per-domain alignment signal ``(k,)`` (NaN for a domain absent from the step)."""
 
     def observe(self, stats: DomainStats) -> None:
         """Called once per optimizer step, on every rank, with the step's all-reduced per-domain statistics.
@@ -193,6 +235,17 @@ class RewardWeighting(Stateful):
     """Weights ``(K,)`` over the K reward functions of GRPO/RLOO, recomputed once per generation batch."""
 
     name: str = ""
+    needs_validation: bool = False
+    """Whether the weighter learns from per-reward scores on held-out prompts: the glue generates on ``eval_dataset``
+    every ``reward_validation_steps`` and calls :meth:`observe_validation` (:mod:`hfweight.rl.validation`)."""
+    needs_gram: bool = False
+    """Whether the weighter learns from the Gram matrix of per-reward policy gradients: the glue computes it after
+    each training generation batch and calls :meth:`update_from_gram` (:mod:`hfweight.rl.gram`)."""
+    clip_norm: float | None = None
+    """With ``needs_gram``: clip each reward's gradient to this norm before the Gram (None: no clipping)."""
+    clip_scope: str = "model"
+    """With ``needs_gram``: whose norm the clipping uses, every trainable parameter's (``"model"``) or the selected
+    ones' (``"selected"``)."""
 
     def bind(self, reward_names: list[str], initial_weights: torch.Tensor) -> None:
         """Called once with the reward functions' names and the config's static ``reward_weights``."""
@@ -203,3 +256,17 @@ class RewardWeighting(Stateful):
         """Weights for the rewards ``(N, K)`` of this generation batch (gathered over all ranks; NaN where a reward
         function returned None). Must be a pure function of its inputs and the object's state, so every rank agrees."""
         raise NotImplementedError
+
+    def current_weights(self) -> torch.Tensor:
+        """The weights in force (the last ones :meth:`weights` returned), float32 ``(K,)``."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars to log at the next logging step (``reward_weight/<name>``, multipliers, ...)."""
+        return {}
+
+    def observe_validation(self, scores: torch.Tensor, step: int) -> None:
+        """With ``needs_validation``: NaN-robust per-reward means ``(K,)`` over the held-out prompts."""
+
+    def update_from_gram(self, gram: torch.Tensor, step: int, lr: float | None = None) -> None:
+        """With ``needs_gram``: the clipped ``(K, K)`` Gram of per-reward policy gradients, identical on every rank."""

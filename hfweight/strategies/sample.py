@@ -481,6 +481,7 @@ class LossTruncation(SampleWeighting):
 
     needs_losses = True
     supports_rescale = True
+    needs_run_length = True
 
     def __init__(
         self,
