@@ -1,7 +1,7 @@
 """The model card's weighting section: what a reader of a pushed model needs to know about how it was weighted.
 
 ``transformers.Trainer.push_to_hub`` (and TRL's trainers) write ``README.md`` through ``create_model_card`` and then
-upload the output directory. :class:`~hfweight.mixin.WeightingMixin` overrides ``create_model_card`` to append the
+upload the output directory. :class:`~hfweight.glue.core.WeightingCore` overrides ``create_model_card`` to append the
 section rendered here: the weighting configuration, the final domain mixture and reward weights, and the plots
 (written next to the card, so the relative image links resolve on the Hub and locally).
 

@@ -1,6 +1,6 @@
 """The weighted loss: per-token log-probabilities and the numerator/denominator of docs/methods.md#normalization.
 
-Pure functions of tensors; the Trainer glue (:mod:`hfweight.mixin`) decides what the denominator of a step is and
+Pure functions of tensors; the Trainer glue (:mod:`hfweight.glue`) decides what the denominator of a step is and
 when it is reduced across ranks.
 
 Normalization contract (docs/methods.md#normalization), over one optimizer step (all micro-batches, all ranks)::

@@ -32,7 +32,8 @@ from .config import (
     WeightingArguments,
     as_weighted_config,
 )
-from .mixin import WeightingMixin, _is_map_dataset, check_declared_domains
+from .glue import WeightingMixin
+from .glue.data import check_declared_domains, is_map_dataset
 
 TOKEN_COLUMNS = (TOKEN_WEIGHTS_COLUMN, REF_LOGPS_COLUMN)
 
@@ -58,7 +59,7 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
         self._weighting_args = args
         # Domains are discovered on the raw data, before packing merges rows; preparation maps them to indices.
         self._preset_domains = None
-        if args.weighting_enabled and _is_map_dataset(train_dataset):
+        if args.weighting_enabled and is_map_dataset(train_dataset):
             if args.domain_column in train_dataset.column_names:
                 self._preset_domains = discover_domains(train_dataset, args.domain_column)
         super().__init__(model, args, *posargs, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import Trainer, TrainingArguments
 
 from .config import WeightedTrainingArguments, as_weighted_config
-from .mixin import WeightingMixin
+from .glue import WeightingMixin
 
 
 class WeightedTrainer(WeightingMixin, Trainer):

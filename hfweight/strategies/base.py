@@ -176,7 +176,8 @@ class MixtureController(Stateful):
     needs_target: bool = False
     """Whether the controller learns from the alignment of each domain's gradient with a target set's: the glue
     computes it when :meth:`gradients_requested` says so and calls :meth:`observe_gradients` (DGA; driver:
-    :mod:`hfweight.glue.drivers.alignment`)."""
+    :mod:`hfweight.glue.drivers.alignment`). Such a controller has a ``target`` (names of held-out sets) and a
+    ``target_batch_size`` (None: the global training batch)."""
 
     def set_total_steps(self, n: int) -> None:
         """The number of optimizer steps of the run, told before the first step (schedules, warm-ups)."""
