@@ -315,4 +315,6 @@ class WeightedStep:
             plan.closed = True
             for driver in self.drivers:
                 loss = driver.close_step(plan, loss)
+            for driver in self.drivers:
+                driver.end_step(plan)
         return loss
