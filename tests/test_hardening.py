@@ -269,7 +269,7 @@ def test_declared_domains_for_a_dataset_with_a_domain_column(tmp_path, caplog):
     kwargs = dict(max_steps=1, mixture="static", mixture_mode="upweight")
     with pytest.raises(ValueError, match=r"mixture_kwargs\['domains'\]=\['code', 'poetry'\] differs from .*'domain'"):
         _trainer(tmp_path, toy_dataset(12), mixture_kwargs={"domains": ["code", "poetry"]}, **kwargs)
-    with caplog.at_level("WARNING", logger="hfweight.mixin"):
+    with caplog.at_level("WARNING", logger="hfweight.glue.data"):
         _trainer(tmp_path, toy_dataset(12), mixture_kwargs={"domains": ["prose", "math", "code"]}, **kwargs)
     assert "mixture_kwargs['domains'] has no effect" in caplog.text
 

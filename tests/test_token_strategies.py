@@ -291,7 +291,7 @@ def test_score_dataset_resumes_after_interruption(tmp_path):
 def test_sharded_parameter_detection():
     from types import SimpleNamespace
 
-    from hfweight.mixin import WeightingMixin
+    from hfweight.glue import WeightingMixin
 
     def fake(zero_stage=None, fsdp=False):
         plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)

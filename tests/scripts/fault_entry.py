@@ -55,9 +55,9 @@ def install_hooks() -> None:
     transformers.Trainer.train = train
 
     if kill_in_save:
-        import hfweight.mixin
+        import hfweight.glue.core
 
-        parent_save_state = hfweight.mixin.save_state
+        parent_save_state = hfweight.glue.core.save_state
 
         def save_state(checkpoint_dir, *args, **kwargs):
             path = parent_save_state(checkpoint_dir, *args, **kwargs)
@@ -70,7 +70,7 @@ def install_hooks() -> None:
                 kill_self()
             return path
 
-        hfweight.mixin.save_state = save_state
+        hfweight.glue.core.save_state = save_state
 
 
 if __name__ == "__main__":
