@@ -54,7 +54,7 @@ class WeightingMixin(WeightingCore):
         args.check_unused_reference("reference_model (the trainer argument)", reference_model)
         self._init_core()
         self.weighting_enabled = args.weighting_enabled
-        self._step: WeightedStep | None = None
+        self._weighted_step: WeightedStep | None = None
         self.token_weighting = self.sample_weighting = None
         self.last_sample_weights = None
         if not self.weighting_enabled:
@@ -81,7 +81,7 @@ class WeightingMixin(WeightingCore):
                 "hfweight: the model has no LM head TRL's fused kernel can drive; per-token log-probs come from the "
                 "model's logits (memory as in the parent Trainer)."
             )
-        self._step = WeightedStep(self, self._drivers)
+        self._weighted_step = WeightedStep(self, self._drivers)
         self._watch_step_boundaries()
         # Our loss is already normalized over the whole step: the Trainer must not divide it by GA again.
         self.loss_is_scaled_for_ga = True
@@ -208,26 +208,26 @@ class WeightingMixin(WeightingCore):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.weighting_enabled and batch_samples:
-            self._step.prepare(batch_samples)
+            self._weighted_step.prepare(batch_samples)
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.weighting_enabled:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         extras = {k: inputs[k] for k in list(inputs) if k.startswith(BATCH_PREFIX)}
-        if BATCH_V not in extras or not model.training or self._step.plan is None:
+        if BATCH_V not in extras or not model.training or self._weighted_step.plan is None:
             # Evaluation and prediction: the plain, unweighted loss of the parent, so held-out numbers compare.
             return super().compute_loss(
                 model, model_inputs(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        loss = self._step.loss(model, model_inputs(inputs), extras)
+        loss = self._weighted_step.loss(model, model_inputs(inputs), extras)
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not getattr(self, "weighting_enabled", False):
             return loss
-        return self._step.after_backward(loss)
+        return self._weighted_step.after_backward(loss)
 
     def _log_forward_metrics(self, inputs: dict, fused_outputs) -> None:
         """Hook: metrics the parent trainer logs from its own forward, which the weighted loss replaces (TRL's SFT:

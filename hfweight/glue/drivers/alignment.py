@@ -189,7 +189,7 @@ class GradientAlignment(Driver):
             sharded = t._parameters_sharded()
             if partials:
                 stacked = torch.stack([p for _, p in partials])
-                reduced = complete_products(stacked, sharded, world, lambda t: t._all_reduce(t).cpu())
+                reduced = complete_products(stacked, sharded, world, lambda x: t._all_reduce(x).cpu())
                 for row, (d, _) in enumerate(partials):
                     sums[0, d], sums[1, d] = reduced[row, 0], reduced[row, 1]
         finally:
