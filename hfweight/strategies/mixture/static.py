@@ -51,11 +51,6 @@ class StaticMixture(Controller):
         else:
             self._set_probs(normalize_domain_weights(self.weights, self.domain_names))
 
-    def probabilities(self) -> torch.Tensor:
-        if self._probs is None:
-            raise RuntimeError("StaticMixture.probabilities() called before bind().")
-        return self._probs.clone()
-
 
 def _temperature_mixture(sizes: torch.Tensor, tau: float) -> torch.Tensor:
     """``α_d ∝ n_d^{1/τ}``, computed in log space (τ = inf → uniform)."""

@@ -22,8 +22,6 @@ def arg(strategy: str, name: str) -> str:
     return strategy_field("sample_weighting", strategy, name)
 
 
-# ---- the two exact modes (docs/methods.md#exact-modes) ---------------------------------------------------------------
-
 SAMPLE_MODES = ("auto", "rescale", "score")
 """How the glue obtains loss-dependent weights before normalizing the step (``mode`` kwarg of the loss-based
 strategies). Both are exact, i.e. the step's gradient does not depend on GA or on the number of ranks:
@@ -40,7 +38,6 @@ strategies). Both are exact, i.e. the step's gradient does not depend on GA or o
 """
 
 
-
 def check_mode(mode, strategy: str) -> str:
     """``mode`` of a loss-based strategy: one of :data:`SAMPLE_MODES`."""
     return choice(mode, arg(strategy, "mode"), SAMPLE_MODES, hint=" ('rescale': weights from each micro-batch's own "
@@ -48,7 +45,7 @@ def check_mode(mode, strategy: str) -> str:
 
 
 def global_losses(ctx: SampleContext, strategy: str) -> torch.Tensor:
-    """``ctx.losses`` as a detached 1-D float64 CPU tensor (the strategies' arithmetic is done there, see below)."""
+    """``ctx.losses`` as a detached 1-D float64 CPU tensor (the strategies' arithmetic is done there)."""
     if ctx.losses is None:
         raise ValueError(
             f"sample_weighting={strategy!r} needs the per-sample losses of the step (`ctx.losses`); the trainer glue "
