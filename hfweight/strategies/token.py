@@ -33,7 +33,8 @@ class StaticTokenWeighting(TokenWeighting):
     column_required = True
 
     def denominator_weights(self, ctx: TokenContext):
-        return required_column(ctx.column, "token_weighting", "token_weights", "a list of floats aligned with `input_ids`")
+        holds = "a list of floats aligned with `input_ids`"
+        return required_column(ctx.column, "token_weighting", "token_weights", holds)
 
 
 def _times_column(weights: torch.Tensor, ctx: TokenContext) -> torch.Tensor:

@@ -65,8 +65,8 @@ class AioliMixture(Controller):
     helps it) is left out — zero, and excluded from ``normalize_A``'s shift and scale — while its column stays: an
     uncovered domain is still probed and weighted by how much training on it lowers the covered domains' losses.
 
-    Protocol (see the module docstring): the glue checks :meth:`eval_requested` before training and after each
-    :meth:`observe` and then calls :meth:`observe_eval`; while a probe runs, :meth:`wants_probe` and
+    Protocol (see :mod:`hfweight.strategies.mixture.base`): the glue checks :meth:`eval_requested` before training
+    and after each :meth:`observe` and then calls :meth:`observe_eval`; while a probe runs, :meth:`wants_probe` and
     :meth:`probabilities` return the probe mixture. ``observe`` with an eval pending is an error (the round cannot
     continue without it). NaN held-out losses count as a zero drop. The probe order comes from a generator seeded with
     ``seed`` and the round number, so every rank agrees and a resumed run draws the same order.
