@@ -13,6 +13,12 @@ import torch
 
 from ..registry import register_token_weighting
 from .base import TokenContext, TokenWeighting
+from .checks import in_range, number, required_column, strategy_field
+
+
+def _arg(strategy: str, name: str) -> str:
+    """How the argument ``name`` of ``token_weighting=strategy`` is named in errors."""
+    return strategy_field("token_weighting", strategy, name)
 
 
 @register_token_weighting("static")
@@ -27,12 +33,8 @@ class StaticTokenWeighting(TokenWeighting):
     column_required = True
 
     def denominator_weights(self, ctx: TokenContext):
-        if ctx.column is None:
-            raise ValueError(
-                "token_weighting='static' needs a `token_weights` column (a list of floats aligned with `input_ids`) "
-                "in the training dataset; add it or choose another token_weighting."
-            )
-        return ctx.column
+        holds = "a list of floats aligned with `input_ids`"
+        return required_column(ctx.column, "token_weighting", "token_weights", holds)
 
 
 def _times_column(weights: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
@@ -106,12 +108,6 @@ def rho1_keep_count(n_valid: int, keep_percent: float) -> int:
     return min(n_valid, math.ceil(n_valid * keep_percent / 100.0))
 
 
-def _check_nonnegative(value, name: str, strategy: str) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"token_weighting={strategy!r}: `{name}` must be a finite number ≥ 0, got {value!r}.")
-    return float(value)
-
-
 @register_token_weighting("dft")
 class DFTWeighting(TokenWeighting):
     """DFT: each token's loss times its detached probability; normalized by the token count (not by Σ p), as in the
@@ -129,7 +125,7 @@ class FocalWeighting(TokenWeighting):
     """Focal loss ``(1 − p_t)^γ ℓ_t`` normalized by the token count. Args: ``gamma`` (≥ 0, default 2; 0 = plain NLL)."""
 
     def __init__(self, gamma: float = 2.0):
-        self.gamma = _check_nonnegative(gamma, "gamma", "focal")
+        self.gamma = number(gamma, _arg("focal", "gamma"), low=0)
 
     def denominator_weights(self, ctx):
         return ctx.column
@@ -149,7 +145,7 @@ class PriorWeighting(TokenWeighting):
     needs_reference = True
 
     def __init__(self, alpha: float = 1.0):
-        self.alpha = _check_nonnegative(alpha, "alpha", "prior")
+        self.alpha = number(alpha, _arg("prior", "alpha"), low=0)
 
     def denominator_weights(self, ctx):
         return _times_column(prior_weights(_require_reference(ctx, "prior"), ctx.mask, self.alpha), ctx)
@@ -178,9 +174,7 @@ class Rho1Weighting(TokenWeighting):
     denominator_needs_logps = True
 
     def __init__(self, keep_percent: float = 60.0):
-        if not isinstance(keep_percent, (int, float)) or not 0 < keep_percent <= 100:
-            raise ValueError(f"token_weighting='rho1': `keep_percent` must be in (0, 100], got {keep_percent!r}.")
-        self.keep_percent = float(keep_percent)
+        self.keep_percent = in_range(keep_percent, _arg("rho1", "keep_percent"), 0, 100, low_open=True)
 
     def denominator_weights(self, ctx):
         n_valid = int(ctx.mask.sum())
@@ -215,7 +209,7 @@ class ASFTWeighting(DFTWeighting):
     needs_reference_model = True
 
     def __init__(self, kl_weight: float = 0.1):
-        self.kl_weight = _check_nonnegative(kl_weight, "kl_weight", "asft")
+        self.kl_weight = number(kl_weight, _arg("asft", "kl_weight"), low=0)
 
     def extra_token_loss(self, ctx: TokenContext):
         if ctx.kl is None:

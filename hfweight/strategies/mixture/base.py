@@ -1,0 +1,313 @@
+"""Domain-mixture controllers: the shared update and the common base (docs/methods.md#mixture-modes).
+
+Every controller keeps a mixture ``α`` over the ``k`` domains of the training set (sorted names, bound by the glue with
+:meth:`MixtureController.bind`) and returns it as a float64 ``(k,)`` tensor from :meth:`probabilities`. Controllers
+are pure math plus explicit state: no Trainer, no process group. The glue calls :meth:`observe` once per optimizer
+step, on every rank, with all-reduced :class:`DomainStats`, so every rank computes the same update.
+
+The linear mixing law
+---------------------
+Most methods are one update (Aioli's "linear mixing law" view): ``log α ← log α + η · A·signal``, renormalized, smoothed
+towards uniform and floored. :func:`mix_update` is that update, written once; DoReMi (excess loss), Aioli (held-out
+loss drops), Skill-it (skills graph × held-out losses) and DGA (gradient alignment) differ only in the signal and
+``A``. ODM's EXP3 is the exception (its exploration term mixes in ``ε_t`` additively).
+
+Guards shared by every controller except ``static`` (whose user weights are applied exactly):
+
+- ``min_prob`` (default ``1e-4``): no domain ever falls below it (:func:`floor_probabilities`, mass taken
+  proportionally from the others); set 0 to allow a domain to vanish. ``k · min_prob`` must be ≤ 1.
+- NaN in a signal entry means "no information about this domain this time" and leaves its log-weight unchanged; an
+  infinite signal is clipped; a mixture that would come out NaN keeps the previous one. Probabilities are never NaN.
+- A single domain always has probability 1.
+
+Protocol the trainer glue implements (every hook is declared with a default on
+:class:`~hfweight.strategies.base.MixtureController`; a controller overrides the ones it needs):
+
+- ``set_total_steps(n)``: called once before training with the number of optimizer steps (``schedule`` needs it).
+- ``observe(stats)``: once per optimizer step, every rank, all-reduced stats; ``stats.step`` = steps completed before.
+- ``eval_requested() -> bool``: checked before training and after every :meth:`observe`; when True the glue computes
+  per-domain held-out token-mean losses ``(k,)`` (NaN for a domain without held-out rows), all-reduced, and calls
+  ``observe_eval(losses, step)`` *before the next optimizer step*. ``aioli`` and ``skillit`` raise if ``observe`` comes
+  while their request is pending. Unrequested ``observe_eval`` calls are ignored by them.
+- ``wants_probe() -> Tensor | None`` (built-ins only): Aioli's probe mixture while a probe runs; :meth:`probabilities`
+  then returns the probe too, so the glue needs nothing else to train on it (resample or upweight).
+- ``gradients_requested() -> bool`` / ``observe_gradients(inner_products, step)`` (``dga``, ``needs_target = True``).
+- ``final_probabilities()``: the mixture to write as the run's result (DoReMi: the time-average).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..base import DomainStats, MixtureController
+from ..checks import in_range, integer, is_finite_number, kwargs_field, spec_items
+
+F64 = torch.float64
+
+
+def kwarg(name: str) -> str:
+    """How the entry ``name`` of ``mixture_kwargs`` is named in errors: ``mixture_kwargs['name']``."""
+    return kwargs_field("mixture", name)
+
+
+INITIAL_WEIGHTS = kwarg("initial_weights")
+_SIGNAL_CLIP = 1e100  # an infinite signal is clipped here: large enough to saturate, small enough to stay finite × η
+
+
+# ---- weights given by the user ------------------------------------------------------------------------------------
+
+
+def normalize_domain_weights(weights, domain_names: list[str], field: str = "mixture_kwargs['weights']") -> torch.Tensor:
+    """Turn user weights (a ``{domain: weight}`` dict or a list in domain order) into probabilities ``(k,)``.
+
+    Domains missing from a dict get weight 0. Errors name the offending domain and what would fix it.
+    """
+    k = len(domain_names)
+    if isinstance(weights, Mapping):
+        unknown = sorted(set(map(str, weights)) - set(domain_names))
+        if unknown:
+            raise ValueError(
+                f"{field} names unknown domain(s) {unknown}; the dataset's domains are {domain_names}. "
+                "Fix the names or the dataset's domain column."
+            )
+        by_name = {str(name): value for name, value in weights.items()}
+        values = [float(by_name.get(name, 0.0)) for name in domain_names]
+    else:
+        if isinstance(weights, torch.Tensor | np.ndarray):
+            weights = weights.tolist()
+        values = [float(w) for w in weights]
+        if len(values) != k:
+            raise ValueError(
+                f"{field} has {len(values)} entries but the dataset has {k} domains {domain_names}; "
+                "give one weight per domain or use a {domain: weight} dict."
+            )
+    for name, value in zip(domain_names, values):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{field} gives domain {name!r} the weight {value}; weights must be finite and ≥ 0.")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"{field} gives every domain weight 0; at least one weight must be positive.")
+    return torch.tensor(values, dtype=F64) / total
+
+
+def load_weights_file(path, field: str = "mixture_kwargs['weights']") -> dict:
+    """Read a mixture from a JSON file: ``{"weights": {domain: weight}}`` (what the trainer writes to
+    ``mixture_weights.json`` at the end of every run) or a bare ``{domain: weight}`` object."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{field}={path!r}: no such file; give a {{domain: weight}} dict, a list, or a JSON file path.")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{field}={path!r} is not readable JSON: {err}") from err
+    if isinstance(data, Mapping) and isinstance(data.get("weights"), Mapping):
+        data = data["weights"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{field}={path!r} must hold {{'weights': {{domain: weight}}}} or {{domain: weight}}.")
+    return dict(data)
+
+
+
+def weight_spec(weights, field: str):
+    """A weights spec checked at construction: a ``{domain: weight}`` dict or a list, or the path of a JSON file
+    holding one (:func:`load_weights_file`), whose entries are finite numbers ≥ 0. Names are checked at bind
+    (:func:`normalize_domain_weights`). ``None`` passes through."""
+    if isinstance(weights, str | os.PathLike):
+        weights = load_weights_file(weights, field)
+    if weights is None:
+        return None
+    items = spec_items(weights)
+    if items is None:
+        raise ValueError(f"{field} must be a {{domain: weight}} dict or a list of weights, got {weights!r}.")
+    for name, value in items:
+        if not is_finite_number(value) or value < 0:
+            raise ValueError(
+                f"{field} gives domain {name!r} the weight {value!r}; weights must be finite numbers ≥ 0."
+            )
+    return weights
+
+
+def domain_vector(values, k: int, what: str) -> torch.Tensor:
+    """``values`` as a float64 ``(k,)`` tensor, one entry per domain (held-out losses, inner products, ...)."""
+    tensor = torch.as_tensor(values, dtype=F64).flatten()
+    if tensor.numel() != k:
+        raise ValueError(f"{what} has {tensor.numel()} entries; expected one per domain ({k}).")
+    return tensor
+
+
+# ---- the update ---------------------------------------------------------------------------------------------------
+
+
+def floor_probabilities(p: torch.Tensor, min_prob: float) -> torch.Tensor:
+    """Probabilities with no entry below ``min_prob``; the floored entries' extra mass is taken from the others in
+    proportion to their size (ratios among unfloored domains are preserved). Requires ``k · min_prob ≤ 1``."""
+    p = torch.nan_to_num(p.to(F64), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    k = p.numel()
+    total = p.sum()
+    p = p / total if total > 0 else torch.full_like(p, 1.0 / k)
+    if min_prob <= 0:
+        return p
+    if min_prob * k >= 1 - 1e-12:
+        return torch.full_like(p, 1.0 / k)
+    fixed = torch.zeros(k, dtype=torch.bool)
+    for _ in range(k):
+        low = ~fixed & (p < min_prob)
+        if not low.any():
+            break
+        fixed |= low
+        free = p[~fixed].sum()
+        scale = (1 - fixed.sum().item() * min_prob) / free
+        p = torch.where(fixed, torch.full_like(p, min_prob), p * scale)
+    return p
+
+
+def mix_update(
+    log_p: torch.Tensor,
+    signal: torch.Tensor,
+    eta: float,
+    A: torch.Tensor | None = None,
+    smoothing: float = 0.0,
+    min_prob: float = 0.0,
+) -> torch.Tensor:
+    """The exponentiated (mirror-descent) mixture update shared by DoReMi, Aioli, Skill-it and DGA.
+
+    ``z = log_p + η · (A @ signal)`` (``A`` defaults to the identity); ``α = softmax(z)``;
+    ``α ← (1 − c)·α + c/k`` (``c = smoothing``, DoReMi's uniform smoothing); then :func:`floor_probabilities`.
+
+    Guards: a NaN signal entry counts as 0, i.e. that domain's log-weight is left unchanged (DoReMi keeps an absent
+    domain's *previous score* instead: its controller substitutes that score before calling this); ±inf is clipped
+    to ±1e100 (saturates without overflowing); if every ``z`` is −inf or NaN the previous mixture is kept.
+
+    Returns:
+        The new log-probabilities (float64 ``(k,)``), ``−inf`` only where a probability is exactly 0 (possible only
+        with ``smoothing = 0`` and ``min_prob = 0``).
+    """
+    log_p = torch.as_tensor(log_p, dtype=F64).flatten()
+    k = log_p.numel()
+    s = torch.as_tensor(signal, dtype=F64).flatten()
+    s = torch.nan_to_num(s, nan=0.0, posinf=_SIGNAL_CLIP, neginf=-_SIGNAL_CLIP).clamp(-_SIGNAL_CLIP, _SIGNAL_CLIP)
+    if A is not None:
+        A = torch.as_tensor(A, dtype=F64)
+        if A.dim() != 2 or A.shape != (k, s.numel()):
+            raise ValueError(f"mix_update: A has shape {tuple(A.shape)}; expected ({k}, {s.numel()}).")
+        s = A @ s
+    elif s.numel() != k:
+        raise ValueError(f"mix_update: the signal has {s.numel()} entries for {k} domains.")
+    z = log_p + float(eta) * s
+    z = torch.where(torch.isnan(z), torch.full_like(z, -math.inf), z)
+    if torch.isposinf(z).any():  # the limit of the softmax: uniform over the +inf entries
+        p = torch.isposinf(z).to(F64)
+    elif torch.isfinite(z).any():
+        p = torch.softmax(z, dim=0)
+    else:  # nothing usable: keep the previous mixture
+        prev = torch.where(torch.isfinite(log_p), log_p, torch.full_like(log_p, -math.inf))
+        p = torch.softmax(prev, dim=0) if torch.isfinite(prev).any() else torch.full((k,), 1.0 / k, dtype=F64)
+    if smoothing:
+        p = (1 - smoothing) * p + smoothing / k
+    return torch.log(floor_probabilities(p, min_prob))
+
+
+# ---- shared base --------------------------------------------------------------------------------------------------
+
+
+class Controller(MixtureController):
+    """The built-ins' common plumbing: the shared kwargs, binding checks, flooring, and state.
+
+    Args:
+        min_prob: Floor of every domain's probability (``0 ≤ min_prob``, ``k · min_prob ≤ 1``).
+        domains: Ignored by the controller; the glue reads it for datasets without a domain column.
+    """
+
+    def __init__(self, *, min_prob: float = 1e-4, domains=None):
+        self.min_prob = in_range(min_prob, kwarg("min_prob"), 0, 1, high_open=True)
+        self.domains = domains
+        self.domain_names: list[str] = []
+        self._sizes: torch.Tensor | None = None
+        self._probs: torch.Tensor | None = None
+        self._total_steps: int | None = None
+        self._bound = False
+
+    # binding ----------------------------------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return len(self.domain_names)
+
+    def bind(self, domain_names: list[str], domain_sizes: torch.Tensor | None = None) -> None:
+        super().bind(domain_names, domain_sizes)
+        if not self.domain_names:
+            raise ValueError(f"mixture={self.name!r} needs at least one domain; the dataset has none.")
+        if self.min_prob * self.k > 1:
+            raise ValueError(
+                f"mixture_kwargs['min_prob']={self.min_prob} is too large for {self.k} domains (k · min_prob > 1)."
+            )
+        self._sizes = None if domain_sizes is None else torch.as_tensor(domain_sizes, dtype=F64).flatten()
+        if self._sizes is not None and self._sizes.numel() != self.k:
+            raise ValueError(f"bind(): {self._sizes.numel()} domain sizes for {self.k} domains {self.domain_names}.")
+        self._bound = True
+        self._on_bind()
+        if self._probs is None:
+            self._set_probs(torch.full((self.k,), 1.0 / self.k, dtype=F64))
+
+    def _on_bind(self) -> None:
+        """Subclass hook: build the initial state once the domains are known."""
+
+    def _require_bound(self) -> None:
+        if not self._bound:
+            raise RuntimeError(f"mixture={self.name!r}: call bind(domain_names, domain_sizes) first.")
+
+    def _initial(self, weights, field: str = INITIAL_WEIGHTS) -> torch.Tensor:
+        """The starting mixture: ``weights`` (a spec checked by :func:`weight_spec`) normalized, or uniform."""
+        if weights is None:
+            return torch.full((self.k,), 1.0 / self.k, dtype=F64)
+        return normalize_domain_weights(weights, self.domain_names, field)
+
+    def _set_probs(self, p: torch.Tensor) -> None:
+        self._probs = torch.ones(1, dtype=F64) if self.k == 1 else floor_probabilities(p, self.min_prob)
+
+    def _check_stats(self, stats: DomainStats) -> None:
+        self._require_bound()
+        for field in ("loss_sum", "token_count", "sample_count"):
+            value = getattr(stats, field)
+            if value is None or value.numel() != self.k:
+                got = None if value is None else value.numel()
+                raise ValueError(f"DomainStats.{field} has {got} entries; mixture {self.name!r} has {self.k} domains.")
+
+    # the mixture -------------------------------------------------------------------------------------------------
+    def probabilities(self) -> torch.Tensor:
+        self._require_bound()
+        return self._probs.clone()
+
+    def wants_probe(self) -> torch.Tensor | None:
+        """Aioli's probe mixture while a probe runs; ``None`` for every other controller."""
+        return None
+
+    def set_total_steps(self, n: int) -> None:
+        """The number of optimizer steps of the run (called by the glue before training), kept in the state."""
+        self._total_steps = integer(n, "set_total_steps(n)")
+
+    # state ---------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "domain_names": list(self.domain_names),
+            "probs": None if self._probs is None else self._probs.clone(),
+            "total_steps": self._total_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._require_bound()
+        if state.get("domain_names") != self.domain_names:
+            raise ValueError(
+                f"mixture {self.name!r}: the saved state is for domains {state.get('domain_names')} but this run has "
+                f"{self.domain_names}; resume with the same dataset."
+            )
+        self._probs = None if state["probs"] is None else state["probs"].clone().to(F64)
+        self._total_steps = state.get("total_steps")
+
