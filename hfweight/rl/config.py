@@ -11,7 +11,8 @@ from trl import GRPOConfig, RLOOConfig
 from ..config import WeightingArguments
 
 MIXTURE_REWARD_SIGNALS = ("learnability", "regret")
-"""The per-domain signals a prompt-domain mixture can learn from (:func:`hfweight.rl.advantages.domain_reward_signal`)."""
+"""The per-domain signals a prompt-domain mixture can learn from
+(:func:`~hfweight.rl.advantages.domain_reward_signal`)."""
 
 
 @dataclass

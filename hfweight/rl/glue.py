@@ -49,10 +49,13 @@ class RewardWeightingMixin(WeightingCore):
         self.reward_weighting = None
         self._prompts = self._validation = self._gram = None
         self._capture_validation: list[torch.Tensor] | None = None
+        self._last_rewards: torch.Tensor | None = None
         parent_init(model, args=args, **kwargs)
         self._setup_reward_weighting()
 
     def _setup_reward_weighting(self) -> None:
+        """Build the weighter and the parts the configuration asks for (each checks what it needs, e.g. an
+        ``eval_dataset`` for validation), and watch the step boundaries; nothing with weighting off."""
         args = self.args
         if not args.rl_weighting_enabled:
             return
@@ -68,7 +71,7 @@ class RewardWeightingMixin(WeightingCore):
             self.domain_names = self._prompts.domain_names
         self._watch_step_boundaries()
 
-    # ---- what the core asks ------------------------------------------------------------------------------------------
+    # ---- what the core asks ----------------------------------------------------------------------------------------
 
     def _weighting_on(self) -> bool:
         return self.args.rl_weighting_enabled
@@ -108,14 +111,15 @@ class RewardWeightingMixin(WeightingCore):
         if self.reward_weighting is not None:
             weights = self.reward_weighting.current_weights().tolist()
             record["final_reward_weights"] = dict(zip(self.reward_func_names, weights))
-            multipliers = {k.split("/", 1)[1]: v for k, v in self.reward_weighting.metrics().items() if k.startswith("lagrange/")}
+            metrics = self.reward_weighting.metrics()
+            multipliers = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("lagrange/")}
             if multipliers:
                 record["final_multipliers"] = multipliers
             if self._validation is not None and self._validation.last is not None:
                 record["last_validation"] = dict(zip(self.reward_func_names, self._validation.last))
         return record
 
-    # ---- parent hooks ------------------------------------------------------------------------------------------------
+    # ---- parent hooks ----------------------------------------------------------------------------------------------
 
     def _training_batch(self) -> bool:
         """Whether the batch being generated and scored is a training one (not evaluation, not validation)."""
@@ -181,7 +185,9 @@ class WeightedGRPOTrainer(RewardWeightingMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: WeightedGRPOConfig | None = None, train_dataset=None, **kwargs):
         # `reward_funcs` is optional as in the parent (which raises "No reward source provided" without any source).
-        self._init_weighted(super().__init__, model, args, reward_funcs=reward_funcs, train_dataset=train_dataset, **kwargs)
+        self._init_weighted(
+            super().__init__, model, args, reward_funcs=reward_funcs, train_dataset=train_dataset, **kwargs
+        )
 
 
 class WeightedRLOOTrainer(RewardWeightingMixin, RLOOTrainer):
@@ -196,4 +202,6 @@ class WeightedRLOOTrainer(RewardWeightingMixin, RLOOTrainer):
     _config_cls, _parent_config_cls = WeightedRLOOConfig, RLOOConfig
 
     def __init__(self, model, reward_funcs, args: WeightedRLOOConfig | None = None, train_dataset=None, **kwargs):
-        self._init_weighted(super().__init__, model, args, reward_funcs=reward_funcs, train_dataset=train_dataset, **kwargs)
+        self._init_weighted(
+            super().__init__, model, args, reward_funcs=reward_funcs, train_dataset=train_dataset, **kwargs
+        )

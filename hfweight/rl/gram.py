@@ -218,9 +218,8 @@ class RewardGram:
         total = None
         for chunk in chunks:
             grads = torch.autograd.grad(self.trainer._compute_loss(model, chunk), params, allow_unused=True)
-            flat = torch.cat([
-                (g if g is not None else torch.zeros(_full_shape(p), device=p.device, dtype=p.dtype)).reshape(-1).float()
-                for g, p in zip(grads, params)
-            ])
+            flat = torch.cat(
+                [(g if g is not None else p.new_zeros(_full_shape(p))).reshape(-1).float() for g, p in zip(grads, params)]
+            )
             total = flat if total is None else total.add_(flat)
         return self.trainer._all_reduce(total).div_(self.trainer.accelerator.num_processes)

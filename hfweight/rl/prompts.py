@@ -127,8 +127,9 @@ class PromptMixture:
         )
         domains = trainer.accelerator.gather(local).cpu()
         combined = combined_rewards(rewards_per_func, weights)
+        signal = trainer.args.mixture_reward_signal
         sums, counts = domain_reward_signal(
-            combined.cpu(), domains, trainer.num_generations, len(self.domain_names), trainer.args.mixture_reward_signal
+            combined.cpu(), domains, trainer.num_generations, len(self.domain_names), signal
         )
         for name, s, c in zip(self.domain_names, sums.tolist(), counts.tolist()):
             if c > 0:

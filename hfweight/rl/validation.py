@@ -1,8 +1,8 @@
 """Reward validation, for a reward weighter that declares ``needs_validation`` (``hypervolume``; ``constrained`` with
 Nelder–Mead): once before training and then every ``reward_validation_steps`` optimizer steps, the trainer runs
 ``evaluate()`` on ``eval_dataset`` — TRL generates and scores the held-out prompts — and the NaN-robust per-reward mean
-of those rewards over all ranks (:func:`hfweight.rl.advantages.nan_robust_means`) is handed to the weighter. New weights
-apply from the next generation batch (as in the authors' code).
+of those rewards over all ranks (:func:`~hfweight.rl.advantages.nan_robust_means`) is handed to the weighter. New
+weights apply from the next generation batch (as in the authors' code).
 
 While a validation runs, ``trainer._capture_validation`` is the list the reward hook appends each batch's gathered
 rewards to (None outside one): the hook tells validation batches from training ones by it.
