@@ -67,7 +67,7 @@ def measure(engine: str, variant: str, warmup: str, steps: str) -> dict:
     from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
     from hfweight import WeightedTrainer, WeightedTrainingArguments
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     quiet()
     warmup, steps = int(warmup), int(steps)

@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from common import quiet, tokenizer_and_corpus  # noqa: E402
 from harness import RESULTS_DIR  # noqa: E402
 
-from hfweight.defaults import build_model  # noqa: E402
-from hfweight.defaults.tasks import lm_dataset  # noqa: E402
+from hfweight.builtin import build_model  # noqa: E402
+from hfweight.builtin.tasks import lm_dataset  # noqa: E402
 
 CLEAN = ("arithmetic", "code", "prose")
 SEQ_LEN = 64

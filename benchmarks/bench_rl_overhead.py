@@ -40,8 +40,8 @@ def make_trainer(variant: str, algo: str, seed: int = 0):
     import trl
 
     import hfweight
-    from hfweight.defaults import build_model, grpo_dataset
-    from hfweight.scripts import resolve_reward_functions
+    from hfweight.builtin import build_model, grpo_dataset
+    from hfweight.entrypoints import resolve_reward_functions
 
     tokenizer, _ = tokenizer_and_corpus(seed)
     model = build_model(tokenizer, size="tiny", seed=seed)

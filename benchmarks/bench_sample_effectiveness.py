@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from common import _chunk_by_domain, quiet, tokenizer_and_corpus  # noqa: E402
 from harness import RESULTS_DIR, _environment, _load_average  # noqa: E402
 
-from hfweight.defaults import build_model, lm_dataset  # noqa: E402
+from hfweight.builtin import build_model, lm_dataset  # noqa: E402
 
 CLEAN = ("code", "prose", "arithmetic")
 DOMAINS = ("code", "prose", "arithmetic", "redundant", "noise")

@@ -94,7 +94,7 @@ def log(message: str) -> None:
 def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
     """The starting model: the built-in tiny Llama after ``steps`` steps of plain-NLL pretraining on the built-in corpus
     (``trainers/pretrain.py``'s ``main``), built once in the cache."""
-    from hfweight.defaults.corpus import atomic_build, cache_key
+    from hfweight.builtin.corpus import atomic_build, cache_key
 
     params = {"steps": steps, "seed": seed, "lr": 3e-3, "batch": 16, "max_length": 128, "v": 1}
     path = os.path.join(cache_root(), f"start-{cache_key(params)}")
@@ -136,7 +136,7 @@ def _prompt_key(prompt) -> str:
 
 def heldout_raw():
     """Held-out rows: a separate draw with every prompt of the training and reference rows removed."""
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
 
     seen = {_prompt_key(p) for p in sft_dataset(seed=TRAIN_SEED, n=TRAIN_ROWS)["prompt"]}
     seen |= {_prompt_key(p) for p in sft_dataset(seed=REFERENCE_DATA_SEED, n=REFERENCE_ROWS)["prompt"]}
@@ -154,7 +154,7 @@ def heldout_raw():
 
 def reference_rows():
     """The clean reference's training rows: arithmetic and code from a separate draw, held-out prompts removed."""
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
 
     heldout = {_prompt_key(p) for p in heldout_raw()["prompt"]}
     data = sft_dataset(seed=REFERENCE_DATA_SEED, n=REFERENCE_ROWS)
@@ -189,7 +189,7 @@ def clean_reference_dir(start_dir: str, steps: int) -> str:
     from transformers import AutoModelForCausalLM
 
     from hfweight import WeightedSFTTrainer
-    from hfweight.defaults.corpus import atomic_build, cache_key
+    from hfweight.builtin.corpus import atomic_build, cache_key
 
     params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": REFERENCE_ROWS, "v": 1}
     path = os.path.join(cache_root(), f"reference-clean-{cache_key(params)}")
@@ -217,7 +217,7 @@ def train_rows(references: dict[str, str]):
     """Tokenized training rows with one ``ref_logps_<name>`` column per reference (precomputed, cached)."""
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
     from hfweight.reference import score_dataset
 
     tokenizer = sft_tokenizer()

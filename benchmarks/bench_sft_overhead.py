@@ -68,7 +68,7 @@ QUICK = (3, 1, 1)
 
 
 def reference_model(seed: int = 0):
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     return build_model(sft_tokenizer(seed), size="tiny", seed=REFERENCE_SEED)
 
@@ -77,7 +77,7 @@ def _build_workload(rows: int, max_length: int, seed: int):
     import numpy as np
     from transformers import DataCollatorForLanguageModeling
 
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
     from hfweight.reference import score_dataset
 
     tokenizer = sft_tokenizer(seed)
@@ -134,7 +134,7 @@ def make_trainer(variant: str, batch_size: int = BATCH_SIZE, rows: int = ROWS, s
     import trl
 
     from hfweight import WeightedSFTTrainer
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")

@@ -17,7 +17,7 @@ from collections import defaultdict
 import datasets
 import numpy as np
 
-from hfweight.defaults import build_corpus, build_model, build_tokenizer, lm_dataset
+from hfweight.builtin import build_corpus, build_model, build_tokenizer, lm_dataset
 
 # variant name → WeightingArguments fields (``None``: the parent ``transformers.Trainer``). Every weighted variant
 # runs the same model, data, order and seed; only these fields differ.

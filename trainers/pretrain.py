@@ -21,7 +21,7 @@ from transformers import DataCollatorForLanguageModeling  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments  # noqa: E402
-from hfweight.scripts import (  # noqa: E402
+from hfweight.entrypoints import (  # noqa: E402
     BUILTIN,
     final_summary,
     load_causal_lm,

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from hfweight import WeightedSFTConfig, WeightedSFTTrainer  # noqa: E402
-from hfweight.scripts import (  # noqa: E402
+from hfweight.entrypoints import (  # noqa: E402
     BUILTIN,
     final_summary,
     load_causal_lm,
@@ -49,7 +49,7 @@ class SFTScriptArguments:
 
 def load_sft_data(script_args: SFTScriptArguments, seed: int):
     if script_args.dataset_name == BUILTIN:
-        from hfweight.defaults import sft_dataset
+        from hfweight.builtin import sft_dataset
 
         return sft_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.05, seed=seed)
     return load_hub_dataset(script_args.dataset_name, script_args.dataset_config)

@@ -1,4 +1,7 @@
-"""Loading and reporting helpers shared by the entry points in ``trainers/`` (no weighting logic here)."""
+"""Helpers of the launchable entry points in ``trainers/`` (no weighting logic here): model and data loading (the
+built-in pieces of :mod:`hfweight.builtin`, hub ids, local stand-ins), reward-function resolution, the end-of-run
+summaries and the shared body of the GRPO/RLOO scripts. Recipes (YAML) are parsed by TRL's ``TrlParser`` in each
+script."""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def load_causal_lm(name_or_path: str, tokenizer_name_or_path: str | None = None,
     """``(model, tokenizer)``: the embedded tiny Llama for ``builtin:<size>``, else ``from_pretrained`` (after the
     stand-in map, :func:`standin`)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
-        from .defaults import build_corpus, build_model, build_tokenizer
+        from .builtin import build_corpus, build_model, build_tokenizer
 
         tokenizer = build_tokenizer(build_corpus(seed=seed), vocab_size=vocab_size)
         return build_model(tokenizer, size=name_or_path[len(BUILTIN_PREFIX) :], seed=seed), tokenizer
@@ -60,7 +63,7 @@ def load_causal_lm(name_or_path: str, tokenizer_name_or_path: str | None = None,
 def load_text_dataset(script_args: Any, seed: int = 0):
     """The embedded corpus (``DatasetDict`` with ``train``/``heldout``) or ``datasets.load_dataset(...)``."""
     if script_args.dataset_name == BUILTIN:
-        from .defaults import build_corpus
+        from .builtin import build_corpus
 
         return build_corpus(seed=seed)
     return load_hub_dataset(
@@ -177,9 +180,9 @@ class RLScriptArguments:
     )
 
 BUILTIN_REWARDS = {
-    "correctness": "hfweight.defaults.tasks:correctness_reward",
-    "brevity": "hfweight.defaults.tasks:brevity_reward",
-    "format": "hfweight.defaults.tasks:format_reward",
+    "correctness": "hfweight.builtin.tasks:correctness_reward",
+    "brevity": "hfweight.builtin.tasks:brevity_reward",
+    "format": "hfweight.builtin.tasks:format_reward",
 }
 
 
@@ -215,7 +218,7 @@ def resolve_reward_functions(names: list[str]) -> list:
 def load_prompt_data(script_args: Any, seed: int):
     """``DatasetDict`` with train and held-out prompt splits: the built-in arithmetic prompts or a hub dataset."""
     if script_args.dataset_name == BUILTIN:
-        from .defaults import grpo_dataset
+        from .builtin import grpo_dataset
 
         return grpo_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.1, seed=seed)
     return load_hub_dataset(script_args.dataset_name, script_args.dataset_config)
