@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from harness import RESULTS_DIR  # noqa: E402
+from harness import save_results  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 VARIANTS = {
@@ -244,17 +244,11 @@ def main(argv=None) -> None:
             for variant in args.variants:
                 points = run(variant, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate)
                 trajectories.setdefault(variant, {})[seed] = points
-                os.makedirs(RESULTS_DIR, exist_ok=True)
-                with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-                    json.dump({"settings": settings, "partial": True, "trajectories": trajectories}, f, indent=1)
+                save_results(name, {"settings": settings, "partial": True, "trajectories": trajectories}, indent=1)
                 print(f"[seed {seed}] {variant}: {points}", flush=True)
     summary = summarize(trajectories)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump({"settings": settings, "summary": summary, "trajectories": trajectories}, f, indent=1)
     markdown = to_markdown(summary, settings)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
-        f.write(markdown)
+    save_results(name, {"settings": settings, "summary": summary, "trajectories": trajectories}, markdown, indent=1)
     print(markdown)
 
 

@@ -48,8 +48,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import quiet  # noqa: E402
-from harness import RESULTS_DIR, _load_average  # noqa: E402
+from common import quiet, run_arguments  # noqa: E402
+from harness import _load_average, save_results  # noqa: E402
 from sft_common import (  # noqa: E402
     arithmetic_exact_match,
     cache_root,
@@ -109,19 +109,17 @@ def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
 
         script = pretrain.PretrainScriptArguments(max_length=128, max_eval_samples_per_domain=32)
         args = WeightedTrainingArguments(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=16,
-            learning_rate=3e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
-            weight_decay=0.01,
-            logging_steps=50,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=seed,
+            **run_arguments(
+                out,
+                seed,
+                max_steps=steps,
+                per_device_train_batch_size=16,
+                learning_rate=3e-3,
+                lr_scheduler_type="cosine",
+                warmup_steps=10,
+                weight_decay=0.01,
+                logging_steps=50,
+            )
         )
         pretrain.main(script, args)
 
@@ -165,22 +163,20 @@ def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
     from hfweight import WeightedSFTConfig
 
     return WeightedSFTConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=5,
-        max_length=MAX_LENGTH,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
-        **weighting,
+        **run_arguments(
+            output_dir,
+            seed,
+            max_steps=steps,
+            per_device_train_batch_size=BATCH_SIZE,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="cosine",
+            warmup_steps=5,
+            max_length=MAX_LENGTH,
+            logging_steps=10,
+            bf16=False,
+            data_seed=seed,
+            **weighting,
+        )
     )
 
 
@@ -408,11 +404,7 @@ def main(argv=None) -> dict:
     }
     markdown = to_markdown(result)
     print(markdown)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{args.name}.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    save_results(args.name, result, markdown, indent=2)
     return result
 
 

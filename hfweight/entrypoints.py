@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,21 @@ def final_summary(trainer, eval_sets: dict, stage: str) -> dict:
         "plot": os.path.abspath(plot) if os.path.exists(plot) else None,
         "log_history": os.path.abspath(log_path),
     }
+
+
+def train_and_summarize(trainer, checkpoint: str | None, summarize: Callable[[Any], dict]) -> dict:
+    """The end of every entry point: train (resuming from ``checkpoint``), save the model to ``output_dir``, then
+    ``summarize(trainer)``; the main process writes that summary to ``<output_dir>/run_summary.json`` and prints its
+    table (:func:`print_summary`). Returns the summary."""
+    output_dir = trainer.args.output_dir
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(output_dir)
+    summary = summarize(trainer)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print_summary([summary])
+    return summary
 
 
 def _describe(weighting) -> str:
@@ -275,11 +291,4 @@ def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, s
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(training_args.output_dir)
-    summary = rl_summary(trainer, eval_dataset, stage)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print_summary([summary])
-    return summary
+    return train_and_summarize(trainer, checkpoint, lambda trained: rl_summary(trained, eval_dataset, stage))
