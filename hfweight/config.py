@@ -19,7 +19,6 @@ from .registry import MIXTURES, REWARD_WEIGHTINGS, SAMPLE_WEIGHTINGS, TOKEN_WEIG
 
 LOSS_NORMALIZATIONS = ("token", "sample")
 MIXTURE_MODES = ("resample", "upweight")
-IMPLEMENTED_MIXTURE_MODES = ("resample", "upweight")
 
 # Dataset columns the trainers understand (docs/methods.md#columns). The domain column's name is configurable.
 SAMPLE_WEIGHT_COLUMN = "sample_weight"
@@ -163,11 +162,6 @@ class WeightingArguments:
         self.build_sample_weighting()
         self.build_mixture()
         self.build_reward_weighting()
-        if self.mixture is not None and self.mixture_mode not in IMPLEMENTED_MIXTURE_MODES:
-            raise ValueError(
-                f"`mixture_mode={self.mixture_mode!r}` is not available yet in this version of hfweight; use "
-                f"one of {IMPLEMENTED_MIXTURE_MODES}."
-            )
         if self.supervised_loss:
             self.check_unused_reference("reference_model", self.reference_model)
             if self.loss_normalization != "token" and not self.weighting_enabled:

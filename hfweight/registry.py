@@ -12,8 +12,9 @@ package::
 
     WeightedTrainingArguments(..., token_weighting="my_weights", token_weighting_kwargs={...})
 
-Names that the design reserves but whose implementation has not landed yet are listed as *planned*: selecting one
-is a clear error at config time rather than a silent fallback.
+A registry may list names reserved for a strategy that has not landed yet as *planned*: selecting one is a clear error
+at config time rather than a silent fallback. The four registries below reserve none: every strategy the design names
+is implemented and registers itself on import of :mod:`hfweight.strategies`.
 """
 
 from __future__ import annotations
@@ -87,15 +88,10 @@ class Registry:
             raise ValueError(f"Bad `{self.kind}_kwargs` for `{self.kind}={spec!r}`: {err}") from err
 
 
-TOKEN_WEIGHTINGS = Registry("token_weighting", planned=())
-SAMPLE_WEIGHTINGS = Registry("sample_weighting", planned=("loss", "truncation", "storm"))
-MIXTURES = Registry(
-    "mixture",
-    planned=("temperature", "schedule", "doremi", "odm", "aioli", "skillit", "dga", "policy", "learning_progress"),
-)
-REWARD_WEIGHTINGS = Registry(
-    "reward_weighting", planned=("static", "popart", "saw", "hypervolume", "gradient", "constrained")
-)
+TOKEN_WEIGHTINGS = Registry("token_weighting")
+SAMPLE_WEIGHTINGS = Registry("sample_weighting")
+MIXTURES = Registry("mixture")
+REWARD_WEIGHTINGS = Registry("reward_weighting")
 
 register_token_weighting = TOKEN_WEIGHTINGS.register
 register_sample_weighting = SAMPLE_WEIGHTINGS.register
