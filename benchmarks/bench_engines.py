@@ -17,7 +17,6 @@ rank. Results: benchmarks/results/engines.{json,md} (``--name`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
+
+from harness import save_results  # noqa: E402
 
 ENGINE_ORDER = ("ddp", "zero2", "zero3", "fsdp2")
 VARIANTS = {
@@ -61,13 +62,13 @@ def measure(engine: str, variant: str, warmup: str, steps: str) -> dict:
     import tempfile
 
     import engines
-    from common import quiet, tokenizer_and_corpus, weighted_blocks
+    from common import quiet, timing_arguments, tokenizer_and_corpus, weighted_blocks
     from engine_cases import _reference_facts
     from harness import PeakMemory
     from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
     from hfweight import WeightedTrainer, WeightedTrainingArguments
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     quiet()
     warmup, steps = int(warmup), int(steps)
@@ -86,21 +87,13 @@ def measure(engine: str, variant: str, warmup: str, steps: str) -> dict:
     model = build_model(tokenizer, size="small", seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         args = WeightedTrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=BATCH,
-            max_steps=warmup + steps,
-            learning_rate=1e-4,
-            optim="adamw_torch",
-            lr_scheduler_type="constant",
-            logging_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=True,
-            seed=0,
-            dataloader_num_workers=0,
-            **VARIANTS[variant],
-            **engines.training_overrides(engine, type(model.model.layers[0]).__name__),
+            **timing_arguments(
+                tmp,
+                BATCH,
+                max_steps=warmup + steps,
+                **VARIANTS[variant],
+                **engines.training_overrides(engine, type(model.model.layers[0]).__name__),
+            )
         )
         reference = build_model(tokenizer, size="small", seed=1) if variant == "prior+reference" else None
         trainer = WeightedTrainer(
@@ -197,13 +190,8 @@ def main(argv=None) -> None:
         "params": rows[0]["ranks"][0]["facts"]["full_numel"],
         "cpus": os.cpu_count(),
     }
-    results = os.path.join(HERE, "results")
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, f"{args.name}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     text = to_markdown(rows, meta)
-    with open(os.path.join(results, f"{args.name}.md"), "w") as f:
-        f.write(text)
+    save_results(args.name, {"meta": meta, "rows": rows}, text, indent=1)
     print(text)
 
 

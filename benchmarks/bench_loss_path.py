@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hfweight.defaults.model import SIZES  # noqa: E402
+from hfweight.builtin.model import SIZES  # noqa: E402
 from hfweight.loss import token_log_probs  # noqa: E402
 
 

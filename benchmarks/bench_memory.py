@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import VARIANTS, quiet, variant_factories  # noqa: E402
-from harness import compare, report  # noqa: E402
+from harness import add_timing_arguments, compare, report, resolve_timing  # noqa: E402
 
 VOCAB_SIZE = 32768
 SEQ_LEN = 512
@@ -33,16 +33,10 @@ QUICK = (1, 1, 1)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, help="runs per variant")
-    parser.add_argument("--quick", action="store_true", help="one repeat of few steps")
+    add_timing_arguments(parser)
     parser.add_argument("--name", help="result file name under benchmarks/results (default: memory)")
     args = parser.parse_args(argv)
-    steps, warmup, repeats = QUICK if args.quick else FULL
-    args.steps = args.steps or steps
-    args.warmup = warmup if args.warmup is None else args.warmup
-    args.repeats = args.repeats or repeats
+    resolve_timing(args, FULL, QUICK)
     args.name = args.name or ("memory_quick" if args.quick else "memory")
     return args
 

@@ -41,10 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from common import quiet, tokenizer_and_corpus  # noqa: E402
-from harness import RESULTS_DIR  # noqa: E402
+from harness import save_results  # noqa: E402
 
-from hfweight.defaults import build_model  # noqa: E402
-from hfweight.defaults.tasks import lm_dataset  # noqa: E402
+from hfweight.builtin import build_model  # noqa: E402
+from hfweight.builtin.tasks import lm_dataset  # noqa: E402
 
 CLEAN = ("arithmetic", "code", "prose")
 SEQ_LEN = 64
@@ -182,9 +182,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def save_partial(name: str, args, results: list[dict]) -> None:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.partial.json"), "w") as f:
-        json.dump({"settings": vars(args), "runs": results}, f)
+    save_results(f"{name}.partial", {"settings": vars(args), "runs": results})
 
 
 def included_runs(paths: list[str], steps: int) -> list[dict]:
@@ -294,12 +292,9 @@ def main(argv=None) -> None:
         lines.append(f"- `{method}`: " + ", ".join(f"{k} {v:.3f}" for k, v in mix.items()))
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump({"settings": vars(args), "rows": rows, "runs": results, "load": loads,
-                   "finite": all(math.isfinite(v) for r in rows for v in r["final"])}, f, indent=1)
+    finite = all(math.isfinite(v) for r in rows for v in r["final"])
+    payload = {"settings": vars(args), "rows": rows, "runs": results, "load": loads, "finite": finite}
+    save_results(name, payload, text, indent=1)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import MIXTURE_VARIANTS, VARIANT_WEIGHTING, VARIANTS, quiet, variant_factories  # noqa: E402
-from harness import compare, report  # noqa: E402
+from harness import add_timing_arguments, compare, report, resolve_timing  # noqa: E402
 
 SEQ_LEN = {"tiny": 256, "small": 512}
 BATCH_SIZE = 8
@@ -33,10 +33,7 @@ QUICK = {"tiny": (4, 2, 1), "small": (1, 1, 1)}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(SEQ_LEN), default="tiny", help="built-in model preset")
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, help="runs per variant (order alternates between repeats)")
-    parser.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the benchmark")
+    add_timing_arguments(parser)
     parser.add_argument("--isolate", action="store_true", help="each run in a fresh subprocess (slower to start)")
     parser.add_argument(
         "--variants",
@@ -55,10 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mixtures:
         args.variants = list(MIXTURE_VARIANTS)
         args.name = args.name or f"overhead_mixtures_{args.model}" + ("_quick" if args.quick else "")
-    steps, warmup, repeats = (QUICK if args.quick else FULL)[args.model]
-    args.steps = args.steps or steps
-    args.warmup = warmup if args.warmup is None else args.warmup
-    args.repeats = args.repeats or repeats
+    resolve_timing(args, FULL[args.model], QUICK[args.model])
     args.name = args.name or f"overhead_{args.model}" + ("_quick" if args.quick else "")
     return args
 

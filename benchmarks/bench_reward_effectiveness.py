@@ -19,7 +19,7 @@ The published claim checked (Lu et al. 2025): dynamic weighting reaches Pareto-d
 than fixed weights.
 
 ``--task copy`` is the task the tiny model can learn (the arithmetic one stays at correctness ≈ 0.01): prompts
-"Repeat after me: <2-5 words>" (:func:`hfweight.defaults.copy_dataset`), rewards ``copy`` (share of words copied in
+"Repeat after me: <2-5 words>" (:func:`hfweight.builtin.copy_dataset`), rewards ``copy`` (share of words copied in
 place), ``brevity`` (1 − characters/64) and ``words_format`` (nothing but lowercase words; empty fails): a full copy
 of a long phrase costs brevity, the shortest answers fail the format. The starting model is the tiny Llama after a
 short SFT on copy pairs (``--sft_steps`` steps from random init, disjoint seed from the GRPO prompts), built once and
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from harness import RESULTS_DIR  # noqa: E402
+from harness import save_results  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 VARIANTS = {
@@ -67,9 +67,9 @@ COPY_SFT_SEED = 1000  # the starting model's SFT pairs come from this seed, the 
 
 def task_setup(task: str):
     """(reward functions, GRPO dataset split, variant table, max completion tokens) of ``task``."""
-    from hfweight.defaults import grpo_dataset
-    from hfweight.defaults.tasks import brevity_reward, copy_dataset, copy_reward, words_format_reward
-    from hfweight.scripts import resolve_reward_functions
+    from hfweight.builtin import grpo_dataset
+    from hfweight.builtin.tasks import brevity_reward, copy_dataset, copy_reward, words_format_reward
+    from hfweight.entrypoints import resolve_reward_functions
 
     if task == "arithmetic":
         data = grpo_dataset(seed=0, n=1000).train_test_split(test_size=0.1, seed=0)
@@ -84,8 +84,8 @@ def copy_start_model(path: str, steps: int) -> str:
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     from hfweight import WeightedSFTConfig, WeightedSFTTrainer
-    from hfweight.defaults.tasks import assistant, copy_dataset
-    from hfweight.scripts import load_causal_lm
+    from hfweight.builtin.tasks import assistant, copy_dataset
+    from hfweight.entrypoints import load_causal_lm
 
     model, tokenizer = load_causal_lm("builtin:tiny", seed=0)
     pairs = copy_dataset(seed=COPY_SFT_SEED, n=16 * steps).map(
@@ -125,7 +125,7 @@ class HeldOutTrajectory(TrainerCallback):
 def run(variant: str, model_path: str, seed: int, steps: int, every: int, task: str = "arithmetic",
         learning_rate: float = 5e-5) -> list:
     from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer
-    from hfweight.scripts import heldout_prompts, load_causal_lm
+    from hfweight.entrypoints import heldout_prompts, load_causal_lm
 
     model, tokenizer = load_causal_lm(model_path, seed=seed)
     reward_funcs, data, variants, completion_tokens = task_setup(task)
@@ -244,17 +244,11 @@ def main(argv=None) -> None:
             for variant in args.variants:
                 points = run(variant, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate)
                 trajectories.setdefault(variant, {})[seed] = points
-                os.makedirs(RESULTS_DIR, exist_ok=True)
-                with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-                    json.dump({"settings": settings, "partial": True, "trajectories": trajectories}, f, indent=1)
+                save_results(name, {"settings": settings, "partial": True, "trajectories": trajectories}, indent=1)
                 print(f"[seed {seed}] {variant}: {points}", flush=True)
     summary = summarize(trajectories)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump({"settings": settings, "summary": summary, "trajectories": trajectories}, f, indent=1)
     markdown = to_markdown(summary, settings)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
-        f.write(markdown)
+    save_results(name, {"settings": settings, "summary": summary, "trajectories": trajectories}, markdown, indent=1)
     print(markdown)
 
 

@@ -21,8 +21,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import quiet, tokenizer_and_corpus  # noqa: E402
-from harness import compare, report  # noqa: E402
+from common import quiet, run_arguments, tokenizer_and_corpus  # noqa: E402
+from harness import add_timing_arguments, compare, report, resolve_timing  # noqa: E402
+
+FULL = (10, 2, 3)  # steps, warmup, repeats
+QUICK = (3, 1, 1)
 
 WEIGHTERS = {
     "parent": None,
@@ -40,8 +43,8 @@ def make_trainer(variant: str, algo: str, seed: int = 0):
     import trl
 
     import hfweight
-    from hfweight.defaults import build_model, grpo_dataset
-    from hfweight.scripts import resolve_reward_functions
+    from hfweight.builtin import build_model, grpo_dataset
+    from hfweight.entrypoints import resolve_reward_functions
 
     tokenizer, _ = tokenizer_and_corpus(seed)
     model = build_model(tokenizer, size="tiny", seed=seed)
@@ -54,22 +57,20 @@ def make_trainer(variant: str, algo: str, seed: int = 0):
     else:
         trainer_cls, config_cls = getattr(hfweight, f"Weighted{name}Trainer"), getattr(hfweight, f"Weighted{name}Config")
     args = config_cls(
-        output_dir=os.path.join(tempfile.gettempdir(), "hfweight_bench_rl", variant),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=16,
-        max_steps=1,
-        learning_rate=1e-4,
-        beta=0.0,
-        logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        seed=seed,
-        per_device_eval_batch_size=16,
-        **weighting,
+        **run_arguments(
+            os.path.join(tempfile.gettempdir(), "hfweight_bench_rl", variant),
+            seed,
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=16,
+            max_steps=1,
+            learning_rate=1e-4,
+            beta=0.0,
+            logging_strategy="no",
+            bf16=False,
+            per_device_eval_batch_size=16,
+            **weighting,
+        )
     )
     return trainer_cls(
         model=model,
@@ -85,13 +86,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
     parser.add_argument("--variants", nargs="+", choices=list(WEIGHTERS), default=list(WEIGHTERS))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat: a smoke test")
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.warmup, args.repeats = 3, 1, 1
+    resolve_timing(args, FULL, QUICK)
     quiet()
     result = compare(
         {v: functools.partial(make_trainer, v, args.algo) for v in args.variants},

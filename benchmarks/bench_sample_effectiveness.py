@@ -55,10 +55,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import _chunk_by_domain, quiet, tokenizer_and_corpus  # noqa: E402
-from harness import RESULTS_DIR, _environment, _load_average  # noqa: E402
+from common import _chunk_by_domain, quiet, run_arguments, tokenizer_and_corpus  # noqa: E402
+from harness import _environment, _load_average, save_results  # noqa: E402
 
-from hfweight.defaults import build_model, lm_dataset  # noqa: E402
+from hfweight.builtin import build_model, lm_dataset  # noqa: E402
 
 CLEAN = ("code", "prose", "arithmetic")
 DOMAINS = ("code", "prose", "arithmetic", "redundant", "noise")
@@ -215,23 +215,21 @@ def run(variant: str, seed: int, args, train, heldout, tokenizer, clean_domains=
 
     model = build_model(tokenizer, size="tiny", seed=seed)
     training = WeightedTrainingArguments(
-        output_dir=f"/tmp/hfweight_bench_effectiveness/{variant}_{seed}",
-        per_device_train_batch_size=args.batch,
-        max_steps=args.steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 15),
-        weight_decay=0.01,
-        optim="adamw_torch",
-        logging_steps=args.eval_every,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        **variant_table(args.problem)[variant],
+        **run_arguments(
+            f"/tmp/hfweight_bench_effectiveness/{variant}_{seed}",
+            seed,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, args.steps // 15),
+            weight_decay=0.01,
+            optim="adamw_torch",
+            logging_steps=args.eval_every,
+            data_seed=seed,
+            dataloader_num_workers=0,
+            **variant_table(args.problem)[variant],
+        )
     )
     trainer = WeightedTrainer(
         model=model, args=training, train_dataset=train, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
@@ -391,22 +389,19 @@ def main(argv=None) -> None:
     domains, clean_domains = problem_domains(args.problem)
     results = merged_runs(args) if args.merge else train_all(args, domains, clean_domains)
     if args.only and not args.merge:  # no baseline in this file: keep the runs, summarize after --merge
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
-            json.dump({"settings": vars(args), "runs": results, "environment": _environment()}, f, indent=2)
+        save_results(args.name, {"settings": vars(args), "runs": results, "environment": _environment()}, indent=2)
         return
     markdown, summary = summarize(results, args)
     command = "python benchmarks/bench_sample_effectiveness.py " + " ".join(sys.argv[1:] if argv is None else argv)
     markdown += f"\nCommand: `{command.strip()}`\n"
     print(markdown)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{args.name}.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
-        table = variant_table(args.problem)
-        payload = {"settings": {k: v for k, v in vars(args).items()}, "variants": {v: table[v] for v in args.variants},
-                   "summary": summary, "runs": results, "environment": _environment()}
-        json.dump(payload, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+    table = variant_table(args.problem)
+    payload = {"settings": {k: v for k, v in vars(args).items()}, "variants": {v: table[v] for v in args.variants},
+               "summary": summary, "runs": results, "environment": _environment()}
+    save_results(
+        args.name, payload, markdown, indent=2,
+        default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x),
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import quiet  # noqa: E402
-from harness import RESULTS_DIR, _load_average  # noqa: E402
+from common import quiet, run_arguments  # noqa: E402
+from harness import _load_average, save_results  # noqa: E402
 from sft_common import (  # noqa: E402
     arithmetic_exact_match,
     cache_root,
@@ -94,7 +94,7 @@ def log(message: str) -> None:
 def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
     """The starting model: the built-in tiny Llama after ``steps`` steps of plain-NLL pretraining on the built-in corpus
     (``trainers/pretrain.py``'s ``main``), built once in the cache."""
-    from hfweight.defaults.corpus import atomic_build, cache_key
+    from hfweight.builtin.corpus import atomic_build, cache_key
 
     params = {"steps": steps, "seed": seed, "lr": 3e-3, "batch": 16, "max_length": 128, "v": 1}
     path = os.path.join(cache_root(), f"start-{cache_key(params)}")
@@ -109,19 +109,17 @@ def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
 
         script = pretrain.PretrainScriptArguments(max_length=128, max_eval_samples_per_domain=32)
         args = WeightedTrainingArguments(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=16,
-            learning_rate=3e-3,
-            lr_scheduler_type="cosine",
-            warmup_steps=10,
-            weight_decay=0.01,
-            logging_steps=50,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=seed,
+            **run_arguments(
+                out,
+                seed,
+                max_steps=steps,
+                per_device_train_batch_size=16,
+                learning_rate=3e-3,
+                lr_scheduler_type="cosine",
+                warmup_steps=10,
+                weight_decay=0.01,
+                logging_steps=50,
+            )
         )
         pretrain.main(script, args)
 
@@ -136,7 +134,7 @@ def _prompt_key(prompt) -> str:
 
 def heldout_raw():
     """Held-out rows: a separate draw with every prompt of the training and reference rows removed."""
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
 
     seen = {_prompt_key(p) for p in sft_dataset(seed=TRAIN_SEED, n=TRAIN_ROWS)["prompt"]}
     seen |= {_prompt_key(p) for p in sft_dataset(seed=REFERENCE_DATA_SEED, n=REFERENCE_ROWS)["prompt"]}
@@ -154,7 +152,7 @@ def heldout_raw():
 
 def reference_rows():
     """The clean reference's training rows: arithmetic and code from a separate draw, held-out prompts removed."""
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
 
     heldout = {_prompt_key(p) for p in heldout_raw()["prompt"]}
     data = sft_dataset(seed=REFERENCE_DATA_SEED, n=REFERENCE_ROWS)
@@ -165,22 +163,20 @@ def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
     from hfweight import WeightedSFTConfig
 
     return WeightedSFTConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=5,
-        max_length=MAX_LENGTH,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
-        **weighting,
+        **run_arguments(
+            output_dir,
+            seed,
+            max_steps=steps,
+            per_device_train_batch_size=BATCH_SIZE,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="cosine",
+            warmup_steps=5,
+            max_length=MAX_LENGTH,
+            logging_steps=10,
+            bf16=False,
+            data_seed=seed,
+            **weighting,
+        )
     )
 
 
@@ -189,7 +185,7 @@ def clean_reference_dir(start_dir: str, steps: int) -> str:
     from transformers import AutoModelForCausalLM
 
     from hfweight import WeightedSFTTrainer
-    from hfweight.defaults.corpus import atomic_build, cache_key
+    from hfweight.builtin.corpus import atomic_build, cache_key
 
     params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": REFERENCE_ROWS, "v": 1}
     path = os.path.join(cache_root(), f"reference-clean-{cache_key(params)}")
@@ -217,7 +213,7 @@ def train_rows(references: dict[str, str]):
     """Tokenized training rows with one ``ref_logps_<name>`` column per reference (precomputed, cached)."""
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
     from hfweight.reference import score_dataset
 
     tokenizer = sft_tokenizer()
@@ -408,11 +404,7 @@ def main(argv=None) -> dict:
     }
     markdown = to_markdown(result)
     print(markdown)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{args.name}.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(RESULTS_DIR, f"{args.name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    save_results(args.name, result, markdown, indent=2)
     return result
 
 

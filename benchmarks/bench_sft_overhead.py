@@ -33,8 +33,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import quiet  # noqa: E402
-from harness import compare, report  # noqa: E402
+from common import quiet, timing_arguments  # noqa: E402
+from harness import add_timing_arguments, compare, report, resolve_timing  # noqa: E402
 from sft_common import cached_dataset, sft_tokenizer, tokenize_like_trl  # noqa: E402
 
 MAX_LENGTH = 128
@@ -68,7 +68,7 @@ QUICK = (3, 1, 1)
 
 
 def reference_model(seed: int = 0):
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     return build_model(sft_tokenizer(seed), size="tiny", seed=REFERENCE_SEED)
 
@@ -77,7 +77,7 @@ def _build_workload(rows: int, max_length: int, seed: int):
     import numpy as np
     from transformers import DataCollatorForLanguageModeling
 
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
     from hfweight.reference import score_dataset
 
     tokenizer = sft_tokenizer(seed)
@@ -104,28 +104,11 @@ def _config(variant: str, batch_size: int, seed: int):
     from hfweight import WeightedSFTConfig
 
     weighting, _, _ = VARIANTS[variant]
-    common = dict(
-        output_dir=os.path.join(tempfile.gettempdir(), "hfweight_bench_sft", variant),
-        per_device_train_batch_size=batch_size,
-        max_steps=1,  # the harness sets warmup + steps
-        max_length=MAX_LENGTH,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-    )
+    output_dir = os.path.join(tempfile.gettempdir(), "hfweight_bench_sft", variant)
+    fields = timing_arguments(output_dir, batch_size, seed, max_length=MAX_LENGTH, bf16=False, **(weighting or {}))
     if variant in PARENT_VARIANTS:
-        return trl.SFTConfig(**common, **(weighting or {}))
-    return WeightedSFTConfig(**common, **weighting)
+        return trl.SFTConfig(**fields)
+    return WeightedSFTConfig(**fields)
 
 
 def make_trainer(variant: str, batch_size: int = BATCH_SIZE, rows: int = ROWS, seed: int = 0):
@@ -134,7 +117,7 @@ def make_trainer(variant: str, batch_size: int = BATCH_SIZE, rows: int = ROWS, s
     import trl
 
     from hfweight import WeightedSFTTrainer
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
@@ -159,11 +142,8 @@ def variant_factories(variants, **workload_kwargs) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, help="untimed steps before them")
-    parser.add_argument("--repeats", type=int, help="runs per variant (order alternates between repeats)")
+    add_timing_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the benchmark")
     parser.add_argument(
         "--isolate", action="store_true", help="each run in a fresh subprocess: peak memory comparable"
     )
@@ -176,10 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--name", help="result file name under benchmarks/results (default: sft_overhead[_quick])")
     args = parser.parse_args(argv)
-    steps, warmup, repeats = QUICK if args.quick else FULL
-    args.steps = args.steps or steps
-    args.warmup = warmup if args.warmup is None else args.warmup
-    args.repeats = args.repeats or repeats
+    resolve_timing(args, FULL, QUICK)
     args.name = args.name or "sft_overhead" + ("_isolated" if args.isolate else "") + ("_quick" if args.quick else "")
     return args
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 import datasets
 import numpy as np
 
-from hfweight.defaults import build_corpus, build_model, build_tokenizer, lm_dataset
+from hfweight.builtin import build_corpus, build_model, build_tokenizer, lm_dataset
 
 # variant name → WeightingArguments fields (``None``: the parent ``transformers.Trainer``). Every weighted variant
 # runs the same model, data, order and seed; only these fields differ.
@@ -139,35 +139,47 @@ def heldout_blocks(seq_len: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(_chunk_by_domain(tokenized, seq_len, HELDOUT_BLOCKS))
 
 
+def run_arguments(output_dir: str, seed: int, **fields) -> dict:
+    """Training-argument fields every benchmark run shares: on the CPU, seeded, nothing reported, saved or shown as a
+    progress bar; ``fields`` (optimization, weighting, trainer-specific settings) add to them or override them. A
+    plain dict, for the ``TrainingArguments`` or ``*Config`` of any trainer."""
+    common = dict(
+        output_dir=output_dir, use_cpu=True, seed=seed, report_to="none", save_strategy="no", disable_tqdm=True
+    )
+    return {**common, **fields}
+
+
+def timing_arguments(output_dir: str, batch_size: int, seed: int = 0, **fields) -> dict:
+    """:func:`run_arguments` of a timed variant: identical optimization settings for every variant (constant learning
+    rate 1e-4, AdamW, the data order of ``seed``, nothing logged or evaluated, no DataLoader workers; the harness sets
+    ``max_steps`` to warmup + steps), so only ``fields`` (the weighting) differ."""
+    timed = dict(
+        per_device_train_batch_size=batch_size,
+        max_steps=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        logging_strategy="no",
+        eval_strategy="no",
+        data_seed=seed,
+        dataloader_num_workers=0,
+    )
+    return run_arguments(output_dir, seed, **{**timed, **fields})
+
+
 def _arguments(variant: str, batch_size: int):
     """Identical optimization settings for every variant; only the weighting fields differ."""
     from transformers import TrainingArguments
 
     from hfweight import WeightedTrainingArguments
 
-    common = dict(
-        output_dir=os.path.join(tempfile.gettempdir(), "hfweight_bench", variant),
-        per_device_train_batch_size=batch_size,
-        max_steps=1,  # the harness sets warmup + steps
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        optim="adamw_torch",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-    )
     if variant not in VARIANT_WEIGHTING:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANT_WEIGHTING)}")
     weighting = VARIANT_WEIGHTING[variant]
+    output_dir = os.path.join(tempfile.gettempdir(), "hfweight_bench", variant)
     if weighting is None:
-        return TrainingArguments(**common)
-    return WeightedTrainingArguments(**common, **weighting)
+        return TrainingArguments(**timing_arguments(output_dir, batch_size))
+    return WeightedTrainingArguments(**timing_arguments(output_dir, batch_size, **weighting))
 
 
 def make_trainer(variant: str, size: str, seq_len: int, batch_size: int, seed: int = 0, **model_overrides):

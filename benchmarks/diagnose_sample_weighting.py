@@ -22,21 +22,19 @@ Per method and knob setting it reports:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import save_results  # noqa: E402
 
 from hfweight.strategies.base import SampleContext  # noqa: E402
 from hfweight.strategies.sample import LossReweighting, LossTruncation  # noqa: E402
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
 
 # ---- the authors' rules, transcribed independently (numpy, no hfweight code) ------------------------------------------
 
@@ -199,11 +197,7 @@ def main(argv=None) -> dict:
     lines += ["", "Command: `python benchmarks/diagnose_sample_weighting.py " + " ".join(argv or sys.argv[1:]) + "`"]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "sample_diagnosis_toy.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(RESULTS_DIR, "sample_diagnosis_toy.json"), "w") as f:
-        json.dump({"settings": vars(args), "summary": summary}, f, indent=1)
+    save_results("sample_diagnosis_toy", {"settings": vars(args), "summary": summary}, markdown, indent=1)
     return summary
 
 

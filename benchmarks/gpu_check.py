@@ -19,7 +19,7 @@ Three parts, each a block of rows ``check | value | expected | ok``:
 
 The model is built from a config (random weights): Qwen2.5-0.5B's shape is hidden 896, 24 layers, 14 query / 2
 key-value heads, MLP 4864, vocabulary 151 936, tied embeddings. The tokenizer and texts are hfweight's built-in ones
-(:mod:`hfweight.defaults`), so nothing is downloaded. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and
+(:mod:`hfweight.builtin`), so nothing is downloaded. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and
 is not measured on CPU (shown as ``-``). Exit status 1 if any judged row fails.
 """
 
@@ -75,7 +75,7 @@ def common_args(out: str, cuda: bool, steps: int, batch: int) -> dict:
 
 
 def lm_rows(tokenizer, corpus, n: int, max_length: int):
-    from hfweight.defaults import lm_dataset
+    from hfweight.builtin import lm_dataset
 
     rows = lm_dataset(tokenizer, corpus["train"].select(range(n)), max_length=max_length)
     g = torch.Generator().manual_seed(0)
@@ -107,7 +107,7 @@ def parity_trainers(kind: str, weighted: bool, tokenizer, corpus, cuda: bool, ou
     from transformers import Trainer, TrainingArguments
 
     import hfweight
-    from hfweight.defaults import correctness_reward, format_reward, grpo_dataset, sft_dataset
+    from hfweight.builtin import correctness_reward, format_reward, grpo_dataset, sft_dataset
 
     model = qwen2(tokenizer, PARITY_SHAPE)
     base = common_args(out, cuda, steps=3, batch=4)
@@ -256,7 +256,7 @@ def cost_trainer(variant: str, tokenizer, corpus, shape: dict, cuda: bool, out: 
     from transformers import Trainer, TrainingArguments
 
     import hfweight
-    from hfweight.defaults import sft_dataset
+    from hfweight.builtin import sft_dataset
 
     kind, weighting = COST_VARIANTS[variant]
     model = qwen2(tokenizer, shape)
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
         return 2
     import transformers
 
-    from hfweight.defaults import tiny_setup
+    from hfweight.builtin import tiny_setup
 
     transformers.logging.set_verbosity_error()
     deterministic(cuda)

@@ -411,13 +411,46 @@ def to_markdown(result: Comparison, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_results(
+    name: str, payload: dict, markdown: str | None = None, results_dir: str = RESULTS_DIR, **json_options
+) -> str:
+    """Write ``<results_dir>/<name>.json`` (``payload`` through ``json.dump(payload, f, **json_options)``, e.g.
+    ``indent``) and, when ``markdown`` is given, ``<name>.md``; return the JSON's path. Every benchmark writes its
+    result files (partial ones too) through here."""
+    os.makedirs(results_dir, exist_ok=True)
+    if markdown is not None:
+        with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
+            f.write(markdown)
+    path = os.path.join(results_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, **json_options)
+    return path
+
+
 def report(result: Comparison, name: str, results_dir: str = RESULTS_DIR, title: str | None = None) -> str:
     """Print the table and write ``<results_dir>/<name>.md`` and ``<name>.json``; return the markdown."""
     markdown = to_markdown(result, title)
     print(markdown)
-    os.makedirs(results_dir, exist_ok=True)
-    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
-        json.dump(result.to_dict(), f, indent=2)
+    save_results(name, result.to_dict(), markdown, results_dir, indent=2)
     return markdown
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+
+def add_timing_arguments(parser) -> None:
+    """``--steps``, ``--warmup``, ``--repeats`` and ``--quick`` on an ``argparse`` parser; unset ones are filled by
+    :func:`resolve_timing` from the benchmark's full or quick preset."""
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, help="runs per variant (order alternates between repeats)")
+    parser.add_argument("--quick", action="store_true", help="few steps, one repeat: a smoke test of the benchmark")
+
+
+def resolve_timing(args, full: tuple[int, int, int], quick: tuple[int, int, int]) -> None:
+    """Fill ``args.steps``, ``args.warmup`` and ``args.repeats`` the command line left unset from the preset
+    ``(steps, warmup, repeats)``: ``quick`` with ``--quick``, else ``full``. ``--warmup 0`` is kept."""
+    steps, warmup, repeats = quick if args.quick else full
+    args.steps = args.steps or steps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.repeats = args.repeats or repeats

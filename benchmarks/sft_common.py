@@ -17,9 +17,9 @@ import datasets
 import numpy as np
 import torch
 
-from hfweight.defaults import build_corpus, build_model, build_tokenizer
-from hfweight.defaults.corpus import atomic_build, cache_key, default_cache_dir, quiet_datasets
-from hfweight.defaults.tasks import first_integer
+from hfweight.builtin import build_corpus, build_model, build_tokenizer
+from hfweight.builtin.corpus import atomic_build, cache_key, default_cache_dir, quiet_datasets
+from hfweight.builtin.tasks import first_integer
 
 
 def cache_root() -> str:

@@ -19,7 +19,6 @@ from .registry import MIXTURES, REWARD_WEIGHTINGS, SAMPLE_WEIGHTINGS, TOKEN_WEIG
 
 LOSS_NORMALIZATIONS = ("token", "sample")
 MIXTURE_MODES = ("resample", "upweight")
-IMPLEMENTED_MIXTURE_MODES = ("resample", "upweight")
 
 # Dataset columns the trainers understand (docs/methods.md#columns). The domain column's name is configurable.
 SAMPLE_WEIGHT_COLUMN = "sample_weight"
@@ -27,7 +26,19 @@ TOKEN_WEIGHTS_COLUMN = "token_weights"
 REF_LOGPS_COLUMN = "ref_logps"
 
 
-STRATEGY_FIELDS = ("token_weighting", "sample_weighting", "mixture", "reward_weighting")
+# Each strategy field (its kwargs are the field ``<name>_kwargs``) and the registry that builds it from a name.
+STRATEGY_REGISTRIES = {
+    "token_weighting": TOKEN_WEIGHTINGS,
+    "sample_weighting": SAMPLE_WEIGHTINGS,
+    "mixture": MIXTURES,
+    "reward_weighting": REWARD_WEIGHTINGS,
+}
+STRATEGY_FIELDS = tuple(STRATEGY_REGISTRIES)
+
+
+def _documented(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the ``--help`` text ``HfArgumentParser`` shows for it."""
+    return field(default=default, metadata={"help": help})
 
 
 def qualified_name(obj: Any) -> str:
@@ -71,81 +82,61 @@ class WeightingArguments:
     strategy object (an instance of a class from :mod:`hfweight.strategies.base`), used as is.
     """
 
-    token_weighting: str | None = field(
-        default=None,
-        metadata={
-            "help": "Per-token loss weights: None, 'static' (the `token_weights` column), 'dft', 'asft', 'focal', "
-            "'rho1', 'prior', a registered name, or a TokenWeighting object."
-        },
+    token_weighting: str | None = _documented(
+        None,
+        "Per-token loss weights: None, 'static' (the `token_weights` column), 'dft', 'asft', 'focal', "
+        "'rho1', 'prior', a registered name, or a TokenWeighting object.",
     )
-    token_weighting_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "Keyword arguments of the token weighting (a dict, or JSON on the CLI)."}
+    token_weighting_kwargs: dict | str | None = _documented(
+        None, "Keyword arguments of the token weighting (a dict, or JSON on the CLI)."
     )
-    sample_weighting: str | None = field(
-        default=None,
-        metadata={
-            "help": "Per-sample loss weights: None, 'static' (the `sample_weight` column), 'loss' (Sow et al. 2025), "
-            "'truncation', 'storm', a registered name, or a SampleWeighting object."
-        },
+    sample_weighting: str | None = _documented(
+        None,
+        "Per-sample loss weights: None, 'static' (the `sample_weight` column), 'loss' (Sow et al. 2025), "
+        "'truncation', 'storm', a registered name, or a SampleWeighting object.",
     )
-    sample_weighting_kwargs: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments of the sample weighting (a dict, or JSON on the CLI). The loss-based ones take "
-            "`mode`: 'auto' (default), 'rescale' (weights from each micro-batch's own forward, gradients rescaled by "
-            "the global sum before clipping; no extra pass) or 'score' (a no-grad scoring forward of the step first)."
-        },
+    sample_weighting_kwargs: dict | str | None = _documented(
+        None,
+        "Keyword arguments of the sample weighting (a dict, or JSON on the CLI). The loss-based ones take "
+        "`mode`: 'auto' (default), 'rescale' (weights from each micro-batch's own forward, gradients rescaled by "
+        "the global sum before clipping; no extra pass) or 'score' (a no-grad scoring forward of the step first).",
     )
-    loss_normalization: str = field(
-        default="token",
-        metadata={
-            "help": "'token': Σ v w ℓ / Σ v w over all label tokens of the optimizer step (equals the Trainer's loss "
-            "when every weight is 1). 'sample': Σ v ℓ_i / Σ v with ℓ_i each sample's (weighted) token mean."
-        },
+    loss_normalization: str = _documented(
+        "token",
+        "'token': Σ v w ℓ / Σ v w over all label tokens of the optimizer step (equals the Trainer's loss "
+        "when every weight is 1). 'sample': Σ v ℓ_i / Σ v with ℓ_i each sample's (weighted) token mean.",
     )
-    mixture: str | None = field(
-        default=None,
-        metadata={
-            "help": "Domain mixture: None, 'static', 'temperature', 'schedule', 'doremi', 'odm', 'aioli', 'skillit', "
-            "'dga', 'learning_progress', a registered name, or a MixtureController object."
-        },
+    mixture: str | None = _documented(
+        None,
+        "Domain mixture: None, 'static', 'temperature', 'schedule', 'doremi', 'odm', 'aioli', 'skillit', "
+        "'dga', 'learning_progress', a registered name, or a MixtureController object.",
     )
-    mixture_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "Keyword arguments of the mixture, e.g. {'weights': {'code': 2, 'prose': 1}}."}
+    mixture_kwargs: dict | str | None = _documented(
+        None, "Keyword arguments of the mixture, e.g. {'weights': {'code': 2, 'prose': 1}}."
     )
-    mixture_mode: str = field(
-        default="resample",
-        metadata={
-            "help": "How domain weights α apply: 'resample' (the sampler draws domain d with probability α_d) or "
-            "'upweight' (natural sampling, each sample's loss multiplied by α_d / q_d, q the natural mixture)."
-        },
+    mixture_mode: str = _documented(
+        "resample",
+        "How domain weights α apply: 'resample' (the sampler draws domain d with probability α_d) or "
+        "'upweight' (natural sampling, each sample's loss multiplied by α_d / q_d, q the natural mixture).",
     )
-    domain_column: str = field(
-        default="domain", metadata={"help": "Dataset column holding each row's domain (str or int)."}
+    domain_column: str = _documented("domain", "Dataset column holding each row's domain (str or int).")
+    reference_model: str | None = _documented(
+        None,
+        "Path or hub id of a frozen reference model for reference-based strategies; 'base' uses the PEFT "
+        "base model with adapters disabled.",
     )
-    reference_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Path or hub id of a frozen reference model for reference-based strategies; 'base' uses the PEFT "
-            "base model with adapters disabled."
-        },
+    reward_weighting: str | None = _documented(
+        None,
+        "GRPO/RLOO only. Multi-objective reward weights: None, 'static', 'popart', 'saw', 'hypervolume', "
+        "'gradient', 'constrained', a registered name, or a RewardWeighting object.",
     )
-    reward_weighting: str | None = field(
-        default=None,
-        metadata={
-            "help": "GRPO/RLOO only. Multi-objective reward weights: None, 'static', 'popart', 'saw', 'hypervolume', "
-            "'gradient', 'constrained', a registered name, or a RewardWeighting object."
-        },
+    reward_weighting_kwargs: dict | str | None = _documented(
+        None, "Keyword arguments of the reward weighting (a dict, or JSON on the CLI)."
     )
-    reward_weighting_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "Keyword arguments of the reward weighting (a dict, or JSON on the CLI)."}
-    )
-    allow_negative_weights: bool = field(
-        default=False,
-        metadata={
-            "help": "Opt in to negative `sample_weight`/`token_weights` values (unlikelihood-style training). "
-            "Without it a negative weight is an error naming the row."
-        },
+    allow_negative_weights: bool = _documented(
+        False,
+        "Opt in to negative `sample_weight`/`token_weights` values (unlikelihood-style training). "
+        "Without it a negative weight is an error naming the row.",
     )
 
     def __post_init__(self):
@@ -171,11 +162,6 @@ class WeightingArguments:
         self.build_sample_weighting()
         self.build_mixture()
         self.build_reward_weighting()
-        if self.mixture is not None and self.mixture_mode not in IMPLEMENTED_MIXTURE_MODES:
-            raise ValueError(
-                f"`mixture_mode={self.mixture_mode!r}` is not available yet in this version of hfweight; use "
-                f"one of {IMPLEMENTED_MIXTURE_MODES}."
-            )
         if self.supervised_loss:
             self.check_unused_reference("reference_model", self.reference_model)
             if self.loss_normalization != "token" and not self.weighting_enabled:
@@ -205,23 +191,23 @@ class WeightingArguments:
             "strategies: token_weighting 'prior', 'rho1', 'asft' and mixture 'doremi'. Remove it or choose one of those."
         )
 
+    def build_strategy(self, name: str):
+        """The strategy of field ``name`` (one of :data:`STRATEGY_FIELDS`) built by its registry from the field and
+        its ``<name>_kwargs`` (an object given in place of a name is returned as is), or None when the field is off."""
+        value = getattr(self, name)
+        return None if value is None else STRATEGY_REGISTRIES[name].build(value, getattr(self, f"{name}_kwargs"))
+
     def build_token_weighting(self):
-        return None if self.token_weighting is None else TOKEN_WEIGHTINGS.build(
-            self.token_weighting, self.token_weighting_kwargs
-        )
+        return self.build_strategy("token_weighting")
 
     def build_sample_weighting(self):
-        return None if self.sample_weighting is None else SAMPLE_WEIGHTINGS.build(
-            self.sample_weighting, self.sample_weighting_kwargs
-        )
+        return self.build_strategy("sample_weighting")
 
     def build_mixture(self):
-        return None if self.mixture is None else MIXTURES.build(self.mixture, self.mixture_kwargs)
+        return self.build_strategy("mixture")
 
     def build_reward_weighting(self):
-        return None if self.reward_weighting is None else REWARD_WEIGHTINGS.build(
-            self.reward_weighting, self.reward_weighting_kwargs
-        )
+        return self.build_strategy("reward_weighting")
 
     @property
     def weighting_enabled(self) -> bool:

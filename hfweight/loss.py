@@ -9,6 +9,18 @@ Normalization contract (docs/methods.md#normalization), over one optimizer step 
     sample:  L = Σ v_i ℓ_i / Σ_{i: n_i>0} v_i,       ℓ_i = Σ_t w_t ℓ_t / Σ_t w'_t
 
 With every weight 1 the token form is exactly ``transformers.Trainer``'s loss (label tokens of the whole step).
+
+Where the per-token log-probabilities come from (:func:`token_log_probs`), and what that costs in memory:
+
+- TRL's fused LM head (:func:`enable_fused_log_probs`) projects the hidden states through the LM head tile by tile
+  (at most 4096 positions × 32768 vocabulary entries per tile, fp32 running statistics) and never holds the
+  ``(batch, seq, vocab)`` logits. It runs inside TRL's own SFT/GRPO trainers on every device (their loss uses it: kept
+  for parity), and for the other trainers on a GPU (:data:`FUSED_HEAD_DEVICES`) when a micro-batch has at least
+  :data:`FUSED_MIN_LOGITS` logits.
+- Everywhere else — ``WeightedTrainer`` on the CPU, small micro-batches on a GPU, models TRL cannot patch — the model's
+  forward *does* materialize the full ``(batch, seq, vocab)`` logits, upcast to fp32 (a copy unless they already are
+  fp32) for one per-token cross-entropy: the same tensors, time and memory as the parent Trainer's own loss
+  (transformers' ``ForCausalLMLoss``), not less.
 """
 
 from __future__ import annotations
@@ -34,11 +46,12 @@ def shifted_labels(inputs: dict) -> torch.Tensor:
 
 def enable_fused_log_probs(model: nn.Module) -> bool:
     """Patch ``model`` with TRL's fused LM head so that ``model(..., fused_lm_head=True)`` returns per-token
-    log-probabilities without materializing the ``(batch, seq, vocab)`` logits (README, "Design").
+    log-probabilities without materializing the ``(batch, seq, vocab)`` logits (README, "Design"). Patching does not
+    mean it is used: :func:`use_fused_head` decides per micro-batch (on the CPU, outside TRL's trainers, it is not).
 
     Returns False (and leaves the model untouched) when the model has no LM head TRL can drive; the caller then
-    computes the log-probs from the model's logits as the parent Trainer computes its loss. The plain forward (no ``fused_lm_head``) stays the original, so evaluation and
-    generation are unchanged. Idempotent.
+    computes the log-probs from the model's logits as the parent Trainer computes its loss. The plain forward (no
+    ``fused_lm_head``) stays the original, so evaluation and generation are unchanged. Idempotent.
     """
     from trl.trainer.utils import add_fused_lm_head
 
@@ -117,7 +130,8 @@ def token_log_probs(
     """Run the model and return ``(log_probs, mask)``, both ``(B, T-1)`` aligned with the shifted labels.
 
     ``fused``: the model carries the fused LM head (:func:`enable_fused_log_probs`); it is used when
-    :func:`use_fused_head` says it pays off, with ``min_fused_logits`` overriding the size threshold.
+    :func:`use_fused_head` says so, with ``min_fused_logits`` overriding the size threshold. Otherwise the full
+    ``(B, T, V)`` logits are computed and upcast to fp32, exactly as the parent Trainer's loss does (module docstring).
     ``log_probs`` is 0 on ignored positions and stays connected to the graph even when no label is valid (so an
     all-ignored micro-batch still backpropagates a zero, which DDP/FSDP need to avoid hanging).
     ``keep``: a dict that receives the fused head's whole output under ``"fused"`` when that path runs (TRL's SFT head

@@ -38,7 +38,7 @@ def load_reference_model(spec, policy: nn.Module, tokenizer=None) -> nn.Module |
             )
         return BASE
     if isinstance(spec, str) and spec.startswith("builtin:"):
-        from .scripts import load_causal_lm
+        from .entrypoints import load_causal_lm
 
         reference, ref_tokenizer = load_causal_lm(spec)
     elif isinstance(spec, str):

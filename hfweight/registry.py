@@ -12,9 +12,9 @@ package::
 
     WeightedTrainingArguments(..., token_weighting="my_weights", token_weighting_kwargs={...})
 
-A registry may reserve names whose implementation has not landed yet (``planned``): selecting one is a clear error at
-config time rather than a silent fallback. Every name the built-in registries serve is implemented, so none is
-reserved today.
+A registry may list names reserved for a strategy that has not landed yet as *planned*: selecting one is a clear error
+at config time rather than a silent fallback. The four registries below reserve none: every strategy the design names
+is implemented and registers itself on import of :mod:`hfweight.strategies`.
 """
 
 from __future__ import annotations

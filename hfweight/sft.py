@@ -70,8 +70,9 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
     def _log_forward_metrics(self, inputs: dict, fused_outputs) -> None:
         """Log what ``SFTTrainer.compute_loss`` logs from its forward — ``entropy`` and ``mean_token_accuracy`` over the
         valid label tokens of all ranks, and the running ``num_tokens`` — since the weighted loss replaces that
-        forward. They come from the same fused LM head (TRL 1.16: per-position entropy and top-1 flag, computed tile by
-        tile, so no full-vocabulary fp32 logits are materialized) and are reduced the same way, so with weighting on
+        forward. They come from the same fused LM head, which the SFT path uses on every device (TRL 1.16: per-position
+        entropy and top-1 flag, computed tile by tile — at most 4096 positions × 32768 vocabulary entries at a time —
+        instead of from a ``(batch, seq, vocab)`` logits tensor) and are reduced the same way, so with weighting on
         they are TRL's numbers for the same model and batch."""
         if fused_outputs is None:  # only without an LM head TRL can drive, where SFTTrainer itself cannot train
             return

@@ -75,26 +75,38 @@ def pad_collate(features: list[dict]) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def training_args(output_dir: str, **overrides) -> dict:
-    """Deterministic CPU arguments shared by parity/invariance tests."""
+def cpu_run_args(output_dir: str, **fields) -> dict:
+    """The arguments every test run shares (supervised or GRPO/RLOO): 4 rows per device, no accumulation, CPU, seed 0,
+    a log line every step, nothing reported, saved or shown as a progress bar, no DataLoader workers; ``fields`` add
+    to them or override them."""
     args = dict(
         output_dir=output_dir,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    args.update(fields)
+    return args
+
+
+def training_args(output_dir: str, **overrides) -> dict:
+    """Deterministic CPU arguments shared by parity/invariance tests: one plain SGD step (learning rate 1, constant,
+    no weight decay or clipping) over rows in dataset order."""
+    args = cpu_run_args(
+        output_dir,
         max_steps=1,
         learning_rate=1.0,
         optim="sgd",
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=0.0,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
         train_sampling_strategy="sequential",
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     args.update(overrides)
     return args

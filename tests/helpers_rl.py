@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datasets
 import torch
-from helpers import WORDS, tiny_model, tiny_tokenizer
+from helpers import WORDS, cpu_run_args, tiny_model, tiny_tokenizer
 
 
 def prompt_rows(n: int = 16, seed: int = 0) -> list[dict]:
@@ -51,23 +51,10 @@ REWARDS = [hit_reward, short_reward, low_reward]
 
 
 def rl_args(output_dir: str, **overrides) -> dict:
-    args = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        bf16=False,
-        beta=0.0,
+    """:func:`helpers.cpu_run_args` for GRPO/RLOO: 3 steps at learning rate 1e-2, 4 completions of at most 6 tokens per
+    prompt, fp32, no KL term."""
+    args = cpu_run_args(
+        output_dir, num_generations=4, max_completion_length=6, max_steps=3, learning_rate=1e-2, bf16=False, beta=0.0
     )
     args.update(overrides)
     return args

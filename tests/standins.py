@@ -5,7 +5,7 @@
 settings such as ``reward_gradient_parameters: 'layers\\.(22|23)\\.'`` still select something), tied embeddings as in
 the originals, a tiny width, random weights — saved with hfweight's built-in tokenizer (it has a chat template), and
 one small dataset per hub dataset id with the same columns and format (JSON lines per split). It returns the path of
-the JSON map that ``$HFWEIGHT_STANDINS`` points the entry scripts to (:func:`hfweight.scripts.standin`).
+the JSON map that ``$HFWEIGHT_STANDINS`` points the entry scripts to (:func:`hfweight.entrypoints.standin`).
 
 The formats, as published on the hub: ``trl-lib/DeepMath-103K`` — ``prompt`` (a conversation of one user message)
 and ``solution`` (the final answer as LaTeX); ``trl-lib/Capybara`` — ``messages`` (user/assistant turns), splits
@@ -84,7 +84,7 @@ def _corpus_rows(n: int, rng: random.Random) -> list[dict]:
 
 def build_standins(root: str) -> str:
     """Write every stand-in under ``root``; return the path of the ``{hub id: local path}`` JSON map."""
-    from hfweight.defaults import build_corpus, build_tokenizer
+    from hfweight.builtin import build_corpus, build_tokenizer
 
     tokenizer = build_tokenizer(build_corpus(seed=0))
     mapping = {}

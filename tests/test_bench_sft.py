@@ -64,7 +64,7 @@ def test_completion_nll_equals_trl_loss():
     the same rows (mean NLL over completion tokens)."""
     from trl import SFTConfig, SFTTrainer
 
-    from hfweight.defaults import build_model
+    from hfweight.builtin import build_model
 
     data = overhead.workload(ROWS).select_columns(["input_ids", "labels", "domain"])
     tokenizer = sft_common.sft_tokenizer()

@@ -1,6 +1,6 @@
 """The README's "Use it" snippets run as written, so they cannot rot: each python block is executed unchanged, with the
 names it leaves free (`model`, `tok`, `ds`, `prompts`, the reward functions) bound to the built-in tiny model and
-data (hfweight.defaults), and its config class completed with a few tiny-run settings (2 steps, CPU, no saving). The
+data (hfweight.builtin), and its config class completed with a few tiny-run settings (2 steps, CPU, no saving). The
 shell commands name scripts and recipes that exist, and every anchor of docs/methods.md the repository links to exists.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import hfweight
-from hfweight.defaults import correctness_reward, format_reward, grpo_dataset, sft_dataset, tiny_setup
+from hfweight.builtin import correctness_reward, format_reward, grpo_dataset, sft_dataset, tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

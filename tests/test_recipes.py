@@ -65,7 +65,7 @@ def test_recipe_parses_and_validates_offline(recipe):
         # GRPO/RLOO: the reward functions resolve and the weighter binds to their names (weights, thresholds, task).
         import torch
 
-        from hfweight.scripts import resolve_reward_functions
+        from hfweight.entrypoints import resolve_reward_functions
 
         script_args = configs[0]
         names = [f.__name__ for f in resolve_reward_functions(script_args.reward_funcs)]

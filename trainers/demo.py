@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from hfweight.scripts import print_summary  # noqa: E402
+from hfweight.entrypoints import print_summary  # noqa: E402
 
 
 def load_entry_point(name: str):

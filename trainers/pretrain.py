@@ -10,7 +10,6 @@ uses the embedded multi-domain corpus. Anything else is a hub id or a local path
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,14 +20,14 @@ from transformers import DataCollatorForLanguageModeling  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments  # noqa: E402
-from hfweight.scripts import (  # noqa: E402
+from hfweight.entrypoints import (  # noqa: E402
     BUILTIN,
     final_summary,
     load_causal_lm,
     load_text_dataset,
     per_domain_eval_sets,
-    print_summary,
     tokenize_for_lm,
+    train_and_summarize,
 )
 from hfweight.state import resolve_resume_checkpoint  # noqa: E402
 
@@ -98,14 +97,7 @@ def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingAr
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(training_args.output_dir)
-    summary = final_summary(trainer, eval_sets, stage="pretrain")
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print_summary([summary])
-    return summary
+    return train_and_summarize(trainer, checkpoint, lambda trained: final_summary(trained, eval_sets, stage="pretrain"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl import ModelConfig, TrlParser  # noqa: E402
 
 from hfweight import WeightedRLOOConfig, WeightedRLOOTrainer  # noqa: E402
-from hfweight.scripts import RLScriptArguments, run_rl  # noqa: E402
+from hfweight.entrypoints import RLScriptArguments, run_rl  # noqa: E402
 
 DATACLASSES = (RLScriptArguments, WeightedRLOOConfig, ModelConfig)
 """What the recipe YAML and the command line fill, in the order ``main`` takes them."""

@@ -32,12 +32,12 @@ def main(argv=None):
     import datasets
     from transformers import DataCollatorForLanguageModeling
 
+    from hfweight.entrypoints import load_causal_lm
     from hfweight.reference import score_dataset
-    from hfweight.scripts import load_causal_lm
 
     reference, tokenizer = load_causal_lm(args.reference, seed=args.seed)
     if args.dataset == "builtin":
-        from hfweight.defaults import build_corpus, lm_dataset
+        from hfweight.builtin import build_corpus, lm_dataset
 
         dataset = lm_dataset(tokenizer, build_corpus(seed=args.seed)[args.split], max_length=args.max_length)
     else:

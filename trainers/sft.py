@@ -10,7 +10,6 @@ redundant); anything else goes to `datasets.load_dataset`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,13 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from hfweight import WeightedSFTConfig, WeightedSFTTrainer  # noqa: E402
-from hfweight.scripts import (  # noqa: E402
+from hfweight.entrypoints import (  # noqa: E402
     BUILTIN,
     final_summary,
     load_causal_lm,
     load_hub_dataset,
     per_domain_eval_sets,
-    print_summary,
+    train_and_summarize,
 )
 from hfweight.state import resolve_resume_checkpoint  # noqa: E402
 
@@ -49,7 +48,7 @@ class SFTScriptArguments:
 
 def load_sft_data(script_args: SFTScriptArguments, seed: int):
     if script_args.dataset_name == BUILTIN:
-        from hfweight.defaults import sft_dataset
+        from hfweight.builtin import sft_dataset
 
         return sft_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.05, seed=seed)
     return load_hub_dataset(script_args.dataset_name, script_args.dataset_config)
@@ -74,19 +73,12 @@ def main(script_args: SFTScriptArguments, training_args: WeightedSFTConfig, mode
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(training_args.output_dir)
     eval_sets = {}
     if script_args.dataset_eval_split and script_args.dataset_eval_split in data:
         eval_sets = per_domain_eval_sets(
             data[script_args.dataset_eval_split], training_args.domain_column, script_args.max_eval_samples_per_domain
         )
-    summary = final_summary(trainer, eval_sets, stage="sft")
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print_summary([summary])
-    return summary
+    return train_and_summarize(trainer, checkpoint, lambda trained: final_summary(trained, eval_sets, stage="sft"))
 
 
 if __name__ == "__main__":

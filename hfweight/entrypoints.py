@@ -1,9 +1,13 @@
-"""Loading and reporting helpers shared by the entry points in ``trainers/`` (no weighting logic here)."""
+"""Helpers of the launchable entry points in ``trainers/`` (no weighting logic here): model and data loading (the
+built-in pieces of :mod:`hfweight.builtin`, hub ids, local stand-ins), reward-function resolution, the end-of-run
+summaries and the shared body of the GRPO/RLOO scripts. Recipes (YAML) are parsed by TRL's ``TrlParser`` in each
+script."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +47,7 @@ def load_causal_lm(name_or_path: str, tokenizer_name_or_path: str | None = None,
     """``(model, tokenizer)``: the embedded tiny Llama for ``builtin:<size>``, else ``from_pretrained`` (after the
     stand-in map, :func:`standin`)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
-        from .defaults import build_corpus, build_model, build_tokenizer
+        from .builtin import build_corpus, build_model, build_tokenizer
 
         tokenizer = build_tokenizer(build_corpus(seed=seed), vocab_size=vocab_size)
         return build_model(tokenizer, size=name_or_path[len(BUILTIN_PREFIX) :], seed=seed), tokenizer
@@ -60,7 +64,7 @@ def load_causal_lm(name_or_path: str, tokenizer_name_or_path: str | None = None,
 def load_text_dataset(script_args: Any, seed: int = 0):
     """The embedded corpus (``DatasetDict`` with ``train``/``heldout``) or ``datasets.load_dataset(...)``."""
     if script_args.dataset_name == BUILTIN:
-        from .defaults import build_corpus
+        from .builtin import build_corpus
 
         return build_corpus(seed=seed)
     return load_hub_dataset(
@@ -123,6 +127,21 @@ def final_summary(trainer, eval_sets: dict, stage: str) -> dict:
     }
 
 
+def train_and_summarize(trainer, checkpoint: str | None, summarize: Callable[[Any], dict]) -> dict:
+    """The end of every entry point: train (resuming from ``checkpoint``), save the model to ``output_dir``, then
+    ``summarize(trainer)``; the main process writes that summary to ``<output_dir>/run_summary.json`` and prints its
+    table (:func:`print_summary`). Returns the summary."""
+    output_dir = trainer.args.output_dir
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(output_dir)
+    summary = summarize(trainer)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print_summary([summary])
+    return summary
+
+
 def _describe(weighting) -> str:
     if not isinstance(weighting, dict):
         return str(weighting)
@@ -177,9 +196,9 @@ class RLScriptArguments:
     )
 
 BUILTIN_REWARDS = {
-    "correctness": "hfweight.defaults.tasks:correctness_reward",
-    "brevity": "hfweight.defaults.tasks:brevity_reward",
-    "format": "hfweight.defaults.tasks:format_reward",
+    "correctness": "hfweight.builtin.tasks:correctness_reward",
+    "brevity": "hfweight.builtin.tasks:brevity_reward",
+    "format": "hfweight.builtin.tasks:format_reward",
 }
 
 
@@ -215,7 +234,7 @@ def resolve_reward_functions(names: list[str]) -> list:
 def load_prompt_data(script_args: Any, seed: int):
     """``DatasetDict`` with train and held-out prompt splits: the built-in arithmetic prompts or a hub dataset."""
     if script_args.dataset_name == BUILTIN:
-        from .defaults import grpo_dataset
+        from .builtin import grpo_dataset
 
         return grpo_dataset(seed=seed, n=script_args.builtin_rows).train_test_split(test_size=0.1, seed=seed)
     return load_hub_dataset(script_args.dataset_name, script_args.dataset_config)
@@ -272,11 +291,4 @@ def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, s
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(training_args.output_dir)
-    summary = rl_summary(trainer, eval_dataset, stage)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print_summary([summary])
-    return summary
+    return train_and_summarize(trainer, checkpoint, lambda trained: rl_summary(trained, eval_dataset, stage))

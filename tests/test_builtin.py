@@ -1,4 +1,4 @@
-"""The embedded default: corpus, tokenizer, model, tasks and reward functions (no network; a few tens of seconds).
+"""The built-in pieces (hfweight.builtin): corpus, tokenizer, model, tasks, reward functions (no network; tens of seconds).
 
 The full-size corpus and tokenizer are built once per module in a temporary cache; determinism and caching are
 checked on smaller corpora (``max_docs_per_domain``) so every cold build stays cheap.
@@ -18,7 +18,7 @@ import datasets
 import pytest
 import torch
 
-from hfweight.defaults import (
+from hfweight.builtin import (
     DOMAINS,
     SIZES,
     brevity_reward,
@@ -35,8 +35,8 @@ from hfweight.defaults import (
     tiny_setup,
     words_format_reward,
 )
-from hfweight.defaults import corpus as corpus_module
-from hfweight.defaults.corpus import ARITHMETIC_OPS, ARITHMETIC_PATTERN, REDUNDANT_WORDS, atomic_build, solve
+from hfweight.builtin import corpus as corpus_module
+from hfweight.builtin.corpus import ARITHMETIC_OPS, ARITHMETIC_PATTERN, REDUNDANT_WORDS, atomic_build, solve
 
 SMALL = 120  # documents per domain in the cheap corpora
 

@@ -1,4 +1,8 @@
-"""The embedded default: everything a run needs without the network, built from the Python standard library.
+"""The built-in pieces: a tiny model, tokenizer, multi-domain corpus and SFT/GRPO tasks, built locally (no network).
+
+Everything the demo, the tiny recipes, the tests and the benchmarks need, built from the Python standard library.
+Not part of the weighting library: the Weighted* trainers and the strategies never import it; only
+:mod:`hfweight.entrypoints` does, for the ``builtin`` model and dataset names of the recipes.
 
 - :func:`build_corpus`: a five-domain corpus (``code``, ``prose``, ``arithmetic``, ``redundant``, ``noise``) with
   ``train`` and ``heldout`` splits, cached on disk;
