@@ -138,7 +138,7 @@ def max_relative_difference(a: dict, b: dict) -> float:
 def logged_by_step(trainer, keys) -> dict[int, dict[str, float]]:
     """Each training step's log, restricted to ``keys`` and to the keys that step actually logged.
 
-    A domain with no sample in a step logs no ``domain_loss/<domain>`` (``WeightingMixin._finish_step``: its mean
+    A domain with no sample in a step logs no ``domain_loss/<domain>`` (``hfweight.glue.step.WeightedStep.finish``: its mean
     loss is 0/0), so which keys a step has is part of the record, not a missing value to fill.
     """
     return {
