@@ -40,10 +40,17 @@ def state_file(checkpoint_dir: str, process_index: int) -> str:
     return os.path.join(checkpoint_dir, name)
 
 
+def _class_name(obj) -> str:
+    """``module.Class`` of a stateful part; a class renamed by a refactor sets ``state_class`` to the name earlier
+    checkpoints recorded, so they still resume."""
+    cls = type(obj)
+    return f"{cls.__module__}.{getattr(cls, 'state_class', cls.__qualname__)}"
+
+
 def fingerprint(objects: dict, **facts) -> dict:
     """What must match between the run that saved a state and the run that loads it: the class of each stateful part
     (a different strategy under the same name would load foreign state) and ``facts`` (domains, mixture mode, ...)."""
-    parts = {name: f"{type(obj).__module__}.{type(obj).__qualname__}" for name, obj in objects.items() if obj is not None}
+    parts = {name: _class_name(obj) for name, obj in objects.items() if obj is not None}
     return {"parts": parts, **facts}
 
 

@@ -314,3 +314,27 @@ def test_rl_checkpoint_with_other_reward_functions_is_refused(tmp_path):
     names = [f.__name__ for f in REWARDS]
     with pytest.raises(ValueError, match=re.escape(f"reward_functions: saved {names!r}, this run {names[::-1]!r}")):
         other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_parts_that_moved_module_still_resume():
+    """A refactor that moves a stateful class to another module (hfweight.mixin → hfweight.glue.drivers, a strategy
+    module split into a package) keeps old checkpoints loadable; a different class under the same part name is still
+    refused. Fingerprints as an earlier version wrote them, checked against this version's parts."""
+    from hfweight.rl.prompts import PromptMixture
+    from hfweight.state import fingerprint, fingerprint_differences
+
+    class _SamplerAtStep:  # the name hfweight.mixin used for the domain sampler's part
+        pass
+
+    class ODMMixture:
+        pass
+
+    current = fingerprint({"domain_sampler": _SamplerAtStep(), "mixture": ODMMixture(),
+                           "prompt_sampler": PromptMixture.__new__(PromptMixture)}, domains=["a", "b"])
+    saved = {"parts": {"domain_sampler": "hfweight.mixin._SamplerAtStep",
+                       "mixture": "hfweight.strategies.mixture.ODMMixture",
+                       "prompt_sampler": "hfweight.rl._PromptSamplerAtStep"}, "domains": ["a", "b"]}
+    assert fingerprint_differences(saved, current) == []
+    other = dict(saved, parts=dict(saved["parts"], mixture="hfweight.strategies.mixture.AioliMixture"))
+    differences = fingerprint_differences(other, current)
+    assert len(differences) == 1 and differences[0].startswith("mixture: saved hfweight.strategies.mixture.AioliMixture")

@@ -70,6 +70,8 @@ class PromptMixture:
     batch — the DataLoader reads ahead — and the number of those batches.
     """
 
+    state_class = "_PromptSamplerAtStep"  # the part's class name in checkpoints of earlier versions (they still resume)
+
     def __init__(self, trainer):
         """Read the prompts' domains and bind the controller to them; fail on data or a controller it cannot serve."""
         self.trainer = trainer
