@@ -112,6 +112,11 @@ class HypervolumeWeighting(Weighter):
         self._observations = 0
 
     @property
+    def reference(self) -> list[float] | None:
+        """The hypervolume reference point (``None`` before the first validation)."""
+        return None if self._archive is None else self._archive.reference.tolist()
+
+    @property
     def multiplier(self) -> float:
         return self._multiplier
 
