@@ -123,7 +123,12 @@ class HeldOutTrajectory(TrainerCallback):
 
 
 def run(variant: str, model_path: str, seed: int, steps: int, every: int, task: str = "arithmetic",
-        learning_rate: float = 5e-5) -> list:
+        learning_rate: float = 5e-5, reward_weights: list[float] | None = None, num_generations: int = 4,
+        heldout_per_domain: int = 8) -> list:
+    """One GRPO run of ``variant`` from ``model_path``; the held-out trajectory ``[(step, per-reward means)]``.
+
+    ``reward_weights`` are the fixed weights *and* every dynamic weighter's initial weights (TRL's
+    ``reward_weights``; all 1 when None); ``heldout_per_domain`` prompts per domain of the test split are scored."""
     from hfweight import WeightedGRPOConfig, WeightedGRPOTrainer
     from hfweight.scripts import heldout_prompts, load_causal_lm
 
@@ -132,46 +137,79 @@ def run(variant: str, model_path: str, seed: int, steps: int, every: int, task: 
     trajectory = HeldOutTrajectory(every)
     args = WeightedGRPOConfig(
         output_dir=os.path.join(tempfile.gettempdir(), "hfweight_reward_eff", f"{task}_{variant}_{seed}"),
-        per_device_train_batch_size=16, per_device_eval_batch_size=16, num_generations=4,
+        per_device_train_batch_size=16, per_device_eval_batch_size=16, num_generations=num_generations,
         max_completion_length=completion_tokens, max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="constant", beta=0.0, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, seed=seed, disable_tqdm=True, **variants[variant],
+        bf16=False, seed=seed, disable_tqdm=True, reward_weights=reward_weights, **variants[variant],
     )
     trainer = WeightedGRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=data["train"],
-        eval_dataset=heldout_prompts(data["test"], "domain", 8), processing_class=tokenizer, callbacks=[trajectory],
+        eval_dataset=heldout_prompts(data["test"], "domain", heldout_per_domain), processing_class=tokenizer,
+        callbacks=[trajectory],
     )
     trajectory.trainer = trainer
     trainer.train()
     return trajectory.points
 
 
+REFERENCES = ("start", "zero")
+
+
+def reference_point(start_scores: list, reference: str) -> np.ndarray:
+    """The hypervolume reference: ``"start"`` = the starting model's held-out scores − 0.01 (Lu et al.'s reference,
+    with a margin so an objective that does not improve does not zero the volume); ``"zero"`` = the origin, the worst
+    value of rewards in [0, 1] (the nadir), so a point trading one objective for another still counts."""
+    start = np.asarray(start_scores, dtype=float)
+    return start - 0.01 if reference == "start" else np.zeros_like(start)
+
+
 def front_hypervolume(points: list, reference: np.ndarray, upto: int | None = None) -> float:
+    """Hypervolume of the Pareto front of the trajectory's points up to step ``upto`` (all of them when None)."""
     from hfweight.hypervolume import hypervolume
 
     chosen = np.array([p for s, p in points if upto is None or s <= upto], dtype=float)
     return hypervolume(chosen, reference)
 
 
-def summarize(trajectories: dict) -> dict:
-    """trajectories[variant][seed] = [(step, scores)] → per-variant mean ± std of hv_final and steps_to_fixed."""
+def point_hypervolume(scores: list, reference: np.ndarray) -> float:
+    """Hypervolume of one evaluation point: the volume of the box between the reference and it."""
+    return front_hypervolume([(0, scores)], reference)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std (0 for one value)."""
+    return statistics.mean(values), statistics.pstdev(values)
+
+
+def summarize_seed(points: list, fixed: list, reference: str) -> dict:
+    """One run's numbers: final point's hypervolume, the front's, and the first evaluation step whose point reaches
+    the fixed-weight run's final point (same seed; None if never)."""
+    ref = reference_point(points[0][1], reference)
+    target = point_hypervolume(fixed[-1][1], reference_point(fixed[0][1], reference))
+    reached = [s for s, p in points if point_hypervolume(p, ref) >= target - 1e-12]
+    return {"hv_final": point_hypervolume(points[-1][1], ref), "hv_front": front_hypervolume(points, ref),
+            "steps_to_fixed": reached[0] if reached else None, "final": points[-1][1], "start": points[0][1]}
+
+
+def summarize(trajectories: dict, reference: str = "start") -> dict:
+    """trajectories[variant][seed] = [(step, scores)] → per variant, mean ± std over seeds of the final point's
+    hypervolume, the trajectory front's, the steps to reach fixed's final hypervolume, and the final scores."""
     out = {}
-    for variant, by_seed in trajectories.items():
-        hvs, reach, finals = [], [], []
-        for seed, points in by_seed.items():
-            reference = np.array(points[0][1]) - 0.01
-            hvs.append(front_hypervolume(points, reference))
-            fixed = trajectories["fixed"][seed]
-            target = front_hypervolume(fixed, np.array(fixed[0][1]) - 0.01)
-            steps = [s for s, _ in points if front_hypervolume(points, reference, upto=s) >= target - 1e-12]
-            reach.append(steps[0] if steps else None)
-            finals.append(points[-1][1])
+    order = list(VARIANTS)
+    for variant in sorted(trajectories, key=lambda v: order.index(v) if v in order else len(order)):
+        by_seed = trajectories[variant]
+        runs = [summarize_seed(points, trajectories["fixed"][seed], reference) for seed, points in by_seed.items()]
+        reach = [r["steps_to_fixed"] for r in runs]
         reached = [r for r in reach if r is not None]
+        finals = np.array([r["final"] for r in runs], dtype=float)
+        (hv_mean, hv_std), (front_mean, front_std) = (mean_std([r[k] for r in runs]) for k in ("hv_final", "hv_front"))
         out[variant] = {
-            "hv_final_mean": statistics.mean(hvs), "hv_final_std": statistics.pstdev(hvs),
+            "hv_final_mean": hv_mean, "hv_final_std": hv_std, "hv_front_mean": front_mean, "hv_front_std": front_std,
+            "hv_final": [r["hv_final"] for r in runs],
             "steps_to_fixed": reach, "steps_to_fixed_mean": statistics.mean(reached) if reached else None,
             "reached": f"{len(reached)}/{len(reach)}",
-            "final_means": np.mean(np.array(finals, dtype=float), axis=0).tolist(),
+            "final_means": finals.mean(axis=0).tolist(), "final_stds": finals.std(axis=0).tolist(),
+            "start_means": np.mean([r["start"] for r in runs], axis=0).tolist(),
         }
     return out
 
@@ -179,19 +217,25 @@ def summarize(trajectories: dict) -> dict:
 def to_markdown(summary: dict, settings: dict) -> str:
     task = settings.get("task", "arithmetic")
     names = "correctness / brevity / format" if task == "arithmetic" else "copy / brevity / words_format"
+    reference = settings.get("reference", "start")
+    described = "starting scores − 0.01" if reference == "start" else "0 in every reward (the nadir)"
     lines = [
         f"### Reward weighting effectiveness (tiny GRPO, {task}, 3 objectives)",
         "",
-        f"Settings: {json.dumps(settings)}. Hypervolume of each run's held-out front (reference = starting scores − "
-        "0.01); steps to reach the fixed-weight run's final hypervolume (same seed).",
+        f"Settings: {json.dumps(settings)}. Hypervolume (reference = {described}) of the final policy's held-out "
+        "scores, and of the Pareto front of every evaluation of the run; steps: the first evaluation whose scores "
+        "reach the fixed-weight run's final hypervolume (same seed; 0 = the start already does). Mean ± std over seeds.",
         "",
-        f"| variant | HV final (mean ± std) | steps to fixed's HV (mean; reached) | final held-out {names} |",
-        "|---|---|---|---|",
+        f"| variant | HV final | HV front | steps to fixed's final HV (mean; reached) | final held-out {names} |",
+        "|---|---|---|---|---|",
     ]
     for variant, s in summary.items():
         steps = "—" if s["steps_to_fixed_mean"] is None else f"{s['steps_to_fixed_mean']:.0f}"
-        finals = " / ".join(f"{v:.3f}" for v in s["final_means"])
-        lines.append(f"| `{variant}` | {s['hv_final_mean']:.4g} ± {s['hv_final_std']:.2g} | {steps} ({s['reached']}) | {finals} |")
+        finals = " / ".join(f"{m:.3f} ± {d:.3f}" for m, d in zip(s["final_means"], s.get("final_stds", s["final_means"])))
+        lines.append(f"| `{variant}` | {s['hv_final_mean']:.4g} ± {s['hv_final_std']:.2g} | {s['hv_front_mean']:.4g} ± "
+                     f"{s['hv_front_std']:.2g} | {steps} ({s['reached']}) | {finals} |")
+    start = summary["fixed"]["start_means"]
+    lines += ["", "Start (mean over seeds): " + " / ".join(f"{v:.3f}" for v in start) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +251,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--reward_weights", type=float, nargs="+", default=None,
+                        help="fixed weights, and every weighter's initial weights, in reward order (default all 1)")
+    parser.add_argument("--num_generations", type=int, default=4, help="completions per prompt (GRPO group size)")
+    parser.add_argument("--reference", choices=REFERENCES, default=None,
+                        help="hypervolume reference point (default: start for arithmetic, zero for copy)")
+    parser.add_argument("--heldout_per_domain", type=int, default=8, help="held-out prompts per domain")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", action="store_true", help="run only --variants (no fixed reference: merge later)")
     parser.add_argument("--name", default=None, help="result file name")
@@ -220,7 +270,7 @@ def main(argv=None) -> None:
 
     quiet()
     if args.model is None:
-        args.model = "outputs/tiny/demo/sft" if args.task == "arithmetic" else "/tmp/hfweight_copy_start"
+        args.model = "outputs/tiny/demo/sft" if args.task == "arithmetic" else f"/tmp/hfweight_copy_start_{args.sft_steps}"
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     if args.merge:
         trajectories = {}
@@ -234,7 +284,9 @@ def main(argv=None) -> None:
             copy_start_model(args.model, args.sft_steps)
         trajectories = {}
     settings = {"task": args.task, "seeds": seeds, "steps": args.steps, "eval_every": args.eval_every,
-                "model": args.model, "learning_rate": args.learning_rate}
+                "model": args.model, "learning_rate": args.learning_rate, "reward_weights": args.reward_weights,
+                "num_generations": args.num_generations, "heldout_per_domain": args.heldout_per_domain,
+                "reference": args.reference or ("start" if args.task == "arithmetic" else "zero")}
     if args.task == "copy":
         settings["sft_steps"] = args.sft_steps
     default_name = "reward_effectiveness" + ("" if args.task == "arithmetic" else f"_{args.task}")
@@ -242,13 +294,14 @@ def main(argv=None) -> None:
     if not args.merge:
         for seed in seeds:  # every run is saved as it ends, so a cut-short benchmark keeps what it measured
             for variant in args.variants:
-                points = run(variant, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate)
+                points = run(variant, args.model, seed, args.steps, args.eval_every, args.task, args.learning_rate,
+                             args.reward_weights, args.num_generations, args.heldout_per_domain)
                 trajectories.setdefault(variant, {})[seed] = points
                 os.makedirs(RESULTS_DIR, exist_ok=True)
                 with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
                     json.dump({"settings": settings, "partial": True, "trajectories": trajectories}, f, indent=1)
                 print(f"[seed {seed}] {variant}: {points}", flush=True)
-    summary = summarize(trajectories)
+    summary = summarize(trajectories, settings["reference"])
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
         json.dump({"settings": settings, "summary": summary, "trajectories": trajectories}, f, indent=1)

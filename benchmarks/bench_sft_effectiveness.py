@@ -55,6 +55,7 @@ from sft_common import (  # noqa: E402
     cache_root,
     cached_dataset,
     completion_nll,
+    completion_probability,
     mean_std,
     sft_tokenizer,
     tokenize_like_trl,
@@ -69,6 +70,7 @@ EVAL_PER_DOMAIN, EXACT_MATCH_ROWS = 64, 48
 MAX_LENGTH, EVAL_MAX_LENGTH = 96, 256
 BATCH_SIZE, LEARNING_RATE = 8, 1e-3
 START_STEPS = 150
+STRONG_ROWS, STRONG_DATA_SEED, STRONG_STEPS = 4000, 3, 400
 
 # method → (weighting fields of WeightedSFTConfig, reference: None, "start" or "clean")
 METHODS: dict[str, tuple[dict, str | None]] = {
@@ -184,21 +186,23 @@ def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
     )
 
 
-def clean_reference_dir(start_dir: str, steps: int) -> str:
-    """The ``clean`` reference: the starting model fine-tuned with plain NLL on :func:`reference_rows`."""
+def nll_finetuned_dir(start_dir: str, steps: int, name: str, rows) -> str:
+    """``start_dir`` fine-tuned with plain NLL for ``steps`` steps on ``rows()`` (raw conversational rows), built once
+    in the cache as ``<name>-<hash>``."""
     from transformers import AutoModelForCausalLM
 
     from hfweight import WeightedSFTTrainer
     from hfweight.defaults.corpus import atomic_build, cache_key
 
-    params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": REFERENCE_ROWS, "v": 1}
-    path = os.path.join(cache_root(), f"reference-clean-{cache_key(params)}")
+    sizes = {"reference-clean": REFERENCE_ROWS, "strong": STRONG_ROWS}
+    params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": sizes[name], "v": 1}
+    path = os.path.join(cache_root(), f"{name}-{cache_key(params)}")
     if os.path.isdir(path):
         return path
 
     def write(out: str) -> None:
         tokenizer = sft_tokenizer()
-        data = tokenize_like_trl(reference_rows(), tokenizer, MAX_LENGTH)
+        data = tokenize_like_trl(rows(), tokenizer, MAX_LENGTH)
         trainer = WeightedSFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(start_dir),
             args=sft_arguments(out, steps, seed=0),
@@ -208,9 +212,31 @@ def clean_reference_dir(start_dir: str, steps: int) -> str:
         trainer.train()
         trainer.save_model(out)
 
-    log(f"fine-tuning the clean reference ({steps} steps on arithmetic + code) into {path}")
+    log(f"fine-tuning {name} ({steps} steps of plain NLL) into {path}")
     atomic_build(path, write)
     return path
+
+
+def clean_reference_dir(start_dir: str, steps: int) -> str:
+    """The ``clean`` reference: the starting model fine-tuned with plain NLL on :func:`reference_rows`."""
+    return nll_finetuned_dir(start_dir, steps, "reference-clean", reference_rows)
+
+
+def strong_rows():
+    """The strong start's rows: a separate draw of all three domains (the task itself), held-out prompts removed."""
+    from hfweight.defaults import sft_dataset
+
+    heldout = {_prompt_key(p) for p in heldout_raw()["prompt"]}
+    data = sft_dataset(seed=STRONG_DATA_SEED, n=STRONG_ROWS)
+    return data.filter(lambda row: _prompt_key(row["prompt"]) not in heldout)
+
+
+def strong_start_dir(weak_dir: str, steps: int) -> str:
+    """The *strong* starting model: the weak one already fine-tuned on the task (plain NLL, ``steps`` steps on
+    :func:`strong_rows`, batch 8, lr 1e-3 cosine). It gives the held-out completion tokens a much higher probability
+    (reported as ``heldout_p``) — the regime where DFT is claimed to help (Wu et al. 2025 fine-tune models that
+    already solve part of the task)."""
+    return nll_finetuned_dir(weak_dir, steps, "strong", strong_rows)
 
 
 def train_rows(references: dict[str, str]):
@@ -245,6 +271,7 @@ def evaluate(model, heldout_tokenized, heldout) -> dict:
     exact_rows = heldout.filter(lambda row: row["domain"] == "arithmetic").select(range(EXACT_MATCH_ROWS))
     return {
         "heldout_nll": completion_nll(model, heldout_tokenized),
+        "heldout_p": completion_probability(model, heldout_tokenized),
         "arithmetic_exact_match": arithmetic_exact_match(model, sft_tokenizer(), exact_rows),
     }
 
@@ -281,7 +308,7 @@ def train_once(method: str, seed: int, data, start_dir: str, steps: int):
 
 
 def _cell(stat: dict, fmt: str = ".3f") -> str:
-    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt.lstrip('+')}}"
 
 
 def to_markdown(result: dict) -> str:
@@ -297,24 +324,90 @@ def to_markdown(result: dict) -> str:
         f"1-minute load average: {s['load_min']:.1f}–{s['load_max']:.1f}; OMP_NUM_THREADS={s['omp_threads']}; "
         f"wall time {s['wall_minutes']:.1f} min.",
         "",
-        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match |",
-        "|---|---|---|---|---|---|---|",
+        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match | mean token p (all) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["baselines"].items():
         nll = row["heldout_nll"]
+        p = f"{row['heldout_p']['all']:.3f}" if "heldout_p" in row else "–"
         lines.append(
             f"| ({name}) | – | {nll['arithmetic']:.3f} | {nll['code']:.3f} | {nll['redundant']:.3f} | {nll['all']:.3f} "
-            f"| {row['arithmetic_exact_match']:.3f} |"
+            f"| {row['arithmetic_exact_match']:.3f} | {p} |"
         )
     for method, row in result["methods"].items():
         nll = row["heldout_nll"]
         cells = [_cell(nll[d]) for d in (*DOMAINS, "all")]
+        p = _cell(row["heldout_p"]["all"]) if "heldout_p" in row else "–"
         lines.append(
             f"| `{method}` | {row['reference'] or '–'} | "
             + " | ".join(cells)
-            + f" | {_cell(row['arithmetic_exact_match'])} |"
+            + f" | {_cell(row['arithmetic_exact_match'])} | {p} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def start_description(args: argparse.Namespace) -> str:
+    """How the starting model was made, for the report ("pretrained <this>")."""
+    weak = f"from {args.start_model}" if args.start_model else f"{args.start_steps} steps on the built-in corpus"
+    if not args.strong_steps:
+        return weak
+    return (f"{weak}, then fine-tuned {args.strong_steps} steps with plain NLL on a disjoint draw of the task "
+            f"({STRONG_ROWS} rows of seed {STRONG_DATA_SEED}; the *strong* start)")
+
+
+def paired_delta(method_runs: list[dict], nll_runs: list[dict], metric: str, key: str | None) -> dict:
+    """Mean ± std over seeds of ``method − nll`` on the same seed for one metric (``key`` = a domain, or None)."""
+    def value(run):
+        return run[metric] if key is None else run[metric][key]
+
+    return mean_std([value(m) - value(n) for m, n in zip(method_runs, nll_runs)])
+
+
+COMPARED = (("heldout_nll", "arithmetic"), ("heldout_nll", "code"), ("heldout_nll", "all"),
+            ("arithmetic_exact_match", None))
+
+
+def comparison_markdown(results: dict[str, dict]) -> str:
+    """One table over several result files (e.g. weak and strong start): each method's held-out NLL on the clean
+    domains and over all, and arithmetic exact match, as paired differences to plain NLL (same seed)."""
+    lines = [
+        "### Per-token weighting from a weak and a strong start (Δ vs plain NLL, same seed)",
+        "",
+        "Held-out NLL per completion token (lower is better; Δ < 0 beats NLL) on the clean domains (arithmetic, code) "
+        "and over all three; exact match on unseen arithmetic prompts (higher is better). Mean ± sample std over "
+        "seeds of the per-seed difference. Starts: "
+        + "; ".join(f"**{label}** = pretrained {r['settings']['start']} (mean token p "
+                    f"{r['baselines']['starting model']['heldout_p']['all']:.3f}, NLL "
+                    f"{r['baselines']['starting model']['heldout_nll']['all']:.3f})" for label, r in results.items())
+        + ".",
+        "",
+        "| start | method | plain NLL: all | Δ arithmetic | Δ code | Δ all | Δ exact match |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, result in results.items():
+        nll_runs = result["methods"]["nll"]["runs"]
+        nll_all = result["methods"]["nll"]["heldout_nll"]["all"]
+        for method, row in result["methods"].items():
+            if method == "nll":
+                continue
+            deltas = [paired_delta(row["runs"], nll_runs, metric, key) for metric, key in COMPARED]
+            lines.append(f"| {label} | `{method}` | {_cell(nll_all)} | " + " | ".join(_cell(d, "+.3f") for d in deltas)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(specs: list[str], name: str) -> str:
+    """Read ``LABEL=path.json`` result files and write their :func:`comparison_markdown` as ``<name>.md``."""
+    results = {}
+    for spec in specs:
+        label, path = spec.split("=", 1)
+        with open(path) as f:
+            results[label] = json.load(f)
+    markdown = comparison_markdown(results)
+    print(markdown)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    return markdown
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -324,6 +417,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (and for the clean reference)")
     parser.add_argument("--start_steps", type=int, default=START_STEPS, help="pretraining steps of the starting model")
     parser.add_argument("--start_model", help="use this pretrained model directory as the starting model instead")
+    parser.add_argument("--strong_steps", type=int, default=0, help="start from the *strong* model: the starting "
+                        "model after this many plain-NLL SFT steps on a disjoint draw of the task (0: the weak start)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", help="no training: one table of Δ vs plain NLL "
+                        "from earlier result files, e.g. weak=results/a.json strong=results/b.json")
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 steps: a smoke test of the benchmark")
     parser.add_argument(
         "--name", help="result file name under benchmarks/results (default: sft_effectiveness[_quick])"
@@ -337,10 +434,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return write_comparison(args.compare, args.name)
     quiet()
     began = time.time()
     loads = [_load_average()]
     start_dir = args.start_model or start_model_dir(args.start_steps)
+    if args.strong_steps:
+        start_dir = strong_start_dir(start_dir, args.strong_steps)
     needed = {METHODS[m][1] for m in args.methods} - {None}
     references = {}
     if "start" in needed:
@@ -380,6 +481,7 @@ def main(argv=None) -> dict:
             "weighting": METHODS[method][0],
             "heldout_nll": {d: mean_std([r["heldout_nll"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
             "arithmetic_exact_match": mean_std([r["arithmetic_exact_match"] for r in method_runs]),
+            "heldout_p": {d: mean_std([r["heldout_p"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
             "runs": method_runs,
         }
     loads = [v for v in loads if v is not None] or [float("nan")]
@@ -390,9 +492,8 @@ def main(argv=None) -> dict:
             "batch": BATCH_SIZE,
             "lr": LEARNING_RATE,
             "max_length": MAX_LENGTH,
-            "start": f"from {args.start_model}"
-            if args.start_model
-            else f"{args.start_steps} steps on the built-in corpus",
+            "start": start_description(args),
+            "strong_steps": args.strong_steps,
             "start_dir": start_dir,
             "references": references,
             "train_rows": len(data),

@@ -63,12 +63,10 @@ def cached_dataset(name: str, params: dict, build) -> datasets.Dataset:
 
 
 @torch.no_grad()
-def completion_nll(model, dataset: datasets.Dataset, batch_size: int = 32) -> dict[str, float]:
-    """Mean NLL per completion token (labels != -100), per ``domain`` and over all rows (``"all"``), computed in plain
-    PyTorch from the logits — no trainer, no weighting — so every method is scored the same way."""
+def completion_token_nlls(model, dataset: datasets.Dataset, batch_size: int = 32):
+    """``(domain, NLL of each completion token)`` for every row (labels != -100), from the logits in plain PyTorch —
+    no trainer, no weighting — so every method is scored the same way."""
     model.eval()
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         width = max(len(ids) for ids in rows["input_ids"])
@@ -84,10 +82,29 @@ def completion_nll(model, dataset: datasets.Dataset, batch_size: int = 32) -> di
         ).view(target.shape)
         valid = target != -100
         for i, domain in enumerate(rows["domain"]):
-            for key in (domain, "all"):
-                sums[key] = sums.get(key, 0.0) + float(nll[i][valid[i]].sum())
-                counts[key] = counts.get(key, 0) + int(valid[i].sum())
+            yield domain, nll[i][valid[i]]
+
+
+def mean_per_domain(model, dataset: datasets.Dataset, of_nll, batch_size: int = 32) -> dict[str, float]:
+    """Mean of ``of_nll(token NLLs)`` over the completion tokens of each ``domain`` and of all rows (``"all"``)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for domain, nll in completion_token_nlls(model, dataset, batch_size):
+        for key in (domain, "all"):
+            sums[key] = sums.get(key, 0.0) + float(of_nll(nll).sum())
+            counts[key] = counts.get(key, 0) + nll.numel()
     return {key: sums[key] / counts[key] for key in sorted(sums)}
+
+
+def completion_nll(model, dataset: datasets.Dataset, batch_size: int = 32) -> dict[str, float]:
+    """Mean NLL per completion token, per ``domain`` and over all rows (``"all"``)."""
+    return mean_per_domain(model, dataset, lambda nll: nll, batch_size)
+
+
+def completion_probability(model, dataset: datasets.Dataset, batch_size: int = 32) -> dict[str, float]:
+    """Mean probability the model gives each completion token, per ``domain`` and over all rows: the ``p`` that DFT
+    multiplies each token's loss by (Wu et al. 2025), so it says how "strong" a starting model is for DFT."""
+    return mean_per_domain(model, dataset, lambda nll: torch.exp(-nll), batch_size)
 
 
 @torch.no_grad()
