@@ -56,6 +56,7 @@ from sft_common import (  # noqa: E402
     cached_dataset,
     completion_nll,
     completion_probability,
+    echo_exact_match,
     mean_std,
     sft_tokenizer,
     tokenize_like_trl,
@@ -163,14 +164,16 @@ def reference_rows():
     return data.filter(lambda row: row["domain"] in CLEAN_DOMAINS and _prompt_key(row["prompt"]) not in heldout)
 
 
-def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
+def sft_arguments(output_dir: str, steps: int, seed: int, learning_rate: float = LEARNING_RATE, **weighting):
+    """The benchmark's SFT settings (batch 8, cosine schedule, 5 warm-up steps) with ``weighting`` fields; the
+    references and the strong start are always built at ``LEARNING_RATE``."""
     from hfweight import WeightedSFTConfig
 
     return WeightedSFTConfig(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=5,
         max_length=MAX_LENGTH,
@@ -269,14 +272,16 @@ def train_rows(references: dict[str, str]):
 
 def evaluate(model, heldout_tokenized, heldout) -> dict:
     exact_rows = heldout.filter(lambda row: row["domain"] == "arithmetic").select(range(EXACT_MATCH_ROWS))
+    echo_rows = heldout.filter(lambda row: row["domain"] == "redundant")
     return {
         "heldout_nll": completion_nll(model, heldout_tokenized),
         "heldout_p": completion_probability(model, heldout_tokenized),
         "arithmetic_exact_match": arithmetic_exact_match(model, sft_tokenizer(), exact_rows),
+        "echo_exact_match": echo_exact_match(model, sft_tokenizer(), echo_rows),
     }
 
 
-def train_once(method: str, seed: int, data, start_dir: str, steps: int):
+def train_once(method: str, seed: int, data, start_dir: str, steps: int, learning_rate: float = LEARNING_RATE):
     """Fine-tune the starting model with ``method`` for ``steps`` steps; return the trained model and train losses."""
     from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import PrinterCallback
@@ -294,7 +299,7 @@ def train_once(method: str, seed: int, data, start_dir: str, steps: int):
     with tempfile.TemporaryDirectory() as out:
         trainer = WeightedSFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(start_dir),
-            args=sft_arguments(out, steps, seed, **weighting),
+            args=sft_arguments(out, steps, seed, learning_rate, **weighting),
             train_dataset=data,
             processing_class=sft_tokenizer(),
         )
@@ -318,30 +323,34 @@ def to_markdown(result: dict) -> str:
         "",
         f"{len(s['seeds'])} seeds × {s['steps']} steps (batch {s['batch']}, lr {s['lr']} cosine) from a tiny Llama "
         f"pretrained {s['start']}. Held-out: mean NLL per completion token over {EVAL_PER_DOMAIN} unseen rows per "
-        f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts. "
+        f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts, and "
+        "greedy echo of the unseen redundant (\"Repeat after me\") prompts. "
         f"Cells: mean ± std over seeds (sample std). Reference `clean` = starting model fine-tuned {s['steps']} steps "
         "on arithmetic + code only (rows of its own draw); `start` = the starting model. "
         f"1-minute load average: {s['load_min']:.1f}–{s['load_max']:.1f}; OMP_NUM_THREADS={s['omp_threads']}; "
         f"wall time {s['wall_minutes']:.1f} min.",
         "",
-        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match | mean token p (all) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match | echo exact match "
+        "| mean token p (all) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["baselines"].items():
         nll = row["heldout_nll"]
         p = f"{row['heldout_p']['all']:.3f}" if "heldout_p" in row else "–"
+        echo = f"{row['echo_exact_match']:.3f}" if "echo_exact_match" in row else "–"
         lines.append(
             f"| ({name}) | – | {nll['arithmetic']:.3f} | {nll['code']:.3f} | {nll['redundant']:.3f} | {nll['all']:.3f} "
-            f"| {row['arithmetic_exact_match']:.3f} | {p} |"
+            f"| {row['arithmetic_exact_match']:.3f} | {echo} | {p} |"
         )
     for method, row in result["methods"].items():
         nll = row["heldout_nll"]
         cells = [_cell(nll[d]) for d in (*DOMAINS, "all")]
         p = _cell(row["heldout_p"]["all"]) if "heldout_p" in row else "–"
+        echo = _cell(row["echo_exact_match"]) if "echo_exact_match" in row else "–"
         lines.append(
             f"| `{method}` | {row['reference'] or '–'} | "
             + " | ".join(cells)
-            + f" | {_cell(row['arithmetic_exact_match'])} | {p} |"
+            + f" | {_cell(row['arithmetic_exact_match'])} | {echo} | {p} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -364,25 +373,27 @@ def paired_delta(method_runs: list[dict], nll_runs: list[dict], metric: str, key
 
 
 COMPARED = (("heldout_nll", "arithmetic"), ("heldout_nll", "code"), ("heldout_nll", "all"),
-            ("arithmetic_exact_match", None))
+            ("arithmetic_exact_match", None), ("echo_exact_match", None))
 
 
 def comparison_markdown(results: dict[str, dict]) -> str:
     """One table over several result files (e.g. weak and strong start): each method's held-out NLL on the clean
-    domains and over all, and arithmetic exact match, as paired differences to plain NLL (same seed)."""
+    domains and over all, and arithmetic and echo exact match, as paired differences to plain NLL (same seed)."""
     lines = [
         "### Per-token weighting from a weak and a strong start (Δ vs plain NLL, same seed)",
         "",
         "Held-out NLL per completion token (lower is better; Δ < 0 beats NLL) on the clean domains (arithmetic, code) "
-        "and over all three; exact match on unseen arithmetic prompts (higher is better). Mean ± sample std over "
+        "and over all three; greedy exact match on unseen arithmetic and echo prompts (higher is better). Mean ± "
+        "sample std over "
         "seeds of the per-seed difference. Starts: "
         + "; ".join(f"**{label}** = pretrained {r['settings']['start']} (mean token p "
                     f"{r['baselines']['starting model']['heldout_p']['all']:.3f}, NLL "
                     f"{r['baselines']['starting model']['heldout_nll']['all']:.3f})" for label, r in results.items())
         + ".",
         "",
-        "| start | method | plain NLL: all | Δ arithmetic | Δ code | Δ all | Δ exact match |",
-        "|---|---|---|---|---|---|---|",
+        "| start | method | plain NLL: all | Δ arithmetic | Δ code | Δ all | Δ arithmetic exact match | Δ echo exact "
+        "match |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         nll_runs = result["methods"]["nll"]["runs"]
@@ -417,6 +428,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (and for the clean reference)")
     parser.add_argument("--start_steps", type=int, default=START_STEPS, help="pretraining steps of the starting model")
     parser.add_argument("--start_model", help="use this pretrained model directory as the starting model instead")
+    parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help="peak learning rate of the runs "
+                        "(the references and the strong start are built at the default)")
     parser.add_argument("--strong_steps", type=int, default=0, help="start from the *strong* model: the starting "
                         "model after this many plain-NLL SFT steps on a disjoint draw of the task (0: the weak start)")
     parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", help="no training: one table of Δ vs plain NLL "
@@ -463,7 +476,7 @@ def main(argv=None) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            model, losses = train_once(method, seed, data, start_dir, args.steps)
+            model, losses = train_once(method, seed, data, start_dir, args.steps, args.learning_rate)
             metrics = evaluate(model, heldout_tokenized, heldout)
             metrics["train_losses"] = losses
             runs[method].append(metrics)
@@ -472,7 +485,7 @@ def main(argv=None) -> dict:
             log(
                 f"{method} seed {seed}: held-out NLL "
                 + ", ".join(f"{d} {nll[d]:.3f}" for d in (*DOMAINS, "all"))
-                + f"; exact match {metrics['arithmetic_exact_match']:.3f}"
+                + f"; exact match {metrics['arithmetic_exact_match']:.3f}, echo {metrics['echo_exact_match']:.3f}"
             )
     methods = {}
     for method, method_runs in runs.items():
@@ -482,6 +495,7 @@ def main(argv=None) -> dict:
             "heldout_nll": {d: mean_std([r["heldout_nll"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
             "arithmetic_exact_match": mean_std([r["arithmetic_exact_match"] for r in method_runs]),
             "heldout_p": {d: mean_std([r["heldout_p"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
+            "echo_exact_match": mean_std([r["echo_exact_match"] for r in method_runs]),
             "runs": method_runs,
         }
     loads = [v for v in loads if v is not None] or [float("nan")]
@@ -490,7 +504,7 @@ def main(argv=None) -> dict:
             "seeds": args.seeds,
             "steps": args.steps,
             "batch": BATCH_SIZE,
-            "lr": LEARNING_RATE,
+            "lr": args.learning_rate,
             "max_length": MAX_LENGTH,
             "start": start_description(args),
             "strong_steps": args.strong_steps,
