@@ -56,7 +56,7 @@ from sft_common import (  # noqa: E402
     cached_dataset,
     completion_nll,
     completion_probability,
-    echo_exact_match,
+    echo_word_accuracy,
     mean_std,
     sft_tokenizer,
     tokenize_like_trl,
@@ -277,7 +277,7 @@ def evaluate(model, heldout_tokenized, heldout) -> dict:
         "heldout_nll": completion_nll(model, heldout_tokenized),
         "heldout_p": completion_probability(model, heldout_tokenized),
         "arithmetic_exact_match": arithmetic_exact_match(model, sft_tokenizer(), exact_rows),
-        "echo_exact_match": echo_exact_match(model, sft_tokenizer(), echo_rows),
+        "echo_word_accuracy": echo_word_accuracy(model, sft_tokenizer(), echo_rows),
     }
 
 
@@ -324,20 +324,20 @@ def to_markdown(result: dict) -> str:
         f"{len(s['seeds'])} seeds × {s['steps']} steps (batch {s['batch']}, lr {s['lr']} cosine) from a tiny Llama "
         f"pretrained {s['start']}. Held-out: mean NLL per completion token over {EVAL_PER_DOMAIN} unseen rows per "
         f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts, and "
-        "greedy echo of the unseen redundant (\"Repeat after me\") prompts. "
+        "share of words in place in the greedy echo of the unseen redundant (\"Repeat after me\") prompts. "
         f"Cells: mean ± std over seeds (sample std). Reference `clean` = starting model fine-tuned {s['steps']} steps "
         "on arithmetic + code only (rows of its own draw); `start` = the starting model. "
         f"1-minute load average: {s['load_min']:.1f}–{s['load_max']:.1f}; OMP_NUM_THREADS={s['omp_threads']}; "
         f"wall time {s['wall_minutes']:.1f} min.",
         "",
-        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match | echo exact match "
+        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match | echo word accuracy "
         "| mean token p (all) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["baselines"].items():
         nll = row["heldout_nll"]
         p = f"{row['heldout_p']['all']:.3f}" if "heldout_p" in row else "–"
-        echo = f"{row['echo_exact_match']:.3f}" if "echo_exact_match" in row else "–"
+        echo = f"{row['echo_word_accuracy']:.3f}" if "echo_word_accuracy" in row else "–"
         lines.append(
             f"| ({name}) | – | {nll['arithmetic']:.3f} | {nll['code']:.3f} | {nll['redundant']:.3f} | {nll['all']:.3f} "
             f"| {row['arithmetic_exact_match']:.3f} | {echo} | {p} |"
@@ -346,7 +346,7 @@ def to_markdown(result: dict) -> str:
         nll = row["heldout_nll"]
         cells = [_cell(nll[d]) for d in (*DOMAINS, "all")]
         p = _cell(row["heldout_p"]["all"]) if "heldout_p" in row else "–"
-        echo = _cell(row["echo_exact_match"]) if "echo_exact_match" in row else "–"
+        echo = _cell(row["echo_word_accuracy"]) if "echo_word_accuracy" in row else "–"
         lines.append(
             f"| `{method}` | {row['reference'] or '–'} | "
             + " | ".join(cells)
@@ -373,26 +373,31 @@ def paired_delta(method_runs: list[dict], nll_runs: list[dict], metric: str, key
 
 
 COMPARED = (("heldout_nll", "arithmetic"), ("heldout_nll", "code"), ("heldout_nll", "all"),
-            ("arithmetic_exact_match", None), ("echo_exact_match", None))
+            ("arithmetic_exact_match", None), ("echo_word_accuracy", None))
+
+
+def start_summary(result: dict) -> str:
+    """How a result's starting model was made, with its held-out mean token probability and NLL."""
+    start = result["baselines"]["starting model"]
+    return (f"pretrained {result['settings']['start']}: mean token p {start['heldout_p']['all']:.3f}, held-out NLL "
+            f"{start['heldout_nll']['all']:.3f}")
 
 
 def comparison_markdown(results: dict[str, dict]) -> str:
     """One table over several result files (e.g. weak and strong start): each method's held-out NLL on the clean
-    domains and over all, and arithmetic and echo exact match, as paired differences to plain NLL (same seed)."""
+    domains and over all, arithmetic exact match and echo word accuracy, as paired differences to plain NLL (same
+    seed)."""
     lines = [
         "### Per-token weighting from a weak and a strong start (Δ vs plain NLL, same seed)",
         "",
         "Held-out NLL per completion token (lower is better; Δ < 0 beats NLL) on the clean domains (arithmetic, code) "
-        "and over all three; greedy exact match on unseen arithmetic and echo prompts (higher is better). Mean ± "
-        "sample std over "
-        "seeds of the per-seed difference. Starts: "
-        + "; ".join(f"**{label}** = pretrained {r['settings']['start']} (mean token p "
-                    f"{r['baselines']['starting model']['heldout_p']['all']:.3f}, NLL "
-                    f"{r['baselines']['starting model']['heldout_nll']['all']:.3f})" for label, r in results.items())
+        "and over all three; greedy exact match on unseen arithmetic prompts and echo word accuracy (higher is "
+        "better). Mean ± sample std over seeds of the per-seed difference. Starts (each once, whatever the runs' learning rate): "
+        + "; ".join(dict.fromkeys(start_summary(r) for r in results.values()))
         + ".",
         "",
-        "| start | method | plain NLL: all | Δ arithmetic | Δ code | Δ all | Δ arithmetic exact match | Δ echo exact "
-        "match |",
+        "| start | method | plain NLL: all | Δ arithmetic | Δ code | Δ all | Δ arithmetic exact match | Δ echo word "
+        "accuracy |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
@@ -485,7 +490,7 @@ def main(argv=None) -> dict:
             log(
                 f"{method} seed {seed}: held-out NLL "
                 + ", ".join(f"{d} {nll[d]:.3f}" for d in (*DOMAINS, "all"))
-                + f"; exact match {metrics['arithmetic_exact_match']:.3f}, echo {metrics['echo_exact_match']:.3f}"
+                + f"; exact match {metrics['arithmetic_exact_match']:.3f}, echo {metrics['echo_word_accuracy']:.3f}"
             )
     methods = {}
     for method, method_runs in runs.items():
@@ -495,7 +500,7 @@ def main(argv=None) -> dict:
             "heldout_nll": {d: mean_std([r["heldout_nll"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
             "arithmetic_exact_match": mean_std([r["arithmetic_exact_match"] for r in method_runs]),
             "heldout_p": {d: mean_std([r["heldout_p"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
-            "echo_exact_match": mean_std([r["echo_exact_match"] for r in method_runs]),
+            "echo_word_accuracy": mean_std([r["echo_word_accuracy"] for r in method_runs]),
             "runs": method_runs,
         }
     loads = [v for v in loads if v is not None] or [float("nan")]
