@@ -1,21 +1,32 @@
 """Effectiveness of per-token weighting in SFT: plain NLL vs DFT vs Rho-1 vs PRIOR on the built-in SFT data, from a
-briefly pretrained tiny model, fixed step budget, several seeds; held-out completion NLL per domain and arithmetic
-exact match (greedy decoding), mean ± std over seeds.
+briefly pretrained tiny model (*weak*) or from one already fine-tuned on the task (*strong*), fixed step budget,
+several seeds; held-out completion NLL per domain, mean token probability, arithmetic exact match and echo word
+accuracy (greedy decoding), mean ± std over seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py              # 4 methods × 3 seeds: ~5.5 min, ~8.5 min cold
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py --quick      # a smoke run (1 seed, 10 steps)
     OMP_NUM_THREADS=1 python benchmarks/bench_sft_effectiveness.py --methods nll dft rho1 prior focal rho1_start \\
         prior_start --seeds 0 1 2 3 4 --steps 300                                # the fuller version (~1 h)
+    python benchmarks/bench_sft_effectiveness.py --methods nll dft focal rho1 prior --strong_steps 400 \
+        --name sft_effectiveness_strong                                          # from the strong start
+    python benchmarks/bench_sft_effectiveness.py --compare weak=results/sft_effectiveness_weak.json \
+        strong=results/sft_effectiveness_strong.json --name cmp                  # Δ vs NLL, one table
 
 Setup (every expensive piece is built once and cached under ``$HFWEIGHT_CACHE/bench_sft``):
 
 - **Starting model**: the built-in tiny Llama pretrained with plain NLL for ``--start_steps`` (150) steps on the
   built-in five-domain corpus by ``trainers/pretrain.py``'s ``main`` (or ``--start_model DIR``, e.g. the demo's
-  ``outputs/tiny/demo/pretrain``).
+  ``outputs/tiny/demo/pretrain``). This is the *weak* start: mean probability of a held-out completion token 0.006.
+- **Strong start** (``--strong_steps K``, issue 15): the weak start already fine-tuned on the task — K steps of plain
+  NLL (batch 8, lr 1e-3 cosine) on a disjoint draw of all three domains (``sft_dataset(seed=3, n=4000)``, held-out
+  prompts removed). K = 400: mean token probability 0.222, held-out NLL 3.30; K = 1500 ("stronger"): 0.299, 2.80 and
+  echo word accuracy 0.53. DFT's claim (Wu et al. 2025) is for models that already solve part of the task; a model
+  that already predicts the completions is the closest this tiny model gets (it never learns 2-digit arithmetic).
 - **Training rows**: ``sft_dataset(seed=0, n=2000)`` (arithmetic 50 %, code 35 %, redundant echo 15 %), tokenized once
   by ``trl.SFTTrainer``'s own preparation (chat template, completion-only labels, ``max_length`` 96).
 - **Held-out rows**: another draw (``sft_dataset(seed=7)``) with every prompt seen in training or by the reference
-  removed; 64 rows per domain for the NLL, the first 48 arithmetic ones for exact match.
+  removed; 64 rows per domain for the NLL, the first 48 arithmetic ones for exact match, the redundant ones for echo
+  word accuracy (share of the phrase's words in place in the greedy answer — the one task off the floor).
 - **Reference** (Rho-1 and PRIOR need one): ``clean`` = the starting model fine-tuned with plain NLL, same budget,
   on the *clean* domains only (arithmetic and code, from a separate draw ``sft_dataset(seed=1)``; the redundant echo
   rows are left out, as the corpus's ``redundant`` domain is the low-value one) — Rho-1's "reference trained on
@@ -24,8 +35,8 @@ Setup (every expensive piece is built once and cached under ``$HFWEIGHT_CACHE/be
   tokens, ``(1 − p_ref)^α ≈ 1`` and ``prior_start`` is plain NLL to 3 decimals (measured). Reference scores are
   precomputed once as a ``ref_logps`` column (``hfweight.reference.score_dataset``), which gives exactly the live
   reference's loss.
-- **Runs**: ``WeightedSFTTrainer`` from the starting model, batch 8, lr 1e-3 cosine (5 warmup steps), ``--steps``
-  steps; the seed changes the data order only. Held-out NLL is computed in plain PyTorch (unweighted mean NLL per
+- **Runs**: ``WeightedSFTTrainer`` from the starting model, batch 8, lr 1e-3 cosine (``--learning_rate``; 5 warmup
+  steps), ``--steps`` steps; the seed changes the data order only. Held-out NLL is computed in plain PyTorch (unweighted mean NLL per
   completion token), identical for every method.
 
 Findings (60 steps, 3 seeds; ``results/sft_effectiveness.md`` and ``sft_effectiveness_extras.md``): no method beats
@@ -34,6 +45,14 @@ sharpens what the model already predicts; held-out NLL ends *above* the starting
 Rho-1 with the clean reference matches NLL on arithmetic/code and drops the redundant tokens, as designed (their
 reference loss is high, so their excess loss is low). PRIOR with the clean reference down-weights the arithmetic
 tokens the reference already predicts and learns arithmetic more slowly. Exact match stays at the floor (≤ 1/48).
+
+Weak vs strong (issue 15; ``results/sft_effectiveness_weak_vs_strong.md``, 60 steps, 3 seeds, lr 1e-3 and 1e-4): DFT's
+held-out NLL gap to plain NLL shrinks as the start gets stronger (lr 1e-3: +4.11 weak, +1.94 strong, +1.05 stronger;
+lr 1e-4: +0.72, +0.18, +0.08) but never turns into a gain, and its echo word accuracy is lower too (−0.13 ± 0.05 from
+the stronger start at lr 1e-3); it raises the mean token probability (it sharpens what the model predicts). Focal
+stays within ±0.013 nats of NLL over all domains (up to +0.08 on arithmetic from the weak start); Rho-1 and PRIOR
+cost less from a strong start and never win. DFT's claim
+does not show at this scale.
 """
 
 from __future__ import annotations
@@ -55,6 +74,8 @@ from sft_common import (  # noqa: E402
     cache_root,
     cached_dataset,
     completion_nll,
+    completion_probability,
+    echo_word_accuracy,
     mean_std,
     sft_tokenizer,
     tokenize_like_trl,
@@ -69,6 +90,7 @@ EVAL_PER_DOMAIN, EXACT_MATCH_ROWS = 64, 48
 MAX_LENGTH, EVAL_MAX_LENGTH = 96, 256
 BATCH_SIZE, LEARNING_RATE = 8, 1e-3
 START_STEPS = 150
+STRONG_ROWS, STRONG_DATA_SEED, STRONG_STEPS = 4000, 3, 400
 
 # method → (weighting fields of WeightedSFTConfig, reference: None, "start" or "clean")
 METHODS: dict[str, tuple[dict, str | None]] = {
@@ -159,7 +181,9 @@ def reference_rows():
     return data.filter(lambda row: row["domain"] in CLEAN_DOMAINS and _prompt_key(row["prompt"]) not in heldout)
 
 
-def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
+def sft_arguments(output_dir: str, steps: int, seed: int, learning_rate: float = LEARNING_RATE, **weighting):
+    """The benchmark's SFT settings (batch 8, cosine schedule, 5 warm-up steps) with ``weighting`` fields; the
+    references and the strong start are always built at ``LEARNING_RATE``."""
     from hfweight import WeightedSFTConfig
 
     return WeightedSFTConfig(
@@ -168,7 +192,7 @@ def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
             seed,
             max_steps=steps,
             per_device_train_batch_size=BATCH_SIZE,
-            learning_rate=LEARNING_RATE,
+            learning_rate=learning_rate,
             lr_scheduler_type="cosine",
             warmup_steps=5,
             max_length=MAX_LENGTH,
@@ -180,21 +204,23 @@ def sft_arguments(output_dir: str, steps: int, seed: int, **weighting):
     )
 
 
-def clean_reference_dir(start_dir: str, steps: int) -> str:
-    """The ``clean`` reference: the starting model fine-tuned with plain NLL on :func:`reference_rows`."""
+def nll_finetuned_dir(start_dir: str, steps: int, name: str, rows) -> str:
+    """``start_dir`` fine-tuned with plain NLL for ``steps`` steps on ``rows()`` (raw conversational rows), built once
+    in the cache as ``<name>-<hash>``."""
     from transformers import AutoModelForCausalLM
 
     from hfweight import WeightedSFTTrainer
     from hfweight.builtin.corpus import atomic_build, cache_key
 
-    params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": REFERENCE_ROWS, "v": 1}
-    path = os.path.join(cache_root(), f"reference-clean-{cache_key(params)}")
+    sizes = {"reference-clean": REFERENCE_ROWS, "strong": STRONG_ROWS}
+    params = {"start": os.path.abspath(start_dir), "steps": steps, "rows": sizes[name], "v": 1}
+    path = os.path.join(cache_root(), f"{name}-{cache_key(params)}")
     if os.path.isdir(path):
         return path
 
     def write(out: str) -> None:
         tokenizer = sft_tokenizer()
-        data = tokenize_like_trl(reference_rows(), tokenizer, MAX_LENGTH)
+        data = tokenize_like_trl(rows(), tokenizer, MAX_LENGTH)
         trainer = WeightedSFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(start_dir),
             args=sft_arguments(out, steps, seed=0),
@@ -204,9 +230,31 @@ def clean_reference_dir(start_dir: str, steps: int) -> str:
         trainer.train()
         trainer.save_model(out)
 
-    log(f"fine-tuning the clean reference ({steps} steps on arithmetic + code) into {path}")
+    log(f"fine-tuning {name} ({steps} steps of plain NLL) into {path}")
     atomic_build(path, write)
     return path
+
+
+def clean_reference_dir(start_dir: str, steps: int) -> str:
+    """The ``clean`` reference: the starting model fine-tuned with plain NLL on :func:`reference_rows`."""
+    return nll_finetuned_dir(start_dir, steps, "reference-clean", reference_rows)
+
+
+def strong_rows():
+    """The strong start's rows: a separate draw of all three domains (the task itself), held-out prompts removed."""
+    from hfweight.builtin import sft_dataset
+
+    heldout = {_prompt_key(p) for p in heldout_raw()["prompt"]}
+    data = sft_dataset(seed=STRONG_DATA_SEED, n=STRONG_ROWS)
+    return data.filter(lambda row: _prompt_key(row["prompt"]) not in heldout)
+
+
+def strong_start_dir(weak_dir: str, steps: int) -> str:
+    """The *strong* starting model: the weak one already fine-tuned on the task (plain NLL, ``steps`` steps on
+    :func:`strong_rows`, batch 8, lr 1e-3 cosine). It gives the held-out completion tokens a much higher probability
+    (reported as ``heldout_p``) — the regime where DFT is claimed to help (Wu et al. 2025 fine-tune models that
+    already solve part of the task)."""
+    return nll_finetuned_dir(weak_dir, steps, "strong", strong_rows)
 
 
 def train_rows(references: dict[str, str]):
@@ -239,13 +287,16 @@ def train_rows(references: dict[str, str]):
 
 def evaluate(model, heldout_tokenized, heldout) -> dict:
     exact_rows = heldout.filter(lambda row: row["domain"] == "arithmetic").select(range(EXACT_MATCH_ROWS))
+    echo_rows = heldout.filter(lambda row: row["domain"] == "redundant")
     return {
         "heldout_nll": completion_nll(model, heldout_tokenized),
+        "heldout_p": completion_probability(model, heldout_tokenized),
         "arithmetic_exact_match": arithmetic_exact_match(model, sft_tokenizer(), exact_rows),
+        "echo_word_accuracy": echo_word_accuracy(model, sft_tokenizer(), echo_rows),
     }
 
 
-def train_once(method: str, seed: int, data, start_dir: str, steps: int):
+def train_once(method: str, seed: int, data, start_dir: str, steps: int, learning_rate: float = LEARNING_RATE):
     """Fine-tune the starting model with ``method`` for ``steps`` steps; return the trained model and train losses."""
     from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import PrinterCallback
@@ -263,7 +314,7 @@ def train_once(method: str, seed: int, data, start_dir: str, steps: int):
     with tempfile.TemporaryDirectory() as out:
         trainer = WeightedSFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(start_dir),
-            args=sft_arguments(out, steps, seed, **weighting),
+            args=sft_arguments(out, steps, seed, learning_rate, **weighting),
             train_dataset=data,
             processing_class=sft_tokenizer(),
         )
@@ -277,7 +328,7 @@ def train_once(method: str, seed: int, data, start_dir: str, steps: int):
 
 
 def _cell(stat: dict, fmt: str = ".3f") -> str:
-    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt.lstrip('+')}}"
 
 
 def to_markdown(result: dict) -> str:
@@ -287,30 +338,107 @@ def to_markdown(result: dict) -> str:
         "",
         f"{len(s['seeds'])} seeds × {s['steps']} steps (batch {s['batch']}, lr {s['lr']} cosine) from a tiny Llama "
         f"pretrained {s['start']}. Held-out: mean NLL per completion token over {EVAL_PER_DOMAIN} unseen rows per "
-        f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts. "
+        f"domain (lower is better); exact match: greedy answer of {EXACT_MATCH_ROWS} unseen arithmetic prompts, and "
+        "share of words in place in the greedy echo of the unseen redundant (\"Repeat after me\") prompts. "
         f"Cells: mean ± std over seeds (sample std). Reference `clean` = starting model fine-tuned {s['steps']} steps "
         "on arithmetic + code only (rows of its own draw); `start` = the starting model. "
         f"1-minute load average: {s['load_min']:.1f}–{s['load_max']:.1f}; OMP_NUM_THREADS={s['omp_threads']}; "
         f"wall time {s['wall_minutes']:.1f} min.",
         "",
-        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match |",
-        "|---|---|---|---|---|---|---|",
+        "| method | reference | arithmetic | code | redundant | all | arithmetic exact match | echo word accuracy "
+        "| mean token p (all) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["baselines"].items():
         nll = row["heldout_nll"]
+        p = f"{row['heldout_p']['all']:.3f}" if "heldout_p" in row else "–"
+        echo = f"{row['echo_word_accuracy']:.3f}" if "echo_word_accuracy" in row else "–"
         lines.append(
             f"| ({name}) | – | {nll['arithmetic']:.3f} | {nll['code']:.3f} | {nll['redundant']:.3f} | {nll['all']:.3f} "
-            f"| {row['arithmetic_exact_match']:.3f} |"
+            f"| {row['arithmetic_exact_match']:.3f} | {echo} | {p} |"
         )
     for method, row in result["methods"].items():
         nll = row["heldout_nll"]
         cells = [_cell(nll[d]) for d in (*DOMAINS, "all")]
+        p = _cell(row["heldout_p"]["all"]) if "heldout_p" in row else "–"
+        echo = _cell(row["echo_word_accuracy"]) if "echo_word_accuracy" in row else "–"
         lines.append(
             f"| `{method}` | {row['reference'] or '–'} | "
             + " | ".join(cells)
-            + f" | {_cell(row['arithmetic_exact_match'])} |"
+            + f" | {_cell(row['arithmetic_exact_match'])} | {echo} | {p} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def start_description(args: argparse.Namespace) -> str:
+    """How the starting model was made, for the report ("pretrained <this>")."""
+    weak = f"from {args.start_model}" if args.start_model else f"{args.start_steps} steps on the built-in corpus"
+    if not args.strong_steps:
+        return weak
+    return (f"{weak}, then fine-tuned {args.strong_steps} steps with plain NLL on a disjoint draw of the task "
+            f"({STRONG_ROWS} rows of seed {STRONG_DATA_SEED}; the *strong* start)")
+
+
+def paired_delta(method_runs: list[dict], nll_runs: list[dict], metric: str, key: str | None) -> dict:
+    """Mean ± std over seeds of ``method − nll`` on the same seed for one metric (``key`` = a domain, or None)."""
+    def value(run):
+        return run[metric] if key is None else run[metric][key]
+
+    return mean_std([value(m) - value(n) for m, n in zip(method_runs, nll_runs)])
+
+
+COMPARED = (("heldout_nll", "arithmetic"), ("heldout_nll", "code"), ("heldout_nll", "all"),
+            ("arithmetic_exact_match", None), ("echo_word_accuracy", None))
+
+
+def start_summary(result: dict) -> str:
+    """How a result's starting model was made, with its held-out mean token probability and NLL."""
+    start = result["baselines"]["starting model"]
+    return (f"pretrained {result['settings']['start']}: mean token p {start['heldout_p']['all']:.3f}, held-out NLL "
+            f"{start['heldout_nll']['all']:.3f}")
+
+
+def comparison_markdown(results: dict[str, dict]) -> str:
+    """One table over several result files (e.g. weak and strong start): each method's held-out NLL on the clean
+    domains and over all, arithmetic exact match and echo word accuracy, as paired differences to plain NLL (same
+    seed)."""
+    lines = [
+        "### Per-token weighting from a weak and a strong start (Δ vs plain NLL, same seed)",
+        "",
+        "Held-out NLL per completion token (lower is better; Δ < 0 beats NLL) on the clean domains (arithmetic, code) "
+        "and over all three; greedy exact match on unseen arithmetic prompts and echo word accuracy (higher is "
+        "better). Mean ± sample std over seeds of the per-seed difference. Starts (each once, whatever the runs' learning rate): "
+        + "; ".join(dict.fromkeys(start_summary(r) for r in results.values()))
+        + ".",
+        "",
+        "| start | method | plain NLL: all | Δ arithmetic | Δ code | Δ all | Δ arithmetic exact match | Δ echo word "
+        "accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, result in results.items():
+        nll_runs = result["methods"]["nll"]["runs"]
+        nll_all = result["methods"]["nll"]["heldout_nll"]["all"]
+        for method, row in result["methods"].items():
+            if method == "nll":
+                continue
+            deltas = [paired_delta(row["runs"], nll_runs, metric, key) for metric, key in COMPARED]
+            lines.append(f"| {label} | `{method}` | {_cell(nll_all)} | " + " | ".join(_cell(d, "+.3f") for d in deltas)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(specs: list[str], name: str) -> str:
+    """Read ``LABEL=path.json`` result files and write their :func:`comparison_markdown` as ``<name>.md``."""
+    results = {}
+    for spec in specs:
+        label, path = spec.split("=", 1)
+        with open(path) as f:
+            results[label] = json.load(f)
+    markdown = comparison_markdown(results)
+    print(markdown)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    return markdown
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -320,6 +448,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (and for the clean reference)")
     parser.add_argument("--start_steps", type=int, default=START_STEPS, help="pretraining steps of the starting model")
     parser.add_argument("--start_model", help="use this pretrained model directory as the starting model instead")
+    parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help="peak learning rate of the runs "
+                        "(the references and the strong start are built at the default)")
+    parser.add_argument("--strong_steps", type=int, default=0, help="start from the *strong* model: the starting "
+                        "model after this many plain-NLL SFT steps on a disjoint draw of the task (0: the weak start)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", help="no training: one table of Δ vs plain NLL "
+                        "from earlier result files, e.g. weak=results/a.json strong=results/b.json")
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 steps: a smoke test of the benchmark")
     parser.add_argument(
         "--name", help="result file name under benchmarks/results (default: sft_effectiveness[_quick])"
@@ -333,10 +467,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return write_comparison(args.compare, args.name)
     quiet()
     began = time.time()
     loads = [_load_average()]
     start_dir = args.start_model or start_model_dir(args.start_steps)
+    if args.strong_steps:
+        start_dir = strong_start_dir(start_dir, args.strong_steps)
     needed = {METHODS[m][1] for m in args.methods} - {None}
     references = {}
     if "start" in needed:
@@ -358,7 +496,7 @@ def main(argv=None) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            model, losses = train_once(method, seed, data, start_dir, args.steps)
+            model, losses = train_once(method, seed, data, start_dir, args.steps, args.learning_rate)
             metrics = evaluate(model, heldout_tokenized, heldout)
             metrics["train_losses"] = losses
             runs[method].append(metrics)
@@ -367,7 +505,7 @@ def main(argv=None) -> dict:
             log(
                 f"{method} seed {seed}: held-out NLL "
                 + ", ".join(f"{d} {nll[d]:.3f}" for d in (*DOMAINS, "all"))
-                + f"; exact match {metrics['arithmetic_exact_match']:.3f}"
+                + f"; exact match {metrics['arithmetic_exact_match']:.3f}, echo {metrics['echo_word_accuracy']:.3f}"
             )
     methods = {}
     for method, method_runs in runs.items():
@@ -376,6 +514,8 @@ def main(argv=None) -> dict:
             "weighting": METHODS[method][0],
             "heldout_nll": {d: mean_std([r["heldout_nll"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
             "arithmetic_exact_match": mean_std([r["arithmetic_exact_match"] for r in method_runs]),
+            "heldout_p": {d: mean_std([r["heldout_p"][d] for r in method_runs]) for d in (*DOMAINS, "all")},
+            "echo_word_accuracy": mean_std([r["echo_word_accuracy"] for r in method_runs]),
             "runs": method_runs,
         }
     loads = [v for v in loads if v is not None] or [float("nan")]
@@ -384,11 +524,10 @@ def main(argv=None) -> dict:
             "seeds": args.seeds,
             "steps": args.steps,
             "batch": BATCH_SIZE,
-            "lr": LEARNING_RATE,
+            "lr": args.learning_rate,
             "max_length": MAX_LENGTH,
-            "start": f"from {args.start_model}"
-            if args.start_model
-            else f"{args.start_steps} steps on the built-in corpus",
+            "start": start_description(args),
+            "strong_steps": args.strong_steps,
             "start_dir": start_dir,
             "references": references,
             "train_rows": len(data),

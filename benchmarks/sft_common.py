@@ -19,7 +19,7 @@ import torch
 
 from hfweight.builtin import build_corpus, build_model, build_tokenizer
 from hfweight.builtin.corpus import atomic_build, cache_key, default_cache_dir, quiet_datasets
-from hfweight.builtin.tasks import first_integer
+from hfweight.builtin.tasks import copy_score, first_integer
 
 
 def cache_root() -> str:
@@ -63,12 +63,10 @@ def cached_dataset(name: str, params: dict, build) -> datasets.Dataset:
 
 
 @torch.no_grad()
-def completion_nll(model, dataset: datasets.Dataset, batch_size: int = 32) -> dict[str, float]:
-    """Mean NLL per completion token (labels != -100), per ``domain`` and over all rows (``"all"``), computed in plain
-    PyTorch from the logits — no trainer, no weighting — so every method is scored the same way."""
+def completion_token_nlls(model, dataset: datasets.Dataset, batch_size: int = 32):
+    """``(domain, NLL of each completion token)`` for every row (labels != -100), from the logits in plain PyTorch —
+    no trainer, no weighting — so every method is scored the same way."""
     model.eval()
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         width = max(len(ids) for ids in rows["input_ids"])
@@ -84,30 +82,64 @@ def completion_nll(model, dataset: datasets.Dataset, batch_size: int = 32) -> di
         ).view(target.shape)
         valid = target != -100
         for i, domain in enumerate(rows["domain"]):
-            for key in (domain, "all"):
-                sums[key] = sums.get(key, 0.0) + float(nll[i][valid[i]].sum())
-                counts[key] = counts.get(key, 0) + int(valid[i].sum())
+            yield domain, nll[i][valid[i]]
+
+
+def mean_per_domain(model, dataset: datasets.Dataset, of_nll, batch_size: int = 32) -> dict[str, float]:
+    """Mean of ``of_nll(token NLLs)`` over the completion tokens of each ``domain`` and of all rows (``"all"``)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for domain, nll in completion_token_nlls(model, dataset, batch_size):
+        for key in (domain, "all"):
+            sums[key] = sums.get(key, 0.0) + float(of_nll(nll).sum())
+            counts[key] = counts.get(key, 0) + nll.numel()
     return {key: sums[key] / counts[key] for key in sorted(sums)}
 
 
+def completion_nll(model, dataset: datasets.Dataset, batch_size: int = 32) -> dict[str, float]:
+    """Mean NLL per completion token, per ``domain`` and over all rows (``"all"``)."""
+    return mean_per_domain(model, dataset, lambda nll: nll, batch_size)
+
+
+def completion_probability(model, dataset: datasets.Dataset, batch_size: int = 32) -> dict[str, float]:
+    """Mean probability the model gives each completion token, per ``domain`` and over all rows: the ``p`` that DFT
+    multiplies each token's loss by (Wu et al. 2025), so it says how "strong" a starting model is for DFT."""
+    return mean_per_domain(model, dataset, lambda nll: torch.exp(-nll), batch_size)
+
+
 @torch.no_grad()
-def arithmetic_exact_match(model, tokenizer, rows: datasets.Dataset, max_new_tokens: int = 6) -> float:
-    """Share of arithmetic prompts whose greedy completion's first integer equals the answer (one prompt at a time,
-    so no padding is involved)."""
+def greedy_completion(model, tokenizer, prompt: list[dict], max_new_tokens: int) -> str:
+    """The greedy completion of one conversational prompt (one prompt at a time, so no padding is involved)."""
     model.eval()
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = model.generate(
+        input_ids=ids["input_ids"],
+        attention_mask=ids["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def arithmetic_exact_match(model, tokenizer, rows: datasets.Dataset, max_new_tokens: int = 6) -> float:
+    """Share of arithmetic prompts whose greedy completion's first integer equals the answer."""
     correct = 0
     for prompt, completion in zip(rows["prompt"], rows["completion"]):
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-        out = model.generate(
-            input_ids=ids["input_ids"],
-            attention_mask=ids["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        text = greedy_completion(model, tokenizer, prompt, max_new_tokens)
         correct += first_integer(text) == int(completion[0]["content"])
     return correct / len(rows)
+
+
+def echo_word_accuracy(model, tokenizer, rows: datasets.Dataset, max_new_tokens: int = 16) -> float:
+    """Mean share of the phrase's words that the greedy completion of an echo prompt ("Repeat after me: <phrase>")
+    has in place (:func:`hfweight.builtin.tasks.copy_score`: 1 for an exact copy, a missing or an extra word costs
+    alike): the one task of the built-in SFT data a tiny model can partly solve, so it is graded rather than exact."""
+    scores = [
+        copy_score(greedy_completion(model, tokenizer, prompt, max_new_tokens), completion[0]["content"])
+        for prompt, completion in zip(rows["prompt"], rows["completion"])
+    ]
+    return sum(scores) / len(scores)
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
