@@ -12,6 +12,10 @@ reported loss is the mean of their held-out token-mean losses on a *test* half o
 that learn from held-out data (Aioli's probes, DGA's target gradient) see only the other, *validation* half, and only
 its clean domains (the common case: held-out sets for the domains the user cares about, not for the junk).
 
+Controls: ``stratified`` (uniform, τ = inf) and ``reshuffled`` — the same uniform mixture and model init with another
+data order (``data_seed`` + 1000): its distance to stratified is the noise floor of one comparison, what a method
+that changed nothing but the order of the rows would score.
+
 Every method runs with its *documented defaults* (a user's first try); the only settings given are the ones a method
 cannot run without (DGA's target: the clean mix). ``--override METHOD='{"eta": 0.5}'`` changes one method's kwargs (a
 knob sweep). Methods: stratified (uniform, τ = inf), ``oracle`` (the best static choice given the truth: uniform over
@@ -50,12 +54,15 @@ CLEAN = ("arithmetic", "code", "prose")
 SEQ_LEN = 64
 BATCH = 16
 HELDOUT_PER_DOMAIN = 32  # blocks per domain in each of the validation and test halves
-METHODS = ("stratified", "oracle", "temperature", "doremi", "odm", "aioli", "dga", "learning_progress", "dga_arithmetic")
+METHODS = ("stratified", "reshuffled", "oracle", "temperature", "doremi", "odm", "aioli", "dga", "learning_progress",
+           "dga_arithmetic")
+RESHUFFLE_SEED_OFFSET = 1000  # `reshuffled`: stratified with another data order (data_seed = seed + this), same init
 OVERRIDES: dict[str, dict] = {}  # --override METHOD=JSON: extra kwargs for one method (knob sweeps)
 
 # method -> (mixture name, the kwargs a user must give; everything else is the method's documented default)
 CONFIGS = {
     "stratified": ("temperature", {"temperature": "inf"}),
+    "reshuffled": ("temperature", {"temperature": "inf"}),
     "oracle": ("static", {"weights": {d: 1.0 for d in CLEAN}}),
     "temperature": ("temperature", {"temperature": 2.0}),
     "doremi": ("doremi", {}),
@@ -139,7 +146,8 @@ def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> 
         output_dir=tempfile.mkdtemp(prefix=f"mixeff_{method}_"), max_steps=steps, per_device_train_batch_size=BATCH,
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.01,
         logging_steps=max(1, steps // 10), save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=seed, data_seed=seed, dataloader_num_workers=0, mixture_mode="resample", **config,
+        disable_tqdm=True, seed=seed, data_seed=seed + (RESHUFFLE_SEED_OFFSET if method == "reshuffled" else 0),
+        dataloader_num_workers=0, mixture_mode="resample", **config,
     )
     curve = Curve()
     started = time.perf_counter()
@@ -157,6 +165,26 @@ def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> 
         "mixture": dict(zip(trainer.domain_names, trainer.mixture.final_probabilities().tolist())),
         "model": model,
     }
+
+
+def _reference_path(cache_dir: str, seed: int, steps: int) -> str:
+    return os.path.join(cache_dir, f"stratified_seed{seed}_steps{steps}.pt")
+
+
+def cached_reference(cache_dir: str | None, seed: int, steps: int):
+    """The stratified model of this seed and budget from ``--reference_cache``, or None (not cached)."""
+    if cache_dir is None or not os.path.exists(_reference_path(cache_dir, seed, steps)):
+        return None
+    tokenizer = data()[0]
+    model = build_model(tokenizer, size="tiny", seed=seed)
+    model.load_state_dict(torch.load(_reference_path(cache_dir, seed, steps), weights_only=True))
+    return model
+
+
+def save_reference(cache_dir: str | None, seed: int, steps: int, model) -> None:
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(model.state_dict(), _reference_path(cache_dir, seed, steps))
 
 
 def target_loss(losses: dict, method: str) -> float:
@@ -211,6 +239,9 @@ def main(argv=None) -> None:
     parser.add_argument("--include", nargs="+", default=[], metavar="JSON",
                         help="result files of earlier runs (same --steps): their runs join the table and are not re-run "
                              "(split a long benchmark over several invocations, e.g. one per seed)")
+    parser.add_argument("--reference_cache", default=None, metavar="DIR",
+                        help="keep each seed's stratified model (DoReMi's reference) in DIR and reuse it in later "
+                             "invocations with the same --steps, instead of training it again")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads ran 4x slower per step)")
     args = parser.parse_args(argv)
@@ -228,14 +259,16 @@ def main(argv=None) -> None:
     done = {(r["method"], r["seed"]) for r in results}
     wall = time.perf_counter()
     for seed in args.seeds:
-        reference = None
+        reference = cached_reference(args.reference_cache, seed, args.steps)
         for method in ["stratified"] + [m for m in args.methods if m != "stratified"]:
-            needed_as_reference = method == "stratified" and "doremi" in args.methods and ("doremi", seed) not in done
+            needed_as_reference = (method == "stratified" and reference is None and "doremi" in args.methods
+                                   and ("doremi", seed) not in done)
             if (method, seed) in done and not needed_as_reference:
                 continue
             out = run(method, seed, args.steps, args.eval_every, reference)
             if method == "stratified":
                 reference = out["model"]
+                save_reference(args.reference_cache, seed, args.steps, reference)
             out.pop("model")
             loads.append(os.getloadavg()[0])
             print(f"[seed {seed}] {method:<15} target loss {target_loss(out['final'], method):.4f}  "

@@ -133,3 +133,18 @@ def test_aioli_partial_coverage_equals_the_covered_rows_alone():
     close(m.last_A, A)
     close(m.probabilities(), expected)
     assert m.probabilities()[2] == m.probabilities().min()  # junk probes did not lower the covered losses
+
+
+def test_documented_step_size_defaults():
+    """DoReMi's online default step is 0.1 (1.0, the paper's proxy-run value, flips the mixture between near-one-hot
+    states online); Aioli's default step is k, the number of domains (an explicit value is kept)."""
+    from hfweight.registry import MIXTURES
+
+    assert MIXTURES.build("doremi", {}).eta == 0.1
+    for k in (2, 5):
+        aioli = MIXTURES.build("aioli", {})
+        aioli.bind([f"d{i}" for i in range(k)], torch.ones(k))
+        assert aioli.eta == float(k)
+    explicit = MIXTURES.build("aioli", {"eta": 0.5})
+    explicit.bind(["a", "b", "c"], torch.ones(3))
+    assert explicit.eta == 0.5
