@@ -110,6 +110,14 @@ def sample_counts(batch: dict) -> torch.Tensor:
     return torch.zeros(num_samples, dtype=torch.float64, device=mask.device).index_add_(0, segments.flatten(), mask.flatten())
 
 
+def warn_zero_step(trainer) -> None:
+    """Say that the optimizer step in progress has only zero weights (its gradient is zero)."""
+    logger.warning(
+        "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
+        trainer.state.global_step + 1,
+    )
+
+
 def rescale_step(trainer, plan: StepPlan, loss: torch.Tensor, z: float) -> torch.Tensor:
     """The micro-batches divided their numerators by the planned ``plan.denominator``; the step's true denominator is
     ``z``: multiply every gradient by ``planned / z`` (before clipping) and correct the loss handed to the Trainer (the
@@ -121,10 +129,7 @@ def rescale_step(trainer, plan: StepPlan, loss: torch.Tensor, z: float) -> torch
             if p.grad is not None:
                 p.grad.mul_(factor)
     if z == 0.0 and planned > 0.0:
-        logger.warning(
-            "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
-            trainer.state.global_step + 1,
-        )
+        warn_zero_step(trainer)
     return (loss + plan.returned * (factor - 1.0)).to(loss.dtype)
 
 
@@ -184,10 +189,7 @@ class WeightedStep:
             for key, value in summarize_weights(reduced[1:], extremes).items():
                 t._record(f"weights/{key}", value)
         if float(reduced[0]) == 0.0:
-            logger.warning(
-                "hfweight: every weight of optimizer step %d is zero; the step contributes a zero gradient.",
-                t.state.global_step + 1,
-            )
+            warn_zero_step(t)
         self.plan = plan
 
     def sample_weights(self, plan: StepPlan, index: int, batch: dict, segments, num_samples: int, domains):

@@ -37,7 +37,6 @@ class DomainResampling(Driver):
             batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * t._data_parallel_size(),
             num_samples=len(dataset),
         )
-        t._domain_sampler = self.sampler
         return self.sampler
 
     def state_parts(self) -> dict:
