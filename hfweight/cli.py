@@ -185,11 +185,13 @@ def run_search_mixture(command: str, argv: list[str]) -> int:
 
 
 def run_recipes(command: str, argv: list[str]) -> int:
-    """``hfweight recipes``: the packaged recipes and accelerate configs, one line each."""
+    """``hfweight recipes``: the packaged recipes and accelerate configs, one line each (cut to the terminal's
+    width on a terminal, whole when piped)."""
     import shutil
 
     argparse.ArgumentParser(prog="hfweight recipes", description=run_recipes.__doc__).parse_args(argv)
-    print(resources.listing(width=max(shutil.get_terminal_size((120, 24)).columns, 80)))
+    width = max(shutil.get_terminal_size().columns, 80) if sys.stdout.isatty() else None
+    print(resources.listing(width=width))
     return 0
 
 

@@ -101,9 +101,9 @@ def header_summary(path: str | os.PathLike) -> str:
     return " ".join(words)
 
 
-def listing(width: int = 120) -> str:
+def listing(width: int | None = None) -> str:
     """The text of ``hfweight recipes``: every packaged recipe and accelerate config, one line each (its header's
-    description, cut to ``width`` columns)."""
+    description, cut to ``width`` columns when given)."""
     sections = [
         (RECIPES, "Recipes", "hfweight <pretrain|sft|grpo|rloo|demo> --config NAME"),
         (ACCELERATE_CONFIGS, "Accelerate configs", "--accelerate_config NAME [--num_processes N]"),
@@ -115,6 +115,6 @@ def listing(width: int = 120) -> str:
         lines.append(f"{title} ({usage}; files in {packaged_dir(kind)}):")
         for name in names:
             line = f"  {name:<{column}}{header_summary(packaged_dir(kind) / f'{name}{SUFFIX}')}"
-            lines.append(line if len(line) <= width else line[: width - 1] + "…")
+            lines.append(line if width is None or len(line) <= width else line[: width - 1] + "…")
         lines.append("")
     return "\n".join(lines)
