@@ -188,7 +188,7 @@ class RLScriptArguments:
             "trl.rewards (e.g. accuracy_reward), or import paths 'package.module:function'."
         },
     )
-    builtin_rows: int = field(default=1000, metadata={"help": "Prompts of the built-in task (10% held out)."})
+    builtin_rows: int = field(default=1000, metadata={"help": "Prompts of the built-in task (1 in 10 held out)."})
     builtin_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the built-in tokenizer."})
     max_eval_samples_per_domain: int | None = field(default=32, metadata={"help": "Held-out prompts per domain."})
     max_length: int | None = field(

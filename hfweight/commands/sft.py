@@ -34,7 +34,7 @@ class SFTScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
     dataset_eval_split: str | None = field(default="test", metadata={"help": "Held-out split (None to skip)."})
-    builtin_rows: int = field(default=2000, metadata={"help": "Rows of the built-in SFT data (5% held out)."})
+    builtin_rows: int = field(default=2000, metadata={"help": "Rows of the built-in SFT data (1 in 20 held out)."})
     builtin_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the built-in tokenizer."})
     reference_model_path: str | None = field(
         default=None, metadata={"help": "Alias of `reference_model`, kept for parity with TRL's scripts."}
