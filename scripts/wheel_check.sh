@@ -30,6 +30,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
 fi
+PYTHON="$("$PYTHON" -c 'import sys; print(sys.executable)')"   # absolute: the steps below run in other directories
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/hfweight-wheel-check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 case "$WORK/" in "$ROOT"/*) echo "wheel_check: $WORK is inside the repository" >&2; exit 1 ;; esac

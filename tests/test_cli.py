@@ -67,6 +67,33 @@ def test_main_prints_a_clean_error_for_an_unknown_recipe(capsys):
     assert err.startswith("hfweight sft: error: --config 'tiny/sft_dtf'") and "Traceback" not in err
 
 
+def documented_commands() -> list[tuple[str, str]]:
+    """``(file, command line)`` of every ``hfweight <command> ...`` the user-facing text shows: the README, docs/,
+    accelerate_configs/README.md, recipe headers, the entry points' docstrings."""
+    import re
+
+    files = [ROOT / "README.md", ROOT / "accelerate_configs" / "README.md", *ROOT.glob("docs/*.md"), *RECIPE_FILES,
+             *CONFIG_FILES, *(ROOT / "hfweight" / "commands").glob("*.py"), ROOT / "hfweight" / "cli.py"]
+    return [(path.name, match) for path in files
+            for match in re.findall(r"hfweight (?:[a-z][\w-]*)(?: [^\s`|(),]+)*", path.read_text())]
+
+
+def test_every_documented_command_names_a_command_recipe_and_config_that_exist():
+    commands = documented_commands()
+    assert len(commands) > 50
+    for where, line in commands:
+        words = line.split()
+        if words[1] not in cli.COMMANDS or "<" in line:  # prose ("hfweight command"), a placeholder
+            continue
+        for flag, kind in (("--config", "recipes"), ("--accelerate_config", "accelerate_configs")):
+            if flag in words[:-1] and words[1] != "search-mixture":
+                value = words[words.index(flag) + 1]
+                if "my_" not in value:  # the README's example of a user's own file
+                    resources.resolve(value, kind)  # raises, naming the near matches, when it names nothing
+    named = {line.split()[1] for _, line in commands}
+    assert set(cli.TRAINING_COMMANDS) | {"demo", "recipes", "score-reference"} <= named, named
+
+
 # ---- recipes, --version, --help ----------------------------------------------------------------------------------
 
 
@@ -243,13 +270,16 @@ def test_packaged_recipe_by_name_runs_through_python_m_hfweight(tmp_path):
 @pytest.mark.slow
 def test_accelerate_config_relaunches_the_command_on_two_processes(tmp_path):
     """``--accelerate_config ddp_cpu --num_processes 2``: the command runs again under ``accelerate launch`` on two
-    ranks (without the launch flags, so the ranks do not launch again); the checkpoint holds both ranks' state."""
+    ranks (without the launch flags, so the ranks do not launch again); the checkpoint holds both ranks' state.
+    ``--use_cpu false`` overrides the recipe's ``use_cpu: true``: the ranks find the CPU through the
+    ``ACCELERATE_USE_CPU=1`` the relaunch sets for a ``use_cpu: true`` accelerate config (without it, each process of
+    a machine without CUDA trains alone: world size 1, no rank-1 state)."""
     from hfweight.state import checkpoint_problem, read_state, state_file
 
     out = tmp_path / "run"
     proc = run_hfweight(tmp_path, "pretrain", "--config", "tiny/pretrain_mixture_odm", "--max_steps", "2",
                         "--save_steps", "2", "--output_dir", str(out), *TINY,
-                        "--accelerate_config", "ddp_cpu", "--num_processes", "2")
+                        "--use_cpu", "false", "--accelerate_config", "ddp_cpu", "--num_processes", "2")
     assert "accelerate launch --config_file " in proc.stderr and " -m hfweight pretrain " in proc.stderr
     checkpoint = str(out / "checkpoint-2")
     assert checkpoint_problem(checkpoint) is None
