@@ -196,8 +196,10 @@ def run_recipes(command: str, argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[str, list[str]], int], str]] = {
-    **{name: (run_training, f"train with hfweight.commands.{name} (every config field is a flag)")
-       for name in TRAINING_COMMANDS},
+    "pretrain": (run_training, "causal-LM pretraining with WeightedTrainer (every config field is a flag)"),
+    "sft": (run_training, "supervised fine-tuning with WeightedSFTTrainer (every config field is a flag)"),
+    "grpo": (run_training, "GRPO with WeightedGRPOTrainer (every config field is a flag)"),
+    "rloo": (run_training, "RLOO with WeightedRLOOTrainer (every config field is a flag)"),
     "demo": (run_in_process, "a pipeline of stages (tiny/demo: pretrain -> SFT -> GRPO, each beside its baseline)"),
     "score-reference": (run_in_process, "precompute a reference model's per-token log-probs (ref_logps column)"),
     "search-mixture": (run_search_mixture, "search domain-mixture weights over short proxy runs"),
@@ -207,7 +209,8 @@ COMMANDS: dict[str, tuple[Callable[[str, list[str]], int], str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hfweight", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        prog="hfweight", allow_abbrev=False,
+        description="Per-token, per-sample, domain-mixture and reward weighting for transformers and TRL trainers.",
         epilog="`hfweight <command> --help` lists a command's own flags.",
     )
     parser.add_argument("--version", action="version", version=f"hfweight {version()}")

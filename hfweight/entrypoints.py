@@ -1,7 +1,7 @@
-"""Helpers of the launchable entry points in ``trainers/`` (no weighting logic here): model and data loading (the
-built-in pieces of :mod:`hfweight.builtin`, hub ids, local stand-ins), reward-function resolution, the end-of-run
-summaries and the shared body of the GRPO/RLOO scripts. Recipes (YAML) are parsed by TRL's ``TrlParser`` in each
-script."""
+"""Helpers of the entry points behind the ``hfweight`` command (``hfweight/commands/``; no weighting logic here):
+model and data loading (the built-in pieces of :mod:`hfweight.builtin`, hub ids, local stand-ins), reward-function
+resolution, the end-of-run summaries and the shared body of the GRPO/RLOO commands. Recipes (YAML) are parsed by TRL's
+``TrlParser`` (:mod:`hfweight.cli`)."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def rl_summary(trainer, eval_dataset, stage: str) -> dict:
 
 
 def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, stage: str) -> dict:
-    """Shared body of ``trainers/grpo.py`` and ``trainers/rloo.py``."""
+    """Shared body of ``hfweight grpo`` and ``hfweight rloo`` (:mod:`hfweight.commands.grpo`, ``.rloo``)."""
     from trl import get_peft_config
 
     from .state import resolve_resume_checkpoint

@@ -88,8 +88,12 @@ def test_every_documented_command_names_a_command_recipe_and_config_that_exist()
         for flag, kind in (("--config", "recipes"), ("--accelerate_config", "accelerate_configs")):
             if flag in words[:-1] and words[1] != "search-mixture":
                 value = words[words.index(flag) + 1]
-                if "my_" not in value:  # the README's example of a user's own file
-                    resources.resolve(value, kind)  # raises, naming the near matches, when it names nothing
+                if "my_" in value:  # the README's example of a user's own file
+                    continue
+                try:
+                    resources.resolve(value, kind)
+                except resources.UnknownResourceError as err:
+                    raise AssertionError(f"{where}: `{line}`: {err}") from err
     named = {line.split()[1] for _, line in commands}
     assert set(cli.TRAINING_COMMANDS) | {"demo", "recipes", "score-reference"} <= named, named
 
