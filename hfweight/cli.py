@@ -32,7 +32,8 @@ LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 
 
 class CommandLineError(ValueError):
-    """A mistake on the command line: printed as ``hfweight: error: ...`` (exit status 2), without a traceback."""
+    """A mistake on the command line: printed as ``hfweight <command>: error: ...`` (exit status 2), without a
+    traceback (as is an unknown recipe or accelerate config name, :class:`~hfweight.resources.UnknownResourceError`)."""
 
 
 def version() -> str:
@@ -67,12 +68,7 @@ def with_resolved_config(argv: list[str]) -> list[str]:
     """``argv`` with the value of ``--config`` (a path or a packaged recipe name) replaced by the file it names, in the
     ``--config FILE`` form ``TrlParser`` reads."""
     value, rest = pop_option(argv, "--config")
-    if value is None:
-        return rest
-    try:
-        return ["--config", resources.resolve(value, resources.RECIPES), *rest]
-    except resources.UnknownResourceError as err:
-        raise CommandLineError(str(err)) from err
+    return rest if value is None else ["--config", resources.resolve(value, resources.RECIPES), *rest]
 
 
 def accelerate_launch_arguments(command: str, argv: list[str]) -> list[str] | None:
@@ -85,11 +81,7 @@ def accelerate_launch_arguments(command: str, argv: list[str]) -> list[str] | No
         if num_processes is not None:
             raise CommandLineError("--num_processes needs --accelerate_config NAME|PATH (the launcher it configures)")
         return None
-    try:
-        config_file = resources.resolve(config, resources.ACCELERATE_CONFIGS)
-    except resources.UnknownResourceError as err:
-        raise CommandLineError(str(err)) from err
-    launch = ["--config_file", config_file]
+    launch = ["--config_file", resources.resolve(config, resources.ACCELERATE_CONFIGS)]
     if num_processes is not None:
         if not num_processes.isdigit() or int(num_processes) < 1:
             raise CommandLineError(f"--num_processes {num_processes!r}: expected a positive integer")
@@ -145,16 +137,19 @@ def run_training(command: str, argv: list[str]) -> int:
     from trl import TrlParser
 
     module = importlib.import_module(f"hfweight.commands.{command.replace('-', '_')}")
-    parser = TrlParser(module.DATACLASSES, prog=f"hfweight {command}", epilog=TRAINING_EPILOG)
+    parser = TrlParser(module.DATACLASSES, prog=f"hfweight {command}", epilog=training_epilog())
     module.main(*parser.parse_args_and_config(with_resolved_config(argv)))
     return 0
 
 
-TRAINING_EPILOG = (
-    "--config NAME|PATH: a recipe file, or a packaged recipe name such as tiny/sft_dft (`hfweight recipes`); flags "
-    "override its values. --accelerate_config NAME|PATH [--num_processes N]: rerun the command under `accelerate "
-    "launch` with a packaged config (ddp, ddp_cpu, fsdp2, zero2, zero3, single_process) or a file."
-)
+def training_epilog() -> str:
+    """The end of a training command's ``--help``: the three options ``TrlParser`` does not list."""
+    return (
+        "--config NAME|PATH: a recipe file, or a packaged recipe name such as tiny/sft_dft (`hfweight recipes`); "
+        "flags override its values. --accelerate_config NAME|PATH [--num_processes N]: rerun the command under "
+        f"`accelerate launch` with a packaged config ({', '.join(resources.packaged_names('accelerate_configs'))}) "
+        "or a file."
+    )
 
 
 def run_in_process(command: str, argv: list[str]) -> int:
@@ -166,7 +161,7 @@ def run_in_process(command: str, argv: list[str]) -> int:
             f"{', '.join(TRAINING_COMMANDS)} (run a stage alone with the command the demo prints)"
         )
     module = importlib.import_module(f"hfweight.commands.{command.replace('-', '_')}")
-    module.main(with_resolved_config(argv) if command == "demo" else argv, prog=f"hfweight {command}")
+    module.main(argv, prog=f"hfweight {command}")  # demo resolves its --config (a pipeline) itself
     return 0
 
 
@@ -231,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         return COMMANDS[command][0](command, rest)
-    except CommandLineError as err:
+    except (CommandLineError, resources.UnknownResourceError) as err:
         parser.exit(2, f"hfweight {command}: error: {err}\n")
 
 

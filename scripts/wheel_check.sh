@@ -57,8 +57,10 @@ names = zipfile.ZipFile(wheel).namelist()
 dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
 stray = [n for n in names if n.split("/")[0] not in ("hfweight", dist_info) or "__pycache__" in n or n.endswith(".pyc")]
 assert not stray, f"files outside the package in the wheel: {stray}"
+counts = {}
 for kind in ("recipes", "accelerate_configs"):
     shipped = {n.split(f"hfweight/{kind}/", 1)[1] for n in names if n.startswith(f"hfweight/{kind}/")}
+    counts[kind] = len(shipped)
     repository = {p.relative_to(root / kind).as_posix() for p in (root / kind).rglob("*") if p.suffix in (".yaml", ".md")}
     assert shipped == repository, f"{kind}: wheel and repository differ: {sorted(shipped ^ repository)}"
 modules = {n for n in names if n.startswith("hfweight/") and n.endswith(".py")}
@@ -66,7 +68,8 @@ repository = {p.relative_to(root).as_posix() for p in (root / "hfweight").rglob(
 assert modules == repository, f"package modules: wheel and repository differ: {sorted(modules ^ repository)}"
 entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
 assert "hfweight = hfweight.cli:main" in entry_points, entry_points
-print(f"{len(names)} files: the package, {len(shipped)} accelerate configs/README, recipes, the console script")
+print(f"{len(names)} files: {len(modules)} modules, {counts['recipes']} recipe files, "
+      f"{counts['accelerate_configs']} accelerate config files, the metadata with the console script")
 EOF
 
 step "install it into a fresh venv outside the repository"
