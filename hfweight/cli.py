@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command][0](command, rest)
     except (CommandLineError, resources.UnknownResourceError) as err:
         parser.exit(2, f"hfweight {command}: error: {err}\n")
+    except BrokenPipeError:  # `hfweight recipes | head`: the reader has gone, which is not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush of stdout stays quiet
+        return 0
 
 
 def run_script(command: str) -> None:

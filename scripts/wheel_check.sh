@@ -129,6 +129,7 @@ step "an editable install of the same source finds the top-level recipes"
 "$PYTHON" -m venv --without-pip "$WORK/editable"
 cp "$WORK"/venv/lib/python*/site-packages/project-environment.pth "$WORK"/editable/lib/python*/site-packages/
 "$WORK/editable/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$WORK/src"
-"$WORK/editable/bin/hfweight" recipes | grep -q "files in $WORK/src/recipes"
+"$WORK/editable/bin/hfweight" recipes > editable_recipes.txt
+grep -q "files in $WORK/src/recipes" editable_recipes.txt
 
 step "passed"
