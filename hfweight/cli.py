@@ -234,5 +234,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_script(command: str) -> None:
-    """The body of ``trainers/<command>.py`` (a clone's scripts): ``hfweight <command> <sys.argv[1:]>``."""
-    raise SystemExit(main([command, *sys.argv[1:]]))
+    """The body of ``trainers/<command>.py`` (a clone's scripts): ``hfweight <command> <sys.argv[1:]>``. Success
+    returns normally, as the scripts always did, so a wrapper running one with ``runpy`` goes on after it (the tests'
+    engine wrapper leaves the process group then); a failure exits with its status."""
+    status = main([command, *sys.argv[1:]])
+    if status:
+        raise SystemExit(status)
