@@ -21,9 +21,9 @@
 # wheel is installed with `pip install --no-deps`. The fresh venv's own site-packages comes first on `sys.path`, so the
 # `hfweight` imported, the console script and the recipes are the wheel's (asserted below); the project environment's
 # own hfweight (an editable install's finder) is not activated, since `.pth` files of an appended directory are not
-# read. The wheel is built from a copy of the checkout's files (tracked and untracked, minus .gitignore'd ones) with
-# `--no-build-isolation` (the project environment's setuptools; nothing downloaded), so no `build/` directory is left
-# in the repository and no stale build output can slip into the wheel.
+# read. The wheel is built from a copy of the checkout's files (tracked and untracked, minus .gitignore'd ones), so no
+# `build/` directory is left in the repository and no stale build output can slip into the wheel; with
+# `--no-build-isolation` (the project environment's setuptools; nothing downloaded) when that setuptools is recent.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -42,7 +42,12 @@ step "build the wheel from a copy of the checkout"
 mkdir -p "$WORK/src"
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
     [[ -e "$f" ]] && printf '%s\0' "$f"; done | tar --null -T - -cf -) | tar -xf - -C "$WORK/src"
-"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
+# The project environment's setuptools builds the wheel when it can (>= 70.1 has bdist_wheel built in; torch pulls a
+# recent one); an older one (Python 3.11's venv bundles 65) makes pip build in an isolated environment from PyPI.
+BUILD_FLAGS=(--no-build-isolation)
+"$PYTHON" -c 'import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' \
+    || { BUILD_FLAGS=(); echo "setuptools < 70.1 here: building in pip's isolated build environment"; }
+"$PYTHON" -m pip wheel -q --no-deps "${BUILD_FLAGS[@]}" -w "$WORK/dist" "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/hfweight-*.whl)"
 echo "$WHEEL"
 
@@ -82,7 +87,7 @@ HFWEIGHT="$WORK/venv/bin/hfweight"
 mkdir -p "$WORK/run" && cd "$WORK/run"
 
 step "hfweight --version, hfweight recipes"
-"$HFWEIGHT" --version | grep -qx "hfweight $("$VENV_PY" -c 'from importlib.metadata import version; print(version("hfweight"))')"
+test "$("$HFWEIGHT" --version)" = "hfweight $("$VENV_PY" -c 'from importlib.metadata import version; print(version("hfweight"))')"
 "$HFWEIGHT" recipes > recipes.txt
 grep -q "files in $WORK/venv/.*/site-packages/hfweight/recipes" recipes.txt
 grep -q "^  tiny/pretrain_mixture_odm " recipes.txt && grep -q "^  ddp_cpu " recipes.txt
@@ -128,7 +133,7 @@ step "an editable install of the same source finds the top-level recipes"
 # build an editable wheel without the `wheel` package, and this step must download nothing).
 "$PYTHON" -m venv --without-pip "$WORK/editable"
 cp "$WORK"/venv/lib/python*/site-packages/project-environment.pth "$WORK"/editable/lib/python*/site-packages/
-"$WORK/editable/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$WORK/src"
+"$WORK/editable/bin/python" -m pip install -q --no-deps "${BUILD_FLAGS[@]}" -e "$WORK/src"
 "$WORK/editable/bin/hfweight" recipes > editable_recipes.txt
 grep -q "files in $WORK/src/recipes" editable_recipes.txt
 
