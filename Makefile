@@ -15,14 +15,14 @@ export PYTHON
 CORE_TESTS = tests/test_seams.py tests/test_parity.py tests/test_invariance.py tests/test_state.py \
 	tests/test_sample_resume.py tests/test_sft.py tests/test_rl.py
 
-.PHONY: setup demo test test-fast test-latest test-oldest lock lint bench
+.PHONY: setup demo test test-fast test-latest test-oldest lock lint bench wheel-check
 
 setup:
 	@bash scripts/setup.sh
 
 ## demo: the main job on the built-in data (tiny weighted pretraining → SFT → GRPO; ends with a summary of where the models, logs and plots went)
 demo: setup
-	$(PYTHON) trainers/demo.py --config recipes/tiny/demo.yaml $(ARGS)
+	$(PYTHON) -m hfweight demo --config tiny/demo $(ARGS)
 
 ## test: the whole test suite with the validated versions of requirements/lock.txt
 test: setup
@@ -49,6 +49,10 @@ lock:
 	@{ sed -n '1,2p' requirements/lock.txt; .venv-latest/bin/python -m pip freeze --exclude-editable; } > requirements/lock.txt.new
 	@mv requirements/lock.txt.new requirements/lock.txt
 	@echo "requirements/lock.txt now holds .venv-latest's versions: review 'git diff requirements/lock.txt', run make test, commit"
+
+## wheel-check: build the wheel, install it in a fresh venv outside the repository, run `hfweight` from there (~3 min)
+wheel-check: setup
+	PYTHON=$(PYTHON) bash scripts/wheel_check.sh
 
 lint: setup
 	$(PYTHON) -m ruff check hfweight trainers tests benchmarks

@@ -15,7 +15,7 @@ accuracy (greedy decoding), mean ± std over seeds.
 Setup (every expensive piece is built once and cached under ``$HFWEIGHT_CACHE/bench_sft``):
 
 - **Starting model**: the built-in tiny Llama pretrained with plain NLL for ``--start_steps`` (150) steps on the
-  built-in five-domain corpus by ``trainers/pretrain.py``'s ``main`` (or ``--start_model DIR``, e.g. the demo's
+  built-in five-domain corpus by ``hfweight pretrain``'s ``main`` (or ``--start_model DIR``, e.g. the demo's
   ``outputs/tiny/demo/pretrain``). This is the *weak* start: mean probability of a held-out completion token 0.006.
 - **Strong start** (``--strong_steps K``, issue 15): the weak start already fine-tuned on the task — K steps of plain
   NLL (batch 8, lr 1e-3 cosine) on a disjoint draw of all three domains (``sft_dataset(seed=3, n=4000)``, held-out
@@ -115,7 +115,7 @@ def log(message: str) -> None:
 
 def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
     """The starting model: the built-in tiny Llama after ``steps`` steps of plain-NLL pretraining on the built-in corpus
-    (``trainers/pretrain.py``'s ``main``), built once in the cache."""
+    (``hfweight pretrain``'s ``main``, :mod:`hfweight.commands.pretrain`), built once in the cache."""
     from hfweight.builtin.corpus import atomic_build, cache_key
 
     params = {"steps": steps, "seed": seed, "lr": 3e-3, "batch": 16, "max_length": 128, "v": 1}
@@ -124,10 +124,8 @@ def start_model_dir(steps: int = START_STEPS, seed: int = 0) -> str:
         return path
 
     def write(out: str) -> None:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trainers"))
-        import pretrain
-
         from hfweight import WeightedTrainingArguments
+        from hfweight.commands import pretrain
 
         script = pretrain.PretrainScriptArguments(max_length=128, max_eval_samples_per_domain=32)
         args = WeightedTrainingArguments(

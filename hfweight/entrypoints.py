@@ -1,7 +1,7 @@
-"""Helpers of the launchable entry points in ``trainers/`` (no weighting logic here): model and data loading (the
-built-in pieces of :mod:`hfweight.builtin`, hub ids, local stand-ins), reward-function resolution, the end-of-run
-summaries and the shared body of the GRPO/RLOO scripts. Recipes (YAML) are parsed by TRL's ``TrlParser`` in each
-script."""
+"""Helpers of the entry points behind the ``hfweight`` command (``hfweight/commands/``; no weighting logic here):
+model and data loading (the built-in pieces of :mod:`hfweight.builtin`, hub ids, local stand-ins), reward-function
+resolution, the end-of-run summaries and the shared body of the GRPO/RLOO commands. Recipes (YAML) are parsed by TRL's
+``TrlParser`` (:mod:`hfweight.cli`)."""
 
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ class RLScriptArguments:
             "trl.rewards (e.g. accuracy_reward), or import paths 'package.module:function'."
         },
     )
-    builtin_rows: int = field(default=1000, metadata={"help": "Prompts of the built-in task (10% held out)."})
+    builtin_rows: int = field(default=1000, metadata={"help": "Prompts of the built-in task (1 in 10 held out)."})
     builtin_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the built-in tokenizer."})
     max_eval_samples_per_domain: int | None = field(default=32, metadata={"help": "Held-out prompts per domain."})
     max_length: int | None = field(
@@ -266,7 +266,7 @@ def rl_summary(trainer, eval_dataset, stage: str) -> dict:
 
 
 def run_rl(trainer_cls, script_args: Any, training_args: Any, model_args: Any, stage: str) -> dict:
-    """Shared body of ``trainers/grpo.py`` and ``trainers/rloo.py``."""
+    """Shared body of ``hfweight grpo`` and ``hfweight rloo`` (:mod:`hfweight.commands.grpo`, ``.rloo``)."""
     from trl import get_peft_config
 
     from .state import resolve_resume_checkpoint

@@ -3,7 +3,7 @@
 1. A separate frozen model (``reference_model="path/or/hub-id"``, or a model object passed to the trainer); it may be
    smaller than the policy but must share its vocabulary.
 2. ``reference_model="base"``: the PEFT base model with its adapters disabled (no extra memory).
-3. A precomputed ``ref_logps`` dataset column (:func:`score_dataset`, ``trainers/score_reference.py``): training then
+3. A precomputed ``ref_logps`` dataset column (:func:`score_dataset`, ``hfweight score-reference``): training then
    pays nothing for the reference.
 
 Live reference log-probs are computed for every micro-batch of an optimizer step in the trainer's prepare phase, with

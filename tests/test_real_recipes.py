@@ -31,10 +31,12 @@ SCRIPT_SIZES = {
 
 
 def launch_line(recipe: Path) -> tuple[str, str]:
-    """``(engine, entry script)`` from the recipe's own ``accelerate launch --config_file ... trainers/x.py`` line."""
-    match = re.search(r"accelerate launch --config_file accelerate_configs/(\S+) trainers/(\S+\.py)", recipe.read_text())
-    assert match, f"{recipe.name}: no `accelerate launch --config_file accelerate_configs/... trainers/...` line"
-    return ENGINES[match.group(1)], match.group(2)
+    """``(engine, entry script)`` from the recipe's own ``hfweight <command> --config real/<name> --accelerate_config
+    <file>`` line (the script: the clone's ``trainers/<command>.py``, which runs the same command)."""
+    name = recipe.relative_to(ROOT / "recipes").with_suffix("").as_posix()
+    match = re.search(rf"hfweight (\w+) --config {re.escape(name)} --accelerate_config (\w+)", recipe.read_text())
+    assert match, f"{recipe.name}: no `hfweight <command> --config {name} --accelerate_config <config>` line"
+    return ENGINES[match.group(2) + ".yaml"], match.group(1) + ".py"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Every recipe parses and validates offline; the README's main command runs end to end (shortened)."""
 
 import glob
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -16,14 +16,8 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recurs
 
 
 def _script(name):
-    module_name = f"trainer_script_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, "trainers", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """The entry point behind ``hfweight <name>`` (``trainers/<name>.py`` in a clone runs the same)."""
+    return importlib.import_module(f"hfweight.commands.{name}")
 
 
 SCRIPTS = ("pretrain", "sft", "grpo", "rloo")
@@ -55,7 +49,7 @@ def test_recipe_parses_and_validates_offline(recipe):
         pipeline = _script("demo").read_pipeline(recipe)
         for stage in pipeline["stages"]:
             assert script_for(stage["config"]) == stage["script"], stage
-            assert os.path.join(ROOT, stage["config"]) in RECIPES, stage  # validated as a recipe of its own
+            assert os.path.realpath(stage["config"]) in map(os.path.realpath, RECIPES), stage  # validated on its own
         return
     cpu = ["--use_cpu", "true"] if "bf16: true" in open(recipe).read() else []
     configs = parser_for(recipe).parse_args_and_config(["--config", recipe, *cpu])
@@ -110,11 +104,12 @@ def test_demo_comparison_table_puts_the_baseline_beside_each_stage():
 
 @pytest.mark.slow
 def test_main_command_runs_end_to_end(tmp_path):
-    """The README's main command (the demo pipeline), shortened: every stage saves a model, logs and a plot, and the
-    pipeline ends with one summary table naming where they are."""
+    """The README's main command (the demo pipeline, `hfweight demo`), shortened: every stage saves a model, logs and a
+    plot, and the pipeline ends with one summary table naming where they are. Then a clone's script
+    (`trainers/sft.py`, the same command) from the pretrained stage."""
     root = tmp_path / "demo"
     stdout = _run(
-        ["trainers/demo.py", "--config", "recipes/tiny/demo.yaml", "--output_dir", str(root), "--max_steps", "4",
+        ["-m", "hfweight", "demo", "--config", "tiny/demo", "--output_dir", str(root), "--max_steps", "4",
          "--logging_steps", "2", "--max_eval_samples_per_domain", "4", "--per_device_train_batch_size", "4",
          "--max_length", "64"]
     )

@@ -140,14 +140,11 @@ def test_resume_argument_errors_before_training(tmp_path):
 @pytest.mark.parametrize("script", ["sft", "grpo", "rloo"])
 def test_every_entry_script_checks_the_resume_path_first(tmp_path, script):
     """Each entry script's ``main`` resolves ``--resume_from_checkpoint`` before loading a model or data."""
-    import importlib.util
+    import importlib
 
     from trl import TrlParser
 
-    spec = importlib.util.spec_from_file_location(f"resume_entry_{script}", os.path.join(ROOT, "trainers", f"{script}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"hfweight.commands.{script}")
     missing = str(tmp_path / "checkpoint-3")
     configs = TrlParser(module.DATACLASSES).parse_args_and_config(
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--resume_from_checkpoint", missing,

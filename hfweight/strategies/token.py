@@ -52,7 +52,7 @@ def _require_reference(ctx: TokenContext, name: str) -> torch.Tensor:
     if ctx.ref_logps is None:
         raise ValueError(
             f"token_weighting={name!r} needs reference log-probabilities: set `reference_model` (a path/hub id, or "
-            "'base' for a PEFT model's base) or add a precomputed `ref_logps` column (trainers/score_reference.py)."
+            "'base' for a PEFT model's base) or add a precomputed `ref_logps` column (`hfweight score-reference`)."
         )
     return ctx.ref_logps
 
