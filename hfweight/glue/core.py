@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,44 @@ class StepBoundaries(TrainerCallback):
         self.trainer._on_step_end(state)
 
 
+class MetricsWindow:
+    """The weighting metrics gathered since the last training log, reduced as they arrive: per key a running total and
+    count (keys reduced by the mean), or the running minimum (``*/min`` keys) or maximum (``*/max`` keys).
+
+    Its size is one entry per key however many steps pass between logs, so a run that never logs
+    (``logging_strategy="no"``) holds flat memory. The mean adds the values in arrival order, exactly as
+    ``sum(values) / len(values)`` over the kept list did, so logged numbers are unchanged.
+    """
+
+    def __init__(self):
+        self._entries: dict[str, list] = {}  # key -> [reduced value, count]
+
+    def add(self, key: str, value: float) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = [value, 1]
+        elif key.endswith("/min"):
+            entry[0] = min(entry[0], value)
+        elif key.endswith("/max"):
+            entry[0] = max(entry[0], value)
+        else:
+            entry[0] += value
+            entry[1] += 1
+
+    def reduced(self) -> dict[str, float]:
+        """Each key's min, max or mean over the window."""
+        return {
+            key: value if key.endswith(("/min", "/max")) else value / count
+            for key, (value, count) in self._entries.items()
+        }
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class WeightingCore:
     """Mix in before the parent trainer (through :class:`hfweight.glue.WeightingMixin` or the RL glue).
 
@@ -47,7 +84,7 @@ class WeightingCore:
 
     def _init_core(self) -> None:
         """The empty metrics window and no mixture, before a subclass builds its strategies."""
-        self._weighting_metrics: dict[str, list[float]] = defaultdict(list)
+        self._weighting_metrics = MetricsWindow()
         self.mixture = None
         self.domain_names: list[str] = []
 
@@ -87,17 +124,11 @@ class WeightingCore:
     def _record(self, key: str, value: float) -> None:
         """Add a value to the window logged with the next training log (``*/min`` and ``*/max`` keys reduce by min
         and max, the others by the mean)."""
-        self._weighting_metrics[key].append(value)
+        self._weighting_metrics.add(key, value)
 
     def _add_weighting_logs(self, logs: dict[str, float]) -> None:
         """Add the metrics gathered since the last log and the current mixture to ``logs``."""
-        for key, values in self._weighting_metrics.items():
-            if key.endswith("/min"):
-                logs[key] = min(values)
-            elif key.endswith("/max"):
-                logs[key] = max(values)
-            else:
-                logs[key] = sum(values) / len(values)
+        logs.update(self._weighting_metrics.reduced())
         self._weighting_metrics.clear()
         if self.mixture is not None:
             for name, p in zip(self.domain_names, self.mixture.probabilities().tolist()):
