@@ -254,7 +254,7 @@ class WeightingArguments:
                 summary[f"{name}_kwargs"] = getattr(self, f"{name}_kwargs")
         if self.mixture is not None:
             summary["mixture_mode"] = self.mixture_mode
-        if summary:
+        if summary and self.supervised_loss:  # GRPO/RLOO reject the field: their loss is TRL's own
             summary["loss_normalization"] = self.loss_normalization
         if self.reference_model is not None:
             summary["reference_model"] = self.reference_model

@@ -12,6 +12,7 @@ With weighting off every override calls the parent unchanged.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..card import write_weighting_section
+from ..card import card_tags, write_weighting_section
 from ..state import load_state, resolve_resume_checkpoint, save_state, state_file
 
 
@@ -236,9 +237,20 @@ class WeightingCore:
 
     def create_model_card(self, *args, **kwargs):
         """The parent's card (``README.md`` in ``output_dir``, what ``push_to_hub`` uploads) plus a weighting
-        section: configuration, final mixture and reward weights, and the plots (see :mod:`hfweight.card`)."""
-        super().create_model_card(*args, **kwargs)
-        if not self._weighting_on() or not self.is_world_process_zero():
+        section: methods, configuration, final mixture and reward weights, and the plots (see :mod:`hfweight.card`).
+
+        The metadata tags are the parent's (``generated_from_trainer``; TRL adds its ``_tag_names``, e.g. ``trl``,
+        ``sft``), the caller's, and ``hfweight`` plus one per method used (:func:`hfweight.card.card_tags`), passed
+        through the parent's own ``tags`` argument (its position differs between Trainer and TRL)."""
+        if not self._weighting_on():
+            return super().create_model_card(*args, **kwargs)
+        bound = inspect.signature(super().create_model_card).bind_partial(*args, **kwargs)
+        given = bound.arguments.get("tags") or []
+        given = [given] if isinstance(given, str) else list(given)
+        ours = card_tags(self.args.weighting_summary())
+        bound.arguments["tags"] = given + [tag for tag in ours if tag not in given]
+        super().create_model_card(*bound.args, **bound.kwargs)
+        if not self.is_world_process_zero():
             return
         output_dir = self.args.output_dir
         paths = self.save_weighting_artifacts(output_dir)
