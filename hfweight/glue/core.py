@@ -12,8 +12,10 @@ With weighting off every override calls the parent unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import math
 import os
 
 import torch
@@ -146,6 +148,18 @@ class WeightingCore:
         """Processes whose gradients DDP/ZeRO/FSDP average (replicated TP ranks don't count, as in Trainer)."""
         return self.accelerator.num_processes // self.get_tp_size()
 
+    def _global_batch(self) -> dict[str, int]:
+        """The factors of the global batch (rows per optimizer step over all processes)."""
+        return {
+            "per-device batch": self.args.per_device_train_batch_size,
+            "gradient accumulation": self.args.gradient_accumulation_steps,
+            "processes": self._data_parallel_size(),
+        }
+
+    def _global_batch_size(self) -> int:
+        """Rows per optimizer step: per-device batch × gradient accumulation × data-parallel processes."""
+        return math.prod(self._global_batch().values())
+
     def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """``tensor`` reduced over every process (on this rank's device); unchanged on one process."""
         tensor = tensor.to(self.args.device)
@@ -202,10 +216,26 @@ class WeightingCore:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:  # the latest *complete* checkpoint (the parent may pick a half-written one)
             resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        with self._data_skip_owned_by_sampler():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._weighting_on() and self.args.should_save:
             self.save_weighting_artifacts(self.args.output_dir)
         return output
+
+    @contextlib.contextmanager
+    def _data_skip_owned_by_sampler(self):
+        """While training, ``ignore_data_skip=True`` when a domain sampler restores its own position on resume (the
+        Trainer must not also skip batches); the user's arguments get their own value back afterwards, so the same
+        object reused for another trainer is not silently changed."""
+        if not getattr(self, "_sampler_restores_position", False):
+            yield
+            return
+        own = self.args.ignore_data_skip
+        self.args.ignore_data_skip = True
+        try:
+            yield
+        finally:
+            self.args.ignore_data_skip = own
 
     def weighting_record(self) -> dict:
         """What ``weighting_summary.json`` and the model card record: the configuration, the domains, and the final
