@@ -90,6 +90,7 @@ class WeightingCore:
         self._weighting_metrics = MetricsWindow()
         self.mixture = None
         self.domain_names: list[str] = []
+        self._sampler_restores_position = False  # set by a domain sampler that checkpoints its own position
 
     def _watch_step_boundaries(self) -> None:
         """Call :meth:`_on_train_begin` and :meth:`_on_step_end` from now on (once weighting is known to be on)."""
@@ -227,7 +228,7 @@ class WeightingCore:
         """While training, ``ignore_data_skip=True`` when a domain sampler restores its own position on resume (the
         Trainer must not also skip batches); the user's arguments get their own value back afterwards, so the same
         object reused for another trainer is not silently changed."""
-        if not getattr(self, "_sampler_restores_position", False):
+        if not self._sampler_restores_position:
             yield
             return
         own = self.args.ignore_data_skip
