@@ -68,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import quiet, run_arguments  # noqa: E402
-from harness import _load_average, save_results  # noqa: E402
+from harness import RESULTS_DIR, _load_average, save_results  # noqa: E402
 from sft_common import (  # noqa: E402
     arithmetic_exact_match,
     cache_root,
@@ -425,8 +425,9 @@ def comparison_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(specs: list[str], name: str) -> str:
-    """Read ``LABEL=path.json`` result files and write their :func:`comparison_markdown` as ``<name>.md``."""
+def write_comparison(specs: list[str], name: str, results_dir: str = RESULTS_DIR) -> str:
+    """Read ``LABEL=path.json`` result files and write their :func:`comparison_markdown` as
+    ``<results_dir>/<name>.md``."""
     results = {}
     for spec in specs:
         label, path = spec.split("=", 1)
@@ -434,7 +435,8 @@ def write_comparison(specs: list[str], name: str) -> str:
             results[label] = json.load(f)
     markdown = comparison_markdown(results)
     print(markdown)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
         f.write(markdown)
     return markdown
 
@@ -453,6 +455,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON", help="no training: one table of Δ vs plain NLL "
                         "from earlier result files, e.g. weak=results/a.json strong=results/b.json")
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 steps: a smoke test of the benchmark")
+    parser.add_argument("--results_dir", default=RESULTS_DIR, help="where the result files go (default: %(default)s)")
     parser.add_argument(
         "--name", help="result file name under benchmarks/results (default: sft_effectiveness[_quick])"
     )
@@ -466,7 +469,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.compare:
-        return write_comparison(args.compare, args.name)
+        return write_comparison(args.compare, args.name, args.results_dir)
     quiet()
     began = time.time()
     loads = [_load_average()]
@@ -541,7 +544,7 @@ def main(argv=None) -> dict:
     }
     markdown = to_markdown(result)
     print(markdown)
-    save_results(args.name, result, markdown, indent=2)
+    save_results(args.name, result, markdown, args.results_dir, indent=2)
     return result
 
 

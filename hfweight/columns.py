@@ -13,6 +13,7 @@ Two layers of checks:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,9 @@ class ColumnSpec:
     domain: bool = False
     domain_column: str = "domain"
     allow_negative: bool = False
+    sample_weight_per_token: bool = False
+    """Whether ``sample_weight`` arrives as one copy per token (the SFT trainer's packing expands it so); otherwise a
+    list-valued ``sample_weight`` is an error."""
     required: set[str] = field(default_factory=set)
     """Columns that must be present (the others are used when present)."""
     required_by: dict[str, str] = field(default_factory=dict)
@@ -95,6 +99,53 @@ def _check_values(values: np.ndarray, column: str, allow_negative: bool, upper: 
     return -1, ""
 
 
+def _is_number_type(arrow_type: pa.DataType) -> bool:
+    """Integers and floats: what a weight may be (booleans are not: True/False as weights is almost surely a
+    mislabeled keep/drop flag, and silently reading them as 1/0 would hide it)."""
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float (numpy's too), not a bool: the Python-side twin of :func:`_is_number_type`."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _describe_value(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def sample_weight_type_problem(column: pa.ChunkedArray, per_token: bool) -> tuple[int, str] | None:
+    """``(row, what is wrong)`` when ``sample_weight`` is not one number per row (nor, with ``per_token``, a list of
+    numbers per row), else None. The row is the first whose value is not a number."""
+    arrow_type = column.type
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        if not per_token:
+            row = _first_row(column.is_valid().combine_chunks())
+            return row, (
+                f"a list, {_describe_value(column[row].as_py())}; a sample weight is one number per row (per-token "
+                "weights go in the `token_weights` column)"
+            )
+        arrow_type = arrow_type.value_type
+        if _is_number_type(arrow_type):
+            return None
+        return 0, f"a list of {arrow_type} values; a sample weight is a number"
+    if _is_number_type(arrow_type):
+        return None
+    values = column.to_pylist()
+    row = next((i for i, v in enumerate(values) if v is not None), 0)
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        row = next((i for i, v in enumerate(values) if v is not None and not _parses_as_float(v)), row)
+    return row, f"{_describe_value(values[row])}; a sample weight must be a number (int or float)"
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _flat_floats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """Flatten a list<float> column; return (values, the row of each value)."""
     arr = column.combine_chunks()
@@ -138,6 +189,13 @@ def validate_dataset(dataset: Any, spec: ColumnSpec, input_column: str = "input_
             if name == spec.domain_column:
                 continue
             if name == SAMPLE_WEIGHT_COLUMN:
+                problem = sample_weight_type_problem(column, spec.sample_weight_per_token)
+                if problem is not None:
+                    row, why = problem
+                    raise WeightColumnError(
+                        f"Column {name!r} holds {why}, at row {offset + row}. Fix that row, or convert the column "
+                        f"(e.g. dataset.cast_column({name!r}, datasets.Value('float32')) for numbers stored as text)."
+                    )
                 if pa.types.is_list(column.type):  # expanded to one value per token for packing
                     values, rows = _flat_floats(column)
                 else:
@@ -263,6 +321,8 @@ class WeightingCollator:
             if column not in present:
                 continue
             values = [e[column] for e in extras]
+            if column == SAMPLE_WEIGHT_COLUMN:
+                self._check_sample_weights(values)
             if isinstance(values[0], (list, tuple)):
                 if placement is None:
                     placement = _placement(batch, [len(f["input_ids"]) for f in stripped])
@@ -277,6 +337,25 @@ class WeightingCollator:
                 _check_tensor(out, column, self.spec.allow_negative)
             batch[key] = out
         return batch
+
+    def _check_sample_weights(self, values: list) -> None:
+        """Each row's ``sample_weight`` is a number (a list of numbers only where packing expanded it per token)."""
+        for row, value in enumerate(values):
+            if isinstance(value, (list, tuple)):
+                if not self.spec.sample_weight_per_token:
+                    problem = "a list; a sample weight is one number per row (per-token weights go in `token_weights`)"
+                elif all(_is_number(v) for v in value):
+                    continue
+                else:
+                    problem = "a list holding something other than numbers"
+            elif _is_number(value):
+                continue
+            else:
+                problem = "not a number (int or float)"
+            raise WeightColumnError(
+                f"Column {SAMPLE_WEIGHT_COLUMN!r} holds {_describe_value(value)} in row {row} of the current batch: "
+                f"{problem}. Fix that row."
+            )
 
     def _columns(self) -> list[tuple[str, str]]:
         return [

@@ -36,6 +36,15 @@ STRATEGY_REGISTRIES = {
 STRATEGY_FIELDS = tuple(STRATEGY_REGISTRIES)
 
 
+# What a name field may say on the command line or in YAML to mean "off" (None), as `--mixture none` would be read.
+OFF_SPELLINGS = ("none", "null")
+
+
+def _off_to_none(value: Any) -> Any:
+    """None for a string spelling "off" (``"none"``, ``"None"``, ``"null"``), else ``value`` unchanged."""
+    return None if isinstance(value, str) and value.strip().lower() in OFF_SPELLINGS else value
+
+
 def _documented(default: Any, help: str) -> Any:
     """A dataclass field with a default and the ``--help`` text ``HfArgumentParser`` shows for it."""
     return field(default=default, metadata={"help": help})
@@ -59,9 +68,23 @@ def _picklable(value: Any) -> Any:
     return value
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with everything JSON cannot hold replaced by a readable string: a function or class by its
+    :func:`qualified_name`, any other object by its ``repr``; dicts, lists and tuples are rebuilt (never mutated)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if callable(value) and hasattr(value, "__qualname__"):
+        return qualified_name(value)
+    return repr(value)
+
+
 def _kwargs_dict(value: Any, name: str) -> dict:
     """Accept a dict, a JSON string (command line) or None, like ``TrainingArguments.lr_scheduler_kwargs``."""
-    if value is None:
+    if _off_to_none(value) is None:
         return {}
     if isinstance(value, str):
         try:
@@ -145,8 +168,13 @@ class WeightingArguments:
 
     # ---- validation -----------------------------------------------------------------------------------------------
 
+    OPTIONAL_NAME_FIELDS = (*STRATEGY_FIELDS, "reference_model")
+    """Fields whose None means off: the command line and YAML switch them off with ``none``/``None``/``null``."""
+
     def validate_weighting(self) -> None:
         """Check every weighting field now, so a bad config fails before any model or data is loaded."""
+        for name in self.OPTIONAL_NAME_FIELDS:
+            setattr(self, name, _off_to_none(getattr(self, name)))
         for name in STRATEGY_FIELDS:
             setattr(self, f"{name}_kwargs", _kwargs_dict(getattr(self, f"{name}_kwargs"), f"{name}_kwargs"))
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
@@ -226,7 +254,7 @@ class WeightingArguments:
                 summary[f"{name}_kwargs"] = getattr(self, f"{name}_kwargs")
         if self.mixture is not None:
             summary["mixture_mode"] = self.mixture_mode
-        if summary:
+        if summary and self.supervised_loss:  # GRPO/RLOO reject the field: their loss is TRL's own
             summary["loss_normalization"] = self.loss_normalization
         if self.reference_model is not None:
             summary["reference_model"] = self.reference_model
@@ -264,11 +292,15 @@ class WeightingArguments:
         return new
 
     def to_dict(self):
-        # Strategy objects are not JSON-serializable; record their class names instead.
+        """The parent's dict with every weighting field JSON-able, so ``to_json_string`` (which TensorBoard and other
+        loggers call at train start) works whatever a ``*_kwargs`` holds: a strategy object becomes its class name,
+        a callable in a kwargs dict (``mixture_kwargs={"policy": fn}``) its ``module:qualname``, any other object its
+        ``repr``. The live arguments are not changed."""
         d = super().to_dict()
         for name in STRATEGY_FIELDS:
             if d.get(name) is not None and not isinstance(d[name], str):
                 d[name] = type(d[name]).__name__
+            d[f"{name}_kwargs"] = json_safe(d.get(f"{name}_kwargs"))
         return d
 
 

@@ -35,11 +35,41 @@ def standin(name: str | None, config: str | None = None) -> tuple[str | None, st
     return name, config
 
 
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (what
+    ``hfweight.reference.score_dataset`` writes), which ``load_dataset`` refuses."""
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
+    )
+
+
+def load_saved_dataset(path: str, config: str | None = None, streaming: bool = False):
+    """A ``save_to_disk`` directory as ``load_dataset`` would give a data folder: a ``DatasetDict`` (a single saved
+    ``Dataset`` becomes its ``train`` split, ``load_dataset``'s name for a folder's only split); with ``streaming``,
+    an ``IterableDatasetDict`` of the same rows."""
+    from datasets import Dataset, DatasetDict, IterableDatasetDict, load_from_disk
+
+    if config is not None:
+        raise ValueError(
+            f"dataset {path!r} is a `save_to_disk` directory, which has no configurations; drop "
+            f"`dataset_config={config!r}`."
+        )
+    saved = load_from_disk(path)
+    splits = DatasetDict({"train": saved}) if isinstance(saved, Dataset) else saved
+    if streaming:
+        return IterableDatasetDict({name: split.to_iterable_dataset() for name, split in splits.items()})
+    return splits
+
+
 def load_hub_dataset(name: str, config: str | None = None, streaming: bool = False):
-    """``datasets.load_dataset(name, config)`` after the stand-in map (:func:`standin`)."""
+    """``datasets.load_dataset(name, config)`` after the stand-in map (:func:`standin`); a ``save_to_disk``
+    directory (e.g. ``score_reference``'s output with ``ref_logps``) is opened with ``load_from_disk`` instead
+    (:func:`load_saved_dataset`)."""
     from datasets import load_dataset
 
     name, config = standin(name, config)
+    if is_saved_dataset(name):
+        return load_saved_dataset(name, config, streaming)
     return load_dataset(name, config, streaming=streaming)
 
 
@@ -74,8 +104,20 @@ def load_text_dataset(script_args: Any, seed: int = 0):
 
 def tokenize_for_lm(dataset, tokenizer, script_args: Any, training_args: Any):
     """Tokenize ``text_column`` to ``input_ids`` (bos + text + eos, cut at ``max_length``); every other column
-    (domain, weights) is kept, so the weighting columns travel with their rows."""
+    (domain, weights) is kept, so the weighting columns travel with their rows.
+
+    An already tokenized dataset (it has ``input_ids``, e.g. ``score_reference``'s output with ``ref_logps``
+    aligned to them) is used as it is: re-tokenizing would need a text column it no longer has, and cutting its rows
+    would cut them out of line with their per-token columns."""
     text_column, max_length = script_args.text_column, script_args.max_length
+    columns = dataset.column_names  # None for some streams: then the rows are assumed to hold the text column
+    if columns is not None and "input_ids" in columns:
+        return dataset
+    if columns is not None and text_column not in columns:
+        raise ValueError(
+            f"The training data has no text column {text_column!r} (columns: {columns}) and no `input_ids`. Set "
+            "`text_column` to the column holding the raw text, or give an already tokenized dataset."
+        )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -88,6 +130,39 @@ def tokenize_for_lm(dataset, tokenizer, script_args: Any, training_args: Any):
         kwargs["desc"] = "Tokenizing"
     with training_args.main_process_first(desc="tokenizing"):
         return dataset.map(tokenize, **kwargs)
+
+
+def first_rows(dataset, max_rows: int | None):
+    """At most ``max_rows`` rows of ``dataset``: ``select`` for a map-style dataset, ``take`` for a stream."""
+    if max_rows is None:
+        return dataset
+    if hasattr(dataset, "num_rows"):
+        return dataset.select(range(min(max_rows, len(dataset))))
+    return dataset.take(max_rows)
+
+
+def pretrain_data(script_args: Any, training_args: Any, tokenizer) -> tuple[Any, dict]:
+    """The pretraining entry point's data: ``(train, eval_sets)``, the tokenized training rows (at most
+    ``max_train_samples``, streamed or not) and the per-domain held-out sets (empty without an eval split).
+
+    ``dataset_name`` is ``builtin``, a hub id, a local data folder, or a ``save_to_disk`` directory (such as
+    ``score_reference``'s output: already tokenized, with ``ref_logps``, used as it is)."""
+    raw = load_text_dataset(script_args, seed=training_args.seed)
+    if script_args.dataset_train_split not in raw:
+        raise ValueError(
+            f"dataset {script_args.dataset_name!r} has no split {script_args.dataset_train_split!r} (splits: "
+            f"{list(raw)}); set `dataset_train_split`."
+        )
+    train_raw = raw[script_args.dataset_train_split]
+    if script_args.dataset_streaming and script_args.dataset_name == BUILTIN:
+        train_raw = train_raw.to_iterable_dataset()  # the built-in corpus as a stream (the held-out split stays)
+    train_raw = first_rows(train_raw, script_args.max_train_samples)  # before tokenizing: rows map 1:1
+    train = tokenize_for_lm(train_raw, tokenizer, script_args, training_args)
+    eval_sets = {}
+    if script_args.dataset_eval_split and script_args.dataset_eval_split in raw:
+        heldout = tokenize_for_lm(raw[script_args.dataset_eval_split], tokenizer, script_args, training_args)
+        eval_sets = per_domain_eval_sets(heldout, training_args.domain_column, script_args.max_eval_samples_per_domain)
+    return train, eval_sets
 
 
 def per_domain_eval_sets(dataset, domain_column: str, max_rows: int | None) -> dict:

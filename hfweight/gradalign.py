@@ -14,7 +14,7 @@ the local sums are already complete and no collective is needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -102,11 +102,6 @@ def complete_products(
     if sharded and world_size > 1:
         return all_reduce(partial.clone())
     return partial * world_size
-
-
-def any_sharded(params: Iterable[torch.nn.Parameter]) -> bool:
-    """Whether some rank-local gradient is a shard (so every rank must take part in the all-reduce)."""
-    return any(p.grad is not None and local_piece(p.grad)[1] > 1 for p in params)
 
 
 def register_sharded_parameters(model: torch.nn.Module) -> None:

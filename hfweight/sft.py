@@ -143,6 +143,11 @@ class WeightedSFTTrainer(WeightingMixin, SFTTrainer):
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
+    def _build_column_spec(self):
+        spec = super()._build_column_spec()
+        spec.sample_weight_per_token = bool(self.args.packing)  # expand_to_tokens gave each token its sample's weight
+        return spec
+
     def _setup_domains(self) -> None:
         if self._preset_domains is not None:
             values, sizes = self._preset_domains

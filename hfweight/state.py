@@ -31,8 +31,15 @@ TRUE_VALUES, FALSE_VALUES = ("true",), ("", "false", "none")  # what --resume_fr
 
 
 class CheckpointNotFoundError(FileNotFoundError, ValueError):
-    """No checkpoint to resume from. A ValueError too, as the parent ``Trainer.train(resume_from_checkpoint=True)``
-    raises when ``output_dir`` has none, so code written for the parent catches it unchanged."""
+    """No checkpoint to resume from. A ValueError, as the parent ``Trainer.train`` raises, and its message starts with
+    the parent's (:data:`NO_CHECKPOINT_IN_DIR`, :data:`NO_CHECKPOINT_AT`) before our detail, so code and tests
+    written for the parent (transformers' own trainer tests included) catch and match it unchanged."""
+
+
+# transformers.Trainer.train's messages for the two cases (resume_from_checkpoint=True with none in output_dir; a path
+# that holds no checkpoint): ours start with them.
+NO_CHECKPOINT_IN_DIR = "No valid checkpoint found in output directory ({output_dir})"
+NO_CHECKPOINT_AT = "Can't find a valid checkpoint at {checkpoint}"
 
 
 def state_file(checkpoint_dir: str, process_index: int) -> str:
@@ -212,7 +219,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
             raise CheckpointNotFoundError(
-                f"resume_from_checkpoint={resume_from_checkpoint!r}: output_dir {output_dir!r} holds no complete "
+                NO_CHECKPOINT_IN_DIR.format(output_dir=output_dir)
+                + f": resume_from_checkpoint={resume_from_checkpoint!r} but output_dir holds no complete "
                 "checkpoint-<step> directory to resume from. Pass a checkpoint path, or drop the flag to start fresh."
             )
         return checkpoint
@@ -220,7 +228,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         return None
     if not os.path.isdir(text):
         raise CheckpointNotFoundError(
-            f"resume_from_checkpoint={text!r}: no such directory. Pass an existing checkpoint-<step> directory, or "
+            NO_CHECKPOINT_AT.format(checkpoint=text) + f": resume_from_checkpoint={text!r}: no such directory. Pass an existing checkpoint-<step> directory, or "
             "'true' for the latest checkpoint in output_dir."
         )
     problem = checkpoint_problem(text)

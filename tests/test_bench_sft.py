@@ -84,3 +84,21 @@ def test_completion_nll_equals_trl_loss():
     }
     total = sum(counts.values())
     assert ours["all"] == pytest.approx(sum(ours[d] * counts[d] for d in counts) / total, rel=1e-6)
+
+
+def test_compare_regenerates_the_committed_weak_vs_strong_table(tmp_path):
+    """``--compare`` (the command in docs/guidance.md) reads the committed per-start results and writes the table
+    committed as sft_effectiveness_weak_vs_strong.md, unchanged."""
+    import bench_sft_effectiveness as effectiveness
+
+    results = os.path.join(os.path.dirname(effectiveness.__file__), "results")
+    labels = {
+        "weak, lr 1e-3": "weak", "strong (400), lr 1e-3": "strong", "stronger (1500), lr 1e-3": "stronger",
+        "weak, lr 1e-4": "weak_lr1e-4", "strong (400), lr 1e-4": "strong_lr1e-4",
+        "stronger (1500), lr 1e-4": "stronger_lr1e-4",
+    }
+    specs = [f"{label}={os.path.join(results, f'sft_effectiveness_{name}.json')}" for label, name in labels.items()]
+    effectiveness.main(["--compare", *specs, "--name", "weak_vs_strong", "--results_dir", str(tmp_path)])
+    written = (tmp_path / "weak_vs_strong.md").read_text()
+    with open(os.path.join(results, "sft_effectiveness_weak_vs_strong.md")) as f:
+        assert written == f.read()

@@ -130,3 +130,64 @@ def test_all_zero_weights_give_zero_gradient_not_nan(tmp_path):
     assert trainer.state.log_history[0]["loss"] == 0.0
     assert all(torch.all(g == 0) for g in capture.steps[0].values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- sample_weight must be one number per row ---------------------------------------------------------------------
+
+
+def _with_sample_weights(values):
+    rows = toy_rows(len(values))
+    for row, value in zip(rows, values):
+        row["sample_weight"] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        # Text that is not a number: the column becomes strings; the error names the first non-number ("abc").
+        (["1.0", "2", "abc", "1"], r"Column 'sample_weight' holds 'abc' \(str\); a sample weight must be a number .* "
+         r"at row 2\. .*cast_column"),
+        ([[1.0], [0.5], [2.0], [1.0]], r"Column 'sample_weight' holds a list, \[1\.0\] \(list\); a sample weight is one "
+         r"number per row .*at row 0"),
+        ([True, False, True, True], r"Column 'sample_weight' holds True \(bool\); a sample weight must be a number .*"
+         r"at row 0"),
+    ],
+    ids=["text", "list", "bool"],
+)
+def test_non_numeric_sample_weight_is_refused_at_the_dataset_check(tmp_path, values, message):
+    with pytest.raises(WeightColumnError, match=message):
+        _trainer(tmp_path, _with_sample_weights(values), sample_weighting="static")
+
+
+def test_collator_refuses_non_numeric_sample_weights_of_a_stream():
+    """A stream is checked batch by batch: the same three mistakes, named with their row of the batch."""
+    collator = WeightingCollator(pad_collate, ColumnSpec(sample_weight=True))
+    for value, message in [
+        ("abc", r"holds 'abc' \(str\) in row 2 of the current batch: not a number"),
+        ([1.0, 2.0], r"holds \[1\.0, 2\.0\] \(list\) in row 2 of the current batch: a list; a sample weight is one"),
+        (True, r"holds True \(bool\) in row 2 of the current batch: not a number"),
+    ]:
+        rows = _with_sample_weights([1.0, 2.0, value, 1])
+        with pytest.raises(WeightColumnError, match=message):
+            collator(rows)
+    batch = collator(_with_sample_weights([1.0, 2, 0.5, 1]))  # ints are numbers
+    assert batch["hfw_sample_weight"].tolist() == [1.0, 2.0, 0.5, 1.0]
+
+
+def test_packed_sft_keeps_its_per_token_sample_weights(tmp_path):
+    """With packing the SFT trainer expands each sample's weight to its tokens: that list form is accepted."""
+    from helpers import sft_rows, tiny_tokenizer
+
+    from hfweight import WeightedSFTConfig, WeightedSFTTrainer
+
+    rows = [dict(r, sample_weight=float(1 + i % 3)) for i, r in enumerate(sft_rows(8))]
+    args = WeightedSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, max_length=32,
+                             logging_steps=1,
+                             packing=True, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             sample_weighting="static")
+    trainer = WeightedSFTTrainer(model=tiny_model(), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tiny_tokenizer())
+    assert trainer._column_spec.sample_weight_per_token
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])

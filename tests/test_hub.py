@@ -8,7 +8,26 @@ import transformers.trainer
 from helpers import pad_collate, tiny_model, toy_dataset, training_args
 
 from hfweight import WeightedTrainer, WeightedTrainingArguments
-from hfweight.card import END, START, with_weighting_section
+from hfweight.card import END, METHODS, START, with_weighting_section
+
+
+def card_metadata(path) -> tuple[list[str], str]:
+    """The tags and the text of the card at ``path`` as the Hub reads it (``huggingface_hub.ModelCard``)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    return card.data.tags, card.text
+
+
+def assert_no_dead_links(text: str) -> None:
+    """The card links nothing that does not exist: no made-up project repository; the weighting section links nothing
+    but its own plots and the URL the installed package declares, if any (today none)."""
+    from hfweight.card import project_url
+
+    section = text.split(START, 1)[1].split(END, 1)[0]
+    if project_url():
+        section = section.replace(f"]({project_url()})", "")
+    assert "github.com/hfweight" not in text and "](http" not in section
 
 
 class FakeHubApi:
@@ -81,9 +100,69 @@ def test_push_to_hub_card_records_weighting(tmp_path, fake_hub):
         assert f"| `{domain}` | {p:.4f} |" in card
     assert "![weighting](weighting.png)" in card
 
-    # A second push refreshes the section instead of appending a copy.
+    tags, text = card_metadata(tmp_path / "README.md")
+    assert set(tags) == {"generated_from_trainer", "hfweight", "token-weighting", "sample-weighting", "data-mixture"}
+    assert_no_dead_links(text)
+
+    # A second push refreshes the section instead of appending a copy, and keeps the tags once each.
     trainer.push_to_hub(commit_message="again")
     assert (tmp_path / "README.md").read_text().count(START) == 1
+    tags, _ = card_metadata(tmp_path / "README.md")
+    assert sorted(tags) == sorted(set(tags)) and "hfweight" in tags
+
+
+def test_card_tags_and_methods_for_odm_with_loss_reweighting(tmp_path):
+    """The issue's case: mixture='odm', sample_weighting='loss' through Trainer.create_model_card (no push)."""
+    args = WeightedTrainingArguments(
+        **training_args(str(tmp_path), max_steps=2, learning_rate=1e-3),
+        sample_weighting="loss", mixture="odm", mixture_kwargs={"warmup_steps": 0},
+    )
+    trainer = WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(16), data_collator=pad_collate)
+    trainer.train()
+    trainer.create_model_card(tags=["my-tag"])
+    tags, text = card_metadata(tmp_path / "README.md")
+    assert tags == ["my-tag", "hfweight", "loss-reweighting", "odm", "generated_from_trainer"]
+    assert "- `sample_weighting='loss'`: dynamic loss-based reweighting (Sow et al. 2025) (tag `loss-reweighting`)" in text
+    assert "- `mixture='odm'`: Online Data Mixing (Albalak et al. 2023) (tag `odm`)" in text
+    assert "| `loss_normalization` | `token` |" in text  # a supervised run states its normalization
+    summary = json.loads((tmp_path / "weighting_summary.json").read_text())
+    assert "### Final domain mixture" in text and set(summary["final_mixture"]) == {"code", "prose", "math"}
+    for domain, p in summary["final_mixture"].items():
+        assert f"| `{domain}` | {p:.4f} |" in text
+    assert_no_dead_links(text)
+
+
+def test_card_links_the_project_url_from_package_metadata(monkeypatch):
+    """With a Project-URL in the installed package's metadata the card links it; without one it links nothing."""
+    import email.message
+
+    from hfweight import card
+
+    meta = email.message.Message()
+    monkeypatch.setattr(card.metadata, "metadata", lambda name: meta)
+    section = card.weighting_card_section({"config": {"mixture": "odm"}}, [])
+    assert "trained with hfweight loss weighting" in section and "](" not in section
+    meta["Project-URL"] = "Homepage, https://example.org/hfweight"
+    section = card.weighting_card_section({"config": {"mixture": "odm"}}, [])
+    assert "trained with [hfweight](https://example.org/hfweight) loss weighting" in section
+
+
+def test_every_built_in_method_has_a_tag_documented_in_methods_md():
+    """One tag per built-in method of every registry, each listed in docs/methods.md's tag table."""
+    import os
+
+    from hfweight.config import STRATEGY_REGISTRIES
+
+    built_in = {
+        (field, name) for field, registry in STRATEGY_REGISTRIES.items()
+        for name, factory in registry._factories.items() if factory.__module__.startswith("hfweight.")
+    }
+    assert built_in == set(METHODS)
+    tags = [tag for tag, _ in METHODS.values()]
+    assert len(set(tags)) == len(tags)
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "methods.md"), encoding="utf-8").read()
+    for (field, name), (tag, _) in METHODS.items():
+        assert f"| `{field}` | `{name}` | `{tag}` |" in docs
 
 
 def test_card_section_replaced_in_place():
@@ -129,6 +208,9 @@ def test_sft_push_to_hub_card(tmp_path, fake_hub):
     trainer.push_to_hub()
     card = (tmp_path / "README.md").read_text()
     assert "TRL" in card  # TRL's own card is kept
+    tags, text = card_metadata(tmp_path / "README.md")
+    assert set(tags) == {"generated_from_trainer", "trl", "sft", "hfweight", "dft"}
+    assert_no_dead_links(text)
     assert "| `token_weighting` | `dft` |" in card and "![weighting](weighting.png)" in card
     assert {"README.md", "weighting_summary.json", "weighting.png"} <= _uploaded_files(fake_hub.uploads[0])
 
@@ -150,6 +232,10 @@ def test_rl_push_to_hub_card_has_final_reward_weights_and_multipliers(algo, tmp_
     trainer.push_to_hub()
     card = (tmp_path / "README.md").read_text()
     assert "| `reward_weighting` | `constrained` |" in card and "![weighting](weighting.png)" in card
+    tags, text = card_metadata(tmp_path / "README.md")
+    assert set(tags) == {"generated_from_trainer", "trl", algo, "hfweight", "odm", "constrained-rlhf"}
+    assert "loss_normalization" not in text  # the RL configs reject the field: the card does not state it
+    assert_no_dead_links(text)
     summary = json.loads((tmp_path / "weighting_summary.json").read_text())
     for name, w in summary["final_reward_weights"].items():
         assert name in card and f"{w:.4f}" in card

@@ -103,3 +103,57 @@ def test_resume_of_eval_and_gradient_protocols(tmp_path, mixture, kwargs):
     keys = ["loss"] + [f"mixture/{n}" for n in NAMES] + [f"domain_loss/{n}" for n in NAMES]
     assert_same_step_logs(logged_by_step(straight, keys), logged_by_step(resumed, keys), steps=(4, 5, 6))
     assert torch.equal(resumed.mixture.probabilities(), straight.mixture.probabilities())
+
+
+# ---- the resample sampler and the user's arguments ------------------------------------------------------------------
+
+
+def test_resample_leaves_the_users_ignore_data_skip_alone(tmp_path):
+    """The sampler restores its own position, so Trainer must not skip batches while training (ignore_data_skip is
+    True then); the user's arguments object has its own value back before and after."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(args.ignore_data_skip)
+
+    trainer = _trainer(tmp_path, toy_dataset(16), callbacks=[Watch()], max_steps=2, mixture="static",
+                       mixture_mode="resample", mixture_kwargs={"weights": {"code": 2, "prose": 1, "math": 1}})
+    args = trainer.args
+    assert args.ignore_data_skip is False  # building the trainer changed nothing
+    trainer.train()
+    assert seen == [True, True] and args.ignore_data_skip is False
+
+
+def test_resample_resume_under_another_global_batch_names_each_factor(tmp_path):
+    """A resample mixture resumes only with the global batch it was saved with; the refusal gives the formula and the
+    old and new value of each factor."""
+    def make(steps, accumulation):
+        return _trainer(tmp_path, toy_dataset(32), max_steps=steps, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=accumulation, save_strategy="steps", save_steps=2, mixture="static",
+                        mixture_mode="resample", mixture_kwargs={"weights": {"code": 2, "prose": 1, "math": 1}})
+
+    make(2, accumulation=2).train()
+    with pytest.raises(ValueError, match=(
+        r"The global batch is per-device batch × gradient accumulation × processes: saved 2 × 2 × 1 = 4, now "
+        r"2 × 1 × 1 = 2\. Resume with the same product")):
+        make(4, accumulation=1).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_global_batch_refusal_with_another_process_count():
+    """The same message when the processes changed (a stand-in trainer: saved on 2 processes, resumed on 1)."""
+    from types import SimpleNamespace
+
+    from hfweight.glue.drivers.sampler import _SamplerAtStep
+
+    def factors(processes):
+        return {"per-device batch": 4, "gradient accumulation": 1, "processes": processes}
+
+    sampler = SimpleNamespace(batch_size=4, state_dict=lambda batches_consumed: {"batch_size": 8})
+    saved = _SamplerAtStep(sampler, SimpleNamespace(_global_batch=lambda: factors(2), state=SimpleNamespace(global_step=1)))
+    state = saved.state_dict()
+    resumed = _SamplerAtStep(sampler, SimpleNamespace(_global_batch=lambda: factors(1)))
+    with pytest.raises(ValueError, match=r"saved 4 × 1 × 2 = 8, now 4 × 1 × 1 = 4\."):
+        resumed.load_state_dict(state)

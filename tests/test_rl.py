@@ -560,3 +560,14 @@ def test_two_ranks_use_identical_weights_and_probabilities(algo, tmp_path):
     assert ranks[0]["gradient"]["gram"] == ranks[1]["gradient"]["gram"]
     # Dynamic weights actually moved.
     assert ranks[0]["saw_odm"]["weights"][0] != [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("data_seed,expected", [(7, 7), (None, 3)])
+def test_prompt_mixture_seeds_from_data_seed_like_the_supervised_samplers(tmp_path, data_seed, expected):
+    """The prompt sampler draws with ``data_seed`` when set, else ``seed`` (as Trainer's and hfweight's supervised
+    samplers do), and leaves the user's ``ignore_data_skip`` as it was."""
+    trainer = make_trainer(WeightedGRPOTrainer, WeightedGRPOConfig, tmp_path, mixture="static", seed=3,
+                           data_seed=data_seed)
+    trainer.get_train_dataloader()
+    assert trainer._prompts.sampler.seed == expected
+    assert trainer.args.ignore_data_skip is False

@@ -338,3 +338,36 @@ def test_parts_that_moved_module_still_resume():
     other = dict(saved, parts=dict(saved["parts"], mixture="hfweight.strategies.mixture.AioliMixture"))
     differences = fingerprint_differences(other, current)
     assert len(differences) == 1 and differences[0].startswith("mixture: saved hfweight.strategies.mixture.AioliMixture")
+
+
+# ---- a drop-in keeps the parent's errors -------------------------------------------------------------------------
+
+
+def _resume_error(trainer_cls, args_cls, out, resume_from_checkpoint, **weighting) -> Exception:
+    """The exception ``train(resume_from_checkpoint=...)`` raises before any step, for a trainer of ``trainer_cls``."""
+    args = args_cls(**training_args(str(out), max_steps=1), **weighting)
+    trainer = trainer_cls(model=tiny_model(), args=args, train_dataset=toy_dataset(4), data_collator=pad_collate)
+    with pytest.raises(Exception) as caught:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return caught.value
+
+
+@pytest.mark.parametrize("weighting", [{}, {"sample_weighting": "static"}], ids=["off", "on"])
+def test_resume_without_checkpoint_raises_the_parents_error(tmp_path, weighting):
+    """transformers' own trainer tests (``test_can_resume_training``, Weighted classes swapped in) expect the parent's
+    exception type and message: ours is a subclass and starts with the parent's message, detail after."""
+    from transformers import Trainer, TrainingArguments
+
+    (tmp_path / "out").mkdir()
+    parent = _resume_error(Trainer, TrainingArguments, tmp_path / "out", True)
+    ours = _resume_error(WeightedTrainer, WeightedTrainingArguments, tmp_path / "out", True, **weighting)
+    assert str(parent).startswith("No valid checkpoint found in output directory")  # what the upstream test matches
+    assert isinstance(ours, type(parent)) and str(ours).startswith(str(parent))
+    assert "holds no complete checkpoint-<step> directory" in str(ours)  # our detail follows
+
+    missing = str(tmp_path / "out" / "checkpoint-3")
+    parent_missing = _resume_error(Trainer, TrainingArguments, tmp_path / "out", missing)
+    with pytest.raises(Exception) as caught:
+        resolve_resume_checkpoint(missing, str(tmp_path / "out"))  # what every entry point calls first
+    resolve_error = caught.value
+    assert isinstance(resolve_error, type(parent_missing)) and str(resolve_error).startswith(str(parent_missing))

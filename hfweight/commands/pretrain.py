@@ -19,9 +19,7 @@ from ..entrypoints import (
     BUILTIN,
     final_summary,
     load_causal_lm,
-    load_text_dataset,
-    per_domain_eval_sets,
-    tokenize_for_lm,
+    pretrain_data,
     train_and_summarize,
 )
 from ..state import resolve_resume_checkpoint
@@ -72,17 +70,7 @@ def main(script_args: PretrainScriptArguments, training_args: WeightedTrainingAr
         vocab_size=script_args.builtin_vocab_size,
         seed=training_args.seed,
     )
-    raw = load_text_dataset(script_args, seed=training_args.seed)
-    train_raw = raw[script_args.dataset_train_split]
-    if script_args.dataset_streaming and script_args.dataset_name == BUILTIN:
-        train_raw = train_raw.to_iterable_dataset()  # the built-in corpus as a stream (the held-out split stays)
-    if script_args.max_train_samples is not None and not script_args.dataset_streaming:  # before tokenizing: rows map 1:1
-        train_raw = train_raw.select(range(min(script_args.max_train_samples, len(train_raw))))
-    train = tokenize_for_lm(train_raw, tokenizer, script_args, training_args)
-    eval_sets = {}
-    if script_args.dataset_eval_split and script_args.dataset_eval_split in raw:
-        heldout = tokenize_for_lm(raw[script_args.dataset_eval_split], tokenizer, script_args, training_args)
-        eval_sets = per_domain_eval_sets(heldout, training_args.domain_column, script_args.max_eval_samples_per_domain)
+    train, eval_sets = pretrain_data(script_args, training_args, tokenizer)
     trainer = WeightedTrainer(
         model=model,
         args=training_args,

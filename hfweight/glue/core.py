@@ -12,15 +12,17 @@ With weighting off every override calls the parent unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import math
 import os
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..card import write_weighting_section
+from ..card import card_tags, write_weighting_section
 from ..state import load_state, resolve_resume_checkpoint, save_state, state_file
 
 
@@ -38,6 +40,44 @@ class StepBoundaries(TrainerCallback):
         self.trainer._on_step_end(state)
 
 
+class MetricsWindow:
+    """The weighting metrics gathered since the last training log, reduced as they arrive: per key a running total and
+    count (keys reduced by the mean), or the running minimum (``*/min`` keys) or maximum (``*/max`` keys).
+
+    Its size is one entry per key however many steps pass between logs, so a run that never logs
+    (``logging_strategy="no"``) holds flat memory. The mean adds the values in arrival order, exactly as
+    ``sum(values) / len(values)`` over the kept list did, so logged numbers are unchanged.
+    """
+
+    def __init__(self):
+        self._entries: dict[str, list] = {}  # key -> [reduced value, count]
+
+    def add(self, key: str, value: float) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = [value, 1]
+        elif key.endswith("/min"):
+            entry[0] = min(entry[0], value)
+        elif key.endswith("/max"):
+            entry[0] = max(entry[0], value)
+        else:
+            entry[0] += value
+            entry[1] += 1
+
+    def reduced(self) -> dict[str, float]:
+        """Each key's min, max or mean over the window."""
+        return {
+            key: value if key.endswith(("/min", "/max")) else value / count
+            for key, (value, count) in self._entries.items()
+        }
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class WeightingCore:
     """Mix in before the parent trainer (through :class:`hfweight.glue.WeightingMixin` or the RL glue).
 
@@ -47,9 +87,10 @@ class WeightingCore:
 
     def _init_core(self) -> None:
         """The empty metrics window and no mixture, before a subclass builds its strategies."""
-        self._weighting_metrics: dict[str, list[float]] = defaultdict(list)
+        self._weighting_metrics = MetricsWindow()
         self.mixture = None
         self.domain_names: list[str] = []
+        self._sampler_restores_position = False  # set by a domain sampler that checkpoints its own position
 
     def _watch_step_boundaries(self) -> None:
         """Call :meth:`_on_train_begin` and :meth:`_on_step_end` from now on (once weighting is known to be on)."""
@@ -87,17 +128,11 @@ class WeightingCore:
     def _record(self, key: str, value: float) -> None:
         """Add a value to the window logged with the next training log (``*/min`` and ``*/max`` keys reduce by min
         and max, the others by the mean)."""
-        self._weighting_metrics[key].append(value)
+        self._weighting_metrics.add(key, value)
 
     def _add_weighting_logs(self, logs: dict[str, float]) -> None:
         """Add the metrics gathered since the last log and the current mixture to ``logs``."""
-        for key, values in self._weighting_metrics.items():
-            if key.endswith("/min"):
-                logs[key] = min(values)
-            elif key.endswith("/max"):
-                logs[key] = max(values)
-            else:
-                logs[key] = sum(values) / len(values)
+        logs.update(self._weighting_metrics.reduced())
         self._weighting_metrics.clear()
         if self.mixture is not None:
             for name, p in zip(self.domain_names, self.mixture.probabilities().tolist()):
@@ -113,6 +148,18 @@ class WeightingCore:
     def _data_parallel_size(self) -> int:
         """Processes whose gradients DDP/ZeRO/FSDP average (replicated TP ranks don't count, as in Trainer)."""
         return self.accelerator.num_processes // self.get_tp_size()
+
+    def _global_batch(self) -> dict[str, int]:
+        """The factors of the global batch (rows per optimizer step over all processes)."""
+        return {
+            "per-device batch": self.args.per_device_train_batch_size,
+            "gradient accumulation": self.args.gradient_accumulation_steps,
+            "processes": self._data_parallel_size(),
+        }
+
+    def _global_batch_size(self) -> int:
+        """Rows per optimizer step: per-device batch × gradient accumulation × data-parallel processes."""
+        return math.prod(self._global_batch().values())
 
     def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """``tensor`` reduced over every process (on this rank's device); unchanged on one process."""
@@ -170,10 +217,26 @@ class WeightingCore:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:  # the latest *complete* checkpoint (the parent may pick a half-written one)
             resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        with self._data_skip_owned_by_sampler():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._weighting_on() and self.args.should_save:
             self.save_weighting_artifacts(self.args.output_dir)
         return output
+
+    @contextlib.contextmanager
+    def _data_skip_owned_by_sampler(self):
+        """While training, ``ignore_data_skip=True`` when a domain sampler restores its own position on resume (the
+        Trainer must not also skip batches); the user's arguments get their own value back afterwards, so the same
+        object reused for another trainer is not silently changed."""
+        if not self._sampler_restores_position:
+            yield
+            return
+        own = self.args.ignore_data_skip
+        self.args.ignore_data_skip = True
+        try:
+            yield
+        finally:
+            self.args.ignore_data_skip = own
 
     def weighting_record(self) -> dict:
         """What ``weighting_summary.json`` and the model card record: the configuration, the domains, and the final
@@ -205,9 +268,20 @@ class WeightingCore:
 
     def create_model_card(self, *args, **kwargs):
         """The parent's card (``README.md`` in ``output_dir``, what ``push_to_hub`` uploads) plus a weighting
-        section: configuration, final mixture and reward weights, and the plots (see :mod:`hfweight.card`)."""
-        super().create_model_card(*args, **kwargs)
-        if not self._weighting_on() or not self.is_world_process_zero():
+        section: methods, configuration, final mixture and reward weights, and the plots (see :mod:`hfweight.card`).
+
+        The metadata tags are the parent's (``generated_from_trainer``; TRL adds its ``_tag_names``, e.g. ``trl``,
+        ``sft``), the caller's, and ``hfweight`` plus one per method used (:func:`hfweight.card.card_tags`), passed
+        through the parent's own ``tags`` argument (its position differs between Trainer and TRL)."""
+        if not self._weighting_on():
+            return super().create_model_card(*args, **kwargs)
+        bound = inspect.signature(super().create_model_card).bind_partial(*args, **kwargs)
+        given = bound.arguments.get("tags") or []
+        given = [given] if isinstance(given, str) else list(given)
+        ours = card_tags(self.args.weighting_summary())
+        bound.arguments["tags"] = given + [tag for tag in ours if tag not in given]
+        super().create_model_card(*bound.args, **bound.kwargs)
+        if not self.is_world_process_zero():
             return
         output_dir = self.args.output_dir
         paths = self.save_weighting_artifacts(output_dir)

@@ -10,6 +10,12 @@ from ..columns import BATCH_PREFIX
 logger = logging.getLogger(__name__)
 
 
+def data_seed(args) -> int:
+    """The seed of every data order hfweight draws (domain samplers, mixture streams, RL prompt draws): ``data_seed``
+    when set, else ``seed`` — as Trainer seeds its own sampler."""
+    return args.data_seed if args.data_seed is not None else args.seed
+
+
 def is_map_dataset(dataset) -> bool:
     """A map-style ``datasets.Dataset`` (random access, column reads)."""
     try:

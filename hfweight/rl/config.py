@@ -43,6 +43,7 @@ class RewardWeightingArguments(WeightingArguments):
     )
 
     supervised_loss = False
+    OPTIONAL_NAME_FIELDS = (*WeightingArguments.OPTIONAL_NAME_FIELDS, "reward_gradient_parameters")
 
     def validate_rl_weighting(self) -> None:
         """Refuse fields the RL trainers would silently ignore and check the RL-only ones, when the config is built."""

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..columns import discover_domains
-from ..glue.data import check_declared_domains, is_map_dataset
+from ..glue.data import check_declared_domains, data_seed, is_map_dataset
 from ..strategies.base import DomainStats
 from .advantages import combined_rewards, domain_reward_signal
 
@@ -93,7 +93,7 @@ class PromptMixture:
                 )
         mixture.bind(self.domain_names, sizes)
         self.domain_index = {value: i for i, value in enumerate(self.domain_values)}
-        args.ignore_data_skip = True  # the sampler restores its own position on resume
+        trainer._sampler_restores_position = True  # Trainer must not skip batches on resume (see the core's train)
         self.sampler = None  # the DomainSampler, built with the training DataLoader
         self.generation_batches = 0  # training generation batches consumed
         self.rng_checkpoint: str | None = None
@@ -109,7 +109,7 @@ class PromptMixture:
             trainer.mixture,
             domain_order=self.domain_values,
             domain_names=self.domain_names,
-            seed=args.seed,
+            seed=data_seed(args),
             batch_size=unique_per_batch,
             num_samples=len(dataset) - len(dataset) % unique_per_batch,
         )

@@ -127,10 +127,6 @@ class DomainSampler(Sampler[int], Stateful):
         """Use this fixed mixture from the next global batch on (the current batch keeps the one it was drawn with)."""
         self._source = checked_probabilities(probabilities, self.k, self.domain_names, "DomainSampler.set_probabilities")
 
-    def set_probability_source(self, source: Callable[[], Any]) -> None:
-        """Read ``α`` from ``source()`` at the start of every following global batch."""
-        self._source = source
-
     def _read_source(self) -> torch.Tensor:
         src = self._source
         if isinstance(src, torch.Tensor):

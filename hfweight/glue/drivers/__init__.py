@@ -53,7 +53,7 @@ def build_drivers(trainer) -> list[Driver]:
                 "mixture_mode='resample' draws whole rows by domain, but packed rows mix domains; use "
                 "mixture_mode='upweight' with packing."
             )
-        args.ignore_data_skip = True  # the sampler restores its own position on resume; Trainer must not skip on top
+        trainer._sampler_restores_position = True  # Trainer must not skip batches on resume on top (see the core's train)
     return drivers
 
 

@@ -9,6 +9,5 @@ class RunLength(Driver):
     """Before the first step: ``max_steps`` × the global batch (per-device batch × GA × data-parallel processes)."""
 
     def on_train_begin(self, state) -> None:
-        t, args = self.trainer, self.trainer.args
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * t._data_parallel_size()
-        t.sample_weighting.set_run_length(state.max_steps * global_batch)
+        t = self.trainer
+        t.sample_weighting.set_run_length(state.max_steps * t._global_batch_size())

@@ -13,7 +13,7 @@ the last consumed step and restored on resume, so Trainer does not skip batches 
 from __future__ import annotations
 
 from ...sampling import MixtureIterableDataset
-from ..data import is_hf_stream, is_mixture_stream
+from ..data import data_seed, is_hf_stream, is_mixture_stream
 from .base import Driver
 
 
@@ -39,7 +39,7 @@ class StreamResampling(Driver):
         if is_hf_stream(dataset):
             by_name = {str(v): v for v in (args.mixture_kwargs or {}).get("domains")}
             sources = {name: dataset.filter(lambda row, v=value: row[column] == v) for name, value in by_name.items()}
-            dataset = MixtureIterableDataset(sources, seed=args.data_seed if args.data_seed is not None else args.seed)
+            dataset = MixtureIterableDataset(sources, seed=data_seed(args))
             t._domain_values = [by_name[n] for n in dataset.domain_names]
             t.train_dataset = dataset
         elif not is_mixture_stream(dataset):
@@ -61,7 +61,7 @@ class StreamResampling(Driver):
             raise ValueError("mixture_mode='resample' over a stream cannot pack rows of several domains; drop packing.")
         # Every process that iterates the stream reads the whole global batch (accelerate dispatches it from rank 0
         # or shards it after reading), so one optimizer step consumes this many draws.
-        self.rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * t._data_parallel_size()
+        self.rows_per_step = t._global_batch_size()
         dataset.track_steps(self.rows_per_step)
         dataset.set_probabilities(t.mixture.probabilities())
         self.stream = dataset
