@@ -288,3 +288,18 @@ def test_accelerate_config_relaunches_the_command_on_two_processes(tmp_path):
     checkpoint = str(out / "checkpoint-2")
     assert checkpoint_problem(checkpoint) is None
     assert [read_state(state_file(checkpoint, rank))["world_size"] for rank in (0, 1)] == [2, 2]
+
+
+def test_package_imports_lazily_and_exports_every_public_name():
+    """`import hfweight` (what `hfweight --version` / `recipes` pay) loads no torch; every public name resolves."""
+    code = (
+        "import sys, hfweight\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'eager import'\n"
+        "assert sorted(hfweight.__all__) == sorted(hfweight._EXPORTS), 'export lists disagree'\n"
+        "for name in hfweight.__all__:\n"
+        "    assert getattr(hfweight, name).__name__ == name, name\n"
+        "from hfweight import WeightedSFTTrainer\n"
+        "import trl\n"
+        "assert issubclass(WeightedSFTTrainer, trl.SFTTrainer)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
