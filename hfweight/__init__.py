@@ -9,6 +9,7 @@ from .registry import (
     register_token_weighting,
 )
 from .rl import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer
+from .search import search_mixture
 from .sft import WeightedSFTConfig, WeightedSFTTrainer
 from .trainer import WeightedTrainer
 
@@ -28,4 +29,5 @@ __all__ = [
     "register_reward_weighting",
     "register_sample_weighting",
     "register_token_weighting",
+    "search_mixture",
 ]
