@@ -10,10 +10,10 @@
 
 Dead workers. :class:`~optuna.storages.RDBStorage` has Optuna's heartbeat (``heartbeat_interval``, ``grace_period``):
 ``study.optimize`` records it while a trial runs, and :func:`optuna.storages.fail_stale_trials` marks a ``RUNNING``
-trial whose heartbeat is older than the grace period ``FAIL`` and calls
-:class:`optuna.storages.RetryFailedTrialCallback`, which enqueues a copy (same params and attrs; ``max_retry`` copies
-at most). The journal storage has no heartbeat in Optuna, so :class:`Store` adds the same mechanism there: a thread
-writes the time into a trial system attr every ``heartbeat_interval`` seconds while the objective runs, and
+trial whose heartbeat is older than the grace period ``FAIL`` and calls :func:`retry_callback` (Optuna's
+``RetryHeartbeatStaleTrialCallback``), which enqueues a copy (same params and attrs; ``max_retry`` copies at most).
+The journal storage has no heartbeat in Optuna, so :class:`Store` adds the same mechanism there: a thread writes the
+time into a trial system attr every ``heartbeat_interval`` seconds while the objective runs, and
 :meth:`Store.fail_stale` fails the trials whose last beat (or start) is older than ``grace_period`` and calls the same
 Optuna callback. Clocks of the machines sharing a journal file must agree to well within ``grace_period``.
 """
@@ -44,6 +44,18 @@ def require_optuna():
     return optuna
 
 
+def retry_callback(max_retry: int):
+    """Optuna's retry of a stale trial (``RetryHeartbeatStaleTrialCallback``, named ``RetryFailedTrialCallback``
+    before Optuna 4.9): enqueues a copy of the dead trial, at most ``max_retry`` times per original."""
+    optuna = require_optuna()
+    callback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if callback is None:  # pragma: no cover - Optuna < 4.9
+            return optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
+        return callback(max_retry=max_retry)
+
+
 def is_url(spec: str) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", spec) is not None
 
@@ -66,7 +78,7 @@ class Store:
     _retry: Any = field(default=None, repr=False)
 
     def __post_init__(self):
-        self._retry = require_optuna().storages.RetryFailedTrialCallback(max_retry=self.max_retry)
+        self._retry = retry_callback(self.max_retry)
 
     def describe(self) -> str:
         return {"memory": "in memory", "journal": f"journal file {self.spec}", "rdb": redact(self.spec or "")}[self.kind]
@@ -102,7 +114,9 @@ class Store:
         optuna = require_optuna()
         if self.kind == "rdb":
             before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             after = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
             return sorted(after - before)
         if self.kind != "journal":
@@ -153,11 +167,13 @@ def open_store(spec: str | os.PathLike | None, *, worker: bool = False, heartbea
             raise ValueError(message)
         warnings.warn(message, stacklevel=3)
     try:
-        storage = optuna.storages.RDBStorage(
-            spec, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=max_retry),
-            engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None,
-        )
+        with warnings.catch_warnings():  # heartbeat_interval is flagged experimental; it is what this module is for
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                spec, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=retry_callback(max_retry),
+                engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None,
+            )
     except Exception as err:  # sqlalchemy's OperationalError / ArgumentError, a missing driver, ...
         raise ValueError(f"storage {redact(spec)!r} cannot be reached: {type(err).__name__}: "
                          f"{redact(str(err).splitlines()[0] if str(err) else '')}. Check the URL, that the server "
