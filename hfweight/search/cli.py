@@ -65,7 +65,8 @@ class SearchScriptArguments:
     max_retry: int = field(default=3, metadata={"help": "Retries of a trial whose worker died."})
 
 
-def _dataclasses():
+def recipe_dataclasses():
+    """The dataclasses a search recipe fills (also how tests/test_recipes.py validates one)."""
     from ..config import WeightedTrainingArguments
 
     return (SearchScriptArguments, WeightedTrainingArguments)
@@ -103,7 +104,7 @@ def parse(argv: list[str]):
     from trl import TrlParser
 
     argv = ["--import_results" if a == "--import" else a for a in argv]
-    return TrlParser(_dataclasses()).parse_args_and_config(args=argv)
+    return TrlParser(recipe_dataclasses()).parse_args_and_config(args=argv)
 
 
 def main(argv: list[str] | None = None) -> int:
