@@ -183,8 +183,11 @@ def test_rerun_resumes_without_retraining_and_more_trials_extend(tmp_path):
     more = CountingInit()
     extended = _search(tmp_path, more, storage=storage, n_trials=5)
     assert more.calls == 1 and len(extended.report["proxies"]) == 5
-    first_four = sorted(p["proposal"] for p in extended.report["proxies"])
-    assert first_four == [0, 1, 2, 3, 4]
+    assert sorted(p["proposal"] for p in extended.report["proxies"]) == [0, 1, 2, 3, 4]
+    fewer = CountingInit()
+    prefix = _search(tmp_path, fewer, storage=storage, n_trials=4)  # fits the first 4 proposals only, trains nothing
+    assert fewer.calls == 0 and sorted(p["proposal"] for p in prefix.report["proxies"]) == [0, 1, 2, 3]
+    assert prefix.weights == pytest.approx(result.weights)
 
 
 def test_import_results_table(tmp_path):

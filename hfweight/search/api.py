@@ -159,7 +159,8 @@ def search_mixture(
         train_dataset: map-style dataset with the domain column ``args.domain_column``.
         eval_dataset: a dataset or a dict of named datasets.
         target: eval names (or domains of the eval data) whose mean loss the mixture should minimize; default all.
-        n_trials: number of proposals (≥ number of domains + 1). A larger value on an existing study adds proposals.
+        n_trials: number of proposals (≥ number of domains + 1). A larger value on an existing study adds the next
+            proposals of the same stream; a smaller one fits the first ``n_trials`` only (nothing is trained).
         storage: ``None`` (in memory), a journal file path, or a database URL (PostgreSQL for a cluster).
         seed: seed of the proposals, the fits' folds and the simulated candidates (proxies use ``args.seed``).
         study_name: the Optuna study; rerunning with the same storage and name resumes it.
@@ -195,7 +196,7 @@ def search_mixture(
 def fit_and_choose(study, store, plan: SearchPlan, seed: int, *, top_k: int, n_candidates: int, kl_weight: float,
                    study_name: str) -> SearchResult:
     """Fit the finished proxies, choose the mixture, assemble the report."""
-    X, Y, trials = completed(study, plan.domains, plan.targets)
+    X, Y, trials = completed(study, plan.domains, plan.targets, len(plan.proposals))
     k = len(plan.domains)
     if len(X) < k + 1:
         raise RuntimeError(f"Only {len(X)} proxies of study {study_name!r} finished with every target measured; the "
