@@ -15,7 +15,7 @@ test half (what the final models are scored on). The target is the mean held-out
   ``oracle`` (uniform over the clean domains, junk left out: the best static choice given the truth) and
   ``searched`` (``mixture="static"`` with the search's weights).
 - Proxies: a smaller Llama (``--proxy_size``; ``micro`` = hidden 32, 2 layers) trained ``--proxy_steps`` steps ×
-  batch ``--proxy_batch``, one per proposal, through ``search_mixture`` (journal-file storage under ``--cache``, so an
+  batch ``--proxy_batch`` at learning rate ``--proxy_lr`` (1e-2: a small model takes a larger one), one per proposal, through ``search_mixture`` (journal-file storage under ``--cache``, so an
   interrupted benchmark resumes and never retrains a proxy). Proposal seed = the run's seed.
 - Reported per seed: the stratified → oracle gap closed ``(stratified − searched) / (stratified − oracle)`` at the
   final size; the proxies' total compute against the final run's (wall-clock seconds, and FLOPs ≈ 6 · parameters ·
@@ -101,11 +101,11 @@ def clean_test_loss(model, test: dict, clean) -> dict[str, float]:
     return out
 
 
-def train_args(output_dir: str, steps: int, batch: int, seed: int, **mixture):
+def train_args(output_dir: str, steps: int, batch: int, seed: int, lr: float = 3e-3, **mixture):
     from hfweight import WeightedTrainingArguments
 
     return WeightedTrainingArguments(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-3,
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.01, logging_steps=max(1, steps),
         save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=seed,
         dataloader_num_workers=0, mixture_mode="resample", **mixture)
@@ -142,7 +142,7 @@ def final_run(corpus: str, method: str, weights: dict | None, seed: int, steps: 
 
 
 def search(corpus: str, seed: int, n_trials: int, proxy_size: str, proxy_steps: int, proxy_batch: int,
-           cache: str, final_steps: int) -> dict:
+           proxy_lr: float, cache: str, final_steps: int) -> dict:
     """``search_mixture`` with proxies of ``proxy_size`` (resumable: journal file under ``cache``)."""
     from transformers import DataCollatorForLanguageModeling
 
@@ -155,8 +155,8 @@ def search(corpus: str, seed: int, n_trials: int, proxy_size: str, proxy_steps: 
         return build_model(tokenizer, size="tiny", seed=seed, **PROXY_SIZES[proxy_size])
 
     os.makedirs(cache, exist_ok=True)
-    name = f"{corpus}_seed{seed}_{proxy_size}_{proxy_steps}x{proxy_batch}"
-    args = train_args(os.path.join(cache, name), proxy_steps, proxy_batch, seed)
+    name = f"{corpus}_seed{seed}_{proxy_size}_{proxy_steps}x{proxy_batch}_lr{proxy_lr:g}"
+    args = train_args(os.path.join(cache, name), proxy_steps, proxy_batch, seed, lr=proxy_lr)
     result = search_mixture(
         model_init, args, train, {d: validation[d] for d in spec.clean}, target=list(spec.clean), n_trials=n_trials,
         storage=os.path.join(cache, f"{name}.journal"), seed=seed,
@@ -195,8 +195,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="also refit on the first N proposals (first seed only) and train a final model on each")
     parser.add_argument("--proxy_size", default="micro", choices=list(PROXY_SIZES))
-    parser.add_argument("--proxy_steps", type=int, default=20)
+    parser.add_argument("--proxy_steps", type=int, default=30)
     parser.add_argument("--proxy_batch", type=int, default=8)
+    parser.add_argument("--proxy_lr", type=float, default=1e-2, help="small proxies take a larger learning rate")
     parser.add_argument("--final_steps", type=int, default=60)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "hfweight_bench_search"))
     parser.add_argument("--name", default=None)
@@ -216,8 +217,8 @@ def main(argv=None) -> None:
         sizes = sorted(set([args.n_trials] + (args.scaling if seed == args.seeds[0] else [])), reverse=True)
         found = {}
         for n in sizes:  # largest first: trains every proxy once; the smaller ones refit a prefix
-            found[n] = search(args.corpus, seed, n, args.proxy_size, args.proxy_steps, args.proxy_batch, args.cache,
-                              args.final_steps)
+            found[n] = search(args.corpus, seed, n, args.proxy_size, args.proxy_steps, args.proxy_batch,
+                              args.proxy_lr, args.cache, args.final_steps)
             found[n]["seed"] = seed
             searches.append(found[n])
             print(f"[seed {seed}] search n={n}: {json.dumps({d: round(v, 3) for d, v in found[n]['weights'].items()})}"
@@ -247,7 +248,7 @@ def main(argv=None) -> None:
     minutes = (time.perf_counter() - wall) / 60
     lines = [
         f"### Mixture search on `{args.corpus}`: {args.n_trials} `{args.proxy_size}` proxies × {args.proxy_steps} "
-        f"steps × batch {args.proxy_batch} → tiny Llama {args.final_steps} steps × batch {FINAL_BATCH} × seq {SEQ_LEN}",
+        f"steps × batch {args.proxy_batch} (lr {args.proxy_lr:g}) → tiny Llama {args.final_steps} steps × batch {FINAL_BATCH} × seq {SEQ_LEN}",
         "",
         f"Seeds {args.seeds}; target = mean test loss of the clean domains {list(spec.clean)}; harmful: "
         f"{list(spec.harmful)} ({spec.harm}). Wall time {minutes:.1f} min; load average "

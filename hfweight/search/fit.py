@@ -51,15 +51,22 @@ def fit_loglinear_one(X: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
     k = X.shape[1]
     floor = max(float(y.min()), 1e-6)
 
+    ridge = np.sqrt(LOGLINEAR_RIDGE)
+
     def residuals(params):
-        return np.concatenate([loglinear_law(params, X) - y, np.sqrt(LOGLINEAR_RIDGE) * params[1:]])
+        return np.concatenate([loglinear_law(params, X) - y, ridge * params[1:]])
+
+    def jacobian(params):  # d/da = exp(a); d/dt_j = exp(t·x) x_j; the ridge rows: ridge · I on t
+        law_rows = np.column_stack([np.full(len(X), np.exp(params[0])), np.exp(X @ params[1:])[:, None] * X])
+        ridge_rows = np.column_stack([np.zeros(k), ridge * np.eye(k)])
+        return np.vstack([law_rows, ridge_rows])
 
     best = None
     for restart in range(LOGLINEAR_RESTARTS):
         constant_share = 0.5 if restart == 0 else rng.uniform(0.05, 0.95)
         start = np.concatenate([[np.log(constant_share * floor)],
                                 np.log((1 - constant_share) * float(y.mean())) + rng.normal(0.0, 0.5 * (restart > 0), k)])
-        result = least_squares(residuals, start, loss="huber", f_scale=HUBER_SCALE, max_nfev=2000)
+        result = least_squares(residuals, start, jac=jacobian, loss="huber", f_scale=HUBER_SCALE, max_nfev=2000)
         if best is None or result.cost < best.cost:
             best = result
     return best.x
