@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from .workers import (
 )
 
 DEFAULT_STUDY = "mixture_search"
+WEAK_RANKING = 0.5  # out-of-fold Spearman below which the search warns that its fit is not to be trusted
 
 
 @dataclass
@@ -206,6 +208,13 @@ def fit_and_choose(study, store, plan: SearchPlan, seed: int, *, top_k: int, n_c
     choice = choose_mod.choose_mixture(fit.predict, plan.prior, plan.caps, seed, n_candidates=n_candidates,
                                        top_k=top_k, kl_weight=kl_weight)
     search_seconds = time.perf_counter() - started + plan.proposal_seconds
+    notes = []
+    rho = fit.spearman[fit.chosen]
+    if not rho >= WEAK_RANKING:  # NaN too
+        notes.append(f"The best fit ({fit.chosen}) ranks the proxies poorly out of fold (Spearman {rho:.2f} < "
+                     f"{WEAK_RANKING}): the proxies differ by little more than noise. Train more or longer proxies "
+                     "before trusting the mixture (it is pulled toward the prior only by the KL term).")
+        warnings.warn(notes[-1], stacklevel=3)
     weights = {d: float(v) for d, v in zip(plan.domains, choice.weights)}
     target_loss = Y.mean(axis=1)
     proxies = [{
@@ -232,7 +241,7 @@ def fit_and_choose(study, store, plan: SearchPlan, seed: int, *, top_k: int, n_c
                 "in_sample": fit.in_sample},
         "best_proxy": {"trial": proxies[best]["trial"], "weights": proxies[best]["weights"],
                        "target_loss": proxies[best]["target_loss"]},
-        "proxies": proxies,
+        "proxies": proxies, "notes": notes,
         "timing": {"proxy_seconds": proxy_seconds, "search_seconds": search_seconds,
                    "search_overhead": search_seconds / proxy_seconds if proxy_seconds > 0 else None},
     }
