@@ -115,30 +115,54 @@ def parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def final_run(corpus: str, method: str, weights: dict | None, seed: int, steps: int) -> dict:
-    """The final model on one mixture: stratified, oracle or given weights."""
+ONLINE = {"doremi": {"mixture": "doremi", "mixture_kwargs": {}}, "odm": {"mixture": "odm", "mixture_kwargs": {}}}
+
+
+def final_run(corpus: str, method: str, weights: dict | None, seed: int, steps: int, cache: str) -> dict:
+    """The final model on one mixture: stratified, oracle, given weights, or an online mixer with its documented
+    defaults (DoReMi's reference = the stratified model of the seed). Results are cached in ``cache`` (and the
+    stratified model's weights, for DoReMi), so a rerun adds only what is missing."""
     from transformers import DataCollatorForLanguageModeling
 
     from hfweight import WeightedTrainer
 
     spec = corpus_spec(corpus)
     tokenizer, train, _, test = data(corpus)
+    key = os.path.join(cache, f"final_{corpus}_{method}_seed{seed}_{steps}steps")
+    if os.path.exists(f"{key}.json") and (weights is None or json.load(open(f"{key}.json"))["weights"] == weights):
+        return json.load(open(f"{key}.json"))
+    reference = None
     if method == "stratified":
         mixture = {"mixture": "temperature", "mixture_kwargs": {"temperature": "inf"}}
     elif method == "oracle":
         mixture = {"mixture": "static", "mixture_kwargs": {"weights": {d: 1.0 for d in spec.clean}}}
+    elif method in ONLINE:
+        mixture = ONLINE[method]
+        if method == "doremi":
+            final_run(corpus, "stratified", None, seed, steps, cache)
+            reference = build_model(tokenizer, size="tiny", seed=seed)
+            reference.load_state_dict(torch.load(
+                os.path.join(cache, f"final_{corpus}_stratified_seed{seed}_{steps}steps.pt"), weights_only=True))
     else:
         mixture = {"mixture": "static", "mixture_kwargs": {"weights": weights}}
     args = train_args(tempfile.mkdtemp(prefix=f"search_final_{method}_"), steps, FINAL_BATCH, seed, **mixture)
     model = build_model(tokenizer, size="tiny", seed=seed)
     started = time.perf_counter()
-    WeightedTrainer(model=model, args=args, train_dataset=train,
-                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=train, reference_model=reference,
+                              data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
     seconds = time.perf_counter() - started
     losses = clean_test_loss(model, test, spec.clean)
-    return {"method": method, "seed": seed, "seconds": seconds, "losses": losses,
-            "target": statistics.mean(losses.values()), "weights": weights,
-            "flops": 6.0 * parameters(model) * steps * FINAL_BATCH * SEQ_LEN}
+    final_mixture = dict(zip(trainer.domain_names, trainer.mixture.final_probabilities().tolist()))
+    out = {"method": method, "seed": seed, "seconds": seconds, "losses": losses,
+           "target": statistics.mean(losses.values()), "weights": weights, "final_mixture": final_mixture,
+           "flops": 6.0 * parameters(model) * steps * FINAL_BATCH * SEQ_LEN}
+    os.makedirs(cache, exist_ok=True)
+    if method == "stratified":
+        torch.save(model.state_dict(), f"{key}.pt")
+    with open(f"{key}.json", "w") as f:
+        json.dump(out, f)
+    return out
 
 
 def search(corpus: str, seed: int, n_trials: int, proxy_size: str, proxy_steps: int, proxy_batch: int,
@@ -199,6 +223,8 @@ def main(argv=None) -> None:
     parser.add_argument("--proxy_batch", type=int, default=8)
     parser.add_argument("--proxy_lr", type=float, default=1e-2, help="small proxies take a larger learning rate")
     parser.add_argument("--final_steps", type=int, default=60)
+    parser.add_argument("--online", nargs="*", default=list(ONLINE), choices=list(ONLINE),
+                        help="online mixers trained on the same final runs for comparison (documented defaults)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "hfweight_bench_search"))
     parser.add_argument("--name", default=None)
     parser.add_argument("--quick", action="store_true")
@@ -223,13 +249,13 @@ def main(argv=None) -> None:
             searches.append(found[n])
             print(f"[seed {seed}] search n={n}: {json.dumps({d: round(v, 3) for d, v in found[n]['weights'].items()})}"
                   f" fit {found[n]['fit']} spearman {found[n]['spearman']}", flush=True)
-        for method in ("stratified", "oracle"):
-            runs.append(final_run(args.corpus, method, None, seed, args.final_steps))
+        for method in ("stratified", "oracle", *args.online):
+            runs.append(final_run(args.corpus, method, None, seed, args.final_steps, args.cache))
         for n in sizes:
-            run = final_run(args.corpus, f"searched_{n}", found[n]["weights"], seed, args.final_steps)
-            runs.append(run)
+            runs.append(final_run(args.corpus, f"searched_{n}", found[n]["weights"], seed, args.final_steps,
+                                  args.cache))
         loads.append(os.getloadavg()[0])
-        for r in runs[-2 - len(sizes):]:
+        for r in runs[-2 - len(args.online) - len(sizes):]:
             print(f"[seed {seed}] {r['method']:<14} target {r['target']:.4f} ({r['seconds']:.0f} s)", flush=True)
         save_results(f"{name}.partial", {"settings": vars(args), "runs": runs, "searches": searches})
     by = {(r["method"], r["seed"]): r for r in runs}
@@ -244,6 +270,10 @@ def main(argv=None) -> None:
                      "compute_ratio_flops": s["proxy_flops"] / strat["flops"],
                      "overhead": s["search_seconds"] / s["proxy_seconds"] if s["proxy_seconds"] else float("nan")})
     main_rows = [r for r in rows if r["n_trials"] == args.n_trials]
+
+    def online_gap(method: str, seed: int) -> float:
+        return gap_closed(by[("stratified", seed)]["target"], by[(method, seed)]["target"], by[("oracle", seed)]["target"])
+
     spec = corpus_spec(args.corpus)
     minutes = (time.perf_counter() - wall) / 60
     lines = [
@@ -260,6 +290,9 @@ def main(argv=None) -> None:
         f"| oracle target loss | {mean_spread([r['oracle'] for r in main_rows], digits=4)} |",
         f"| searched target loss | {mean_spread([r['target'] for r in main_rows], digits=4)} |",
         f"| stratified → oracle gap closed (%) | {mean_spread([r['gap_closed'] for r in main_rows], 100, 1)} |",
+        *[f"| `{m}` (online, defaults): target loss / gap closed (%) | "
+          f"{mean_spread([by[(m, s)]['target'] for s in args.seeds], digits=4)} / "
+          f"{mean_spread([online_gap(m, s) for s in args.seeds], 100, 1)} |" for m in args.online],
         f"| proxy compute / final run, wall-clock | {mean_spread([r['compute_ratio_seconds'] for r in main_rows])} |",
         f"| proxy compute / final run, FLOPs (6·N·D) | {mean_spread([r['compute_ratio_flops'] for r in main_rows])} |",
         f"| search overhead (proposals + fit + choice) / proxy training | "
