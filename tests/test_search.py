@@ -100,6 +100,21 @@ def test_model_selection_picks_lightgbm_for_a_non_monotone_target_and_the_law_fo
     np.testing.assert_allclose(law_fit.out_of_fold["loglinear"], law[:, 0], rtol=1e-3)
 
 
+def test_model_selection_prefers_the_simpler_fit_within_the_margin():
+    X = _dirichlet(40, 3, 4)
+    Y = (X @ np.array([1.0, 2.0, 3.0]))[:, None]
+
+    def fitter(decimals):  # the truth, rounded: ties lower the rank correlation a little (1 decimal) or a lot (0)
+        return lambda X_fit, Y_fit, seed: (lambda Z: np.round(Z @ np.array([1.0, 2.0, 3.0]), decimals))
+
+    exact = lambda X_fit, Y_fit, seed: (lambda Z: Z @ np.array([1.0, 2.0, 3.0]))  # noqa: E731
+    close = fit.select_model(X, Y, fitters={"simple": fitter(1), "trees": exact})
+    assert 1.0 - fit.PREFER_SIMPLER_WITHIN < close.spearman["simple"] < close.spearman["trees"] == 1.0
+    assert close.chosen == "simple"
+    far = fit.select_model(X, Y, fitters={"simple": fitter(0), "trees": exact})
+    assert far.spearman["simple"] < 1.0 - fit.PREFER_SIMPLER_WITHIN and far.chosen == "trees"
+
+
 # ---- choice ---------------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ correlation.
   has, LightGBM's defaults (``min_child_samples = 20``) would never split, so leaves need only 3 rows and trees have at
   most 7 leaves; one thread, deterministic; the early-stopping split is 20 % of the proxies (at least 2).
 - :func:`select_model`: both are scored by the Spearman correlation between their out-of-fold predictions and the
-  measured target (K-fold, ``K = min(5, n)``), and the higher one is used; both scores are reported. RegMix reports
+  measured target (K-fold, ``K = min(5, n)``); the law is used unless LightGBM scores more than 0.05 higher (our
+  rule, set after the ``pydocs`` benchmark: see the function); both scores are reported. RegMix reports
   Spearman because only the ranking of mixtures matters to the choice.
 """
 
@@ -35,6 +36,7 @@ LGBM_PARAMS = {"objective": "regression", "learning_rate": 1e-2, "num_leaves": 7
                "min_data_in_bin": 1, "verbose": -1, "num_threads": 1, "deterministic": True}
 LGBM_STOPPING_ROUNDS = 50
 MAX_FOLDS = 5
+PREFER_SIMPLER_WITHIN = 0.05  # Spearman margin by which LightGBM must beat the law to be used (see select_model)
 
 
 def loglinear_law(params: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -141,13 +143,19 @@ class FitResult:
 
 
 def select_model(X: np.ndarray, Y: np.ndarray, seed: int = 0, fitters: dict[str, Fitter] | None = None) -> FitResult:
-    """Fit every regressor, score each by out-of-fold Spearman against the mean target, keep the best (ties and
-    NaN go to the first listed, the log-linear law: fewer parameters)."""
+    """Fit every regressor, score each by out-of-fold Spearman against the mean target, and keep the first listed
+    (the simplest: the log-linear law, ``k + 1`` parameters) whose score is within :data:`PREFER_SIMPLER_WITHIN` of
+    the best. Why the margin: the choice ranks 100,000 simulated mixtures, not the proxies, and LightGBM's
+    piecewise-constant predictions tie over many of them; the top-k average then spreads over the tie and the KL
+    term drags it to the prior (on the ``pydocs`` benchmark, seed 0, LightGBM at 0.91 vs the law's 0.89 kept 24 % of a
+    junk domain). So trees are used only when they rank the proxies clearly better."""
     fitters = fitters or FITTERS
     target = Y.mean(axis=1)
     oof = {name: out_of_fold(fitter, X, Y, seed) for name, fitter in fitters.items()}
     rho = {name: spearman(pred, target) for name, pred in oof.items()}
-    chosen = max(fitters, key=lambda name: -np.inf if np.isnan(rho[name]) else rho[name])
+    scores = {name: -np.inf if np.isnan(value) else value for name, value in rho.items()}
+    best = max(scores.values())
+    chosen = next(name for name in fitters if scores[name] >= best - PREFER_SIMPLER_WITHIN)
     predict = fitters[chosen](X, Y, seed)
     return FitResult(chosen=chosen, predict=predict, spearman=rho,
                      out_of_fold={name: pred.tolist() for name, pred in oof.items()},
