@@ -27,6 +27,7 @@ _EXPORTS = {
     "WeightedSFTConfig": ".sft",
     "WeightedSFTTrainer": ".sft",
     "WeightedTrainer": ".trainer",
+    "search_mixture": ".search",
 }
 
 __all__ = [  # the names of _EXPORTS (tests/test_cli.py checks they agree)
@@ -43,6 +44,7 @@ __all__ = [  # the names of _EXPORTS (tests/test_cli.py checks they agree)
     "register_reward_weighting",
     "register_sample_weighting",
     "register_token_weighting",
+    "search_mixture",
 ]
 
 
@@ -67,5 +69,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         register_token_weighting,
     )
     from .rl import WeightedGRPOConfig, WeightedGRPOTrainer, WeightedRLOOConfig, WeightedRLOOTrainer
+    from .search import search_mixture
     from .sft import WeightedSFTConfig, WeightedSFTTrainer
     from .trainer import WeightedTrainer

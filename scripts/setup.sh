@@ -29,7 +29,7 @@ fi
 PYTHON=${PYTHON:-python3}
 BASE_PYTHON=${BASE_PYTHON:-python3}
 LOCK=${LOCK:-requirements/lock.txt}
-EXTRAS=${EXTRAS:-dev,plots,deepspeed,math}
+EXTRAS=${EXTRAS:-dev,plots,deepspeed,math,search}
 
 # 1. The environment: create the project's virtual environment when PYTHON points into one that does not exist yet.
 case "$PYTHON" in

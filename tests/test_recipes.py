@@ -38,6 +38,10 @@ def is_pipeline(recipe: str) -> bool:
 
 
 def parser_for(recipe: str) -> TrlParser:
+    if os.path.basename(recipe).startswith("search_"):  # `hfweight search-mixture` / python -m hfweight.search
+        from hfweight.search.cli import recipe_dataclasses
+
+        return TrlParser(recipe_dataclasses())
     return TrlParser(_script(script_for(recipe)).DATACLASSES)
 
 

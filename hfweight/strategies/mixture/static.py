@@ -7,7 +7,9 @@ None of them learns from the training signal; ``schedule`` only needs the run le
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,24 +34,76 @@ class StaticMixture(Controller):
 
     Args:
         weights: ``{domain: weight}``, a list in sorted-domain order, or the path of a JSON file holding either
-            ``{"weights": {domain: weight}}`` — the ``mixture_weights.json`` every run writes to its output dir, so a
-            learned mixture (e.g. DoReMi's average) is reused with ``mixture_kwargs={"weights": "run/mixture_weights.json"}``
-            — or a bare ``{domain: weight}``. ``None`` means the natural mixture (proportional to domain sizes), which in
-            ``upweight`` mode changes nothing.
+            (bare or under a ``"weights"`` key) — the ``mixture_weights.json`` every run writes to its output dir, so a
+            learned mixture (e.g. DoReMi's average) is reused with ``mixture_kwargs={"weights": "run/mixture_weights.json"}``,
+            and the file ``hfweight search-mixture`` writes. A file must name exactly the dataset's domains (an error
+            names the missing and extra ones). ``None`` means the natural mixture (proportional to domain sizes),
+            which in ``upweight`` mode changes nothing.
     """
 
     def __init__(self, weights=None, domains=None):
-        weights = weight_spec(weights, WEIGHTS)
+        self.weights_file = os.fspath(weights) if isinstance(weights, str | os.PathLike) else None
+        if self.weights_file is not None:
+            weights = read_weights_file(self.weights_file)
+        weights = weight_spec(weights, self._field())
         super().__init__(min_prob=0.0, domains=domains)
         self.weights = weights
+
+    def _field(self) -> str:
+        """How the weights are named in errors: the kwarg, and the file they came from."""
+        return WEIGHTS if self.weights_file is None else f"{WEIGHTS} (file {self.weights_file!r})"
 
     def _on_bind(self):
         if self.weights is None:
             if self._sizes is None:
                 raise ValueError("mixture='static' without weights needs the domain sizes of a map-style dataset.")
             self._set_probs(self._sizes / self._sizes.sum())
-        else:
-            self._set_probs(normalize_domain_weights(self.weights, self.domain_names))
+            return
+        if self.weights_file is not None:
+            check_file_domains(self.weights, self.domain_names, self.weights_file)
+        self._set_probs(normalize_domain_weights(self.weights, self.domain_names, self._field()))
+
+
+def read_weights_file(path: str) -> dict | list:
+    """The mixture stored in a JSON file: ``{"weights": {domain: weight} | [weights]}`` (what every run and
+    ``hfweight search-mixture`` write) or a bare ``{domain: weight}`` object or ``[weights]`` list (sorted-domain
+    order). Value checks are :func:`weight_spec`'s; names are checked against the dataset at bind."""
+    if not os.path.exists(path):
+        raise ValueError(f"{WEIGHTS}={path!r}: no such file; give a {{domain: weight}} dict, a list, or a JSON file path.")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{WEIGHTS}={path!r} is not readable JSON: {err}") from err
+    if isinstance(data, Mapping) and isinstance(data.get("weights"), Mapping | list):
+        data = data["weights"]
+    if isinstance(data, Mapping):
+        return dict(data)
+    if isinstance(data, list):
+        return data
+    raise ValueError(
+        f"{WEIGHTS}={path!r} must hold {{'weights': {{domain: weight}}}}, {{domain: weight}} or a list of weights in "
+        f"sorted-domain order; it holds a {type(data).__name__}."
+    )
+
+
+def check_file_domains(weights, domain_names: list[str], path: str) -> None:
+    """A weights file must name exactly the dataset's domains (a file written for another dataset — other names,
+    or a domain missing — is a mistake, not a request for weight 0); a list must have one entry per domain."""
+    if isinstance(weights, Mapping):
+        named = set(map(str, weights))
+        missing, extra = sorted(set(domain_names) - named), sorted(named - set(domain_names))
+        if missing or extra:
+            raise ValueError(
+                f"The weights file {path!r} ({WEIGHTS}) does not match the dataset's domains {domain_names}: "
+                f"missing {missing}, extra {extra}. Use the file written for this dataset, or fix the names in it "
+                "(give 0 to leave a domain out)."
+            )
+    elif len(weights) != len(domain_names):
+        raise ValueError(
+            f"The weights file {path!r} ({WEIGHTS}) holds a list of {len(weights)} weights but the dataset has "
+            f"{len(domain_names)} domains {domain_names} (a list is read in sorted-domain order)."
+        )
 
 
 def _temperature_mixture(sizes: torch.Tensor, tau: float) -> torch.Tensor:
