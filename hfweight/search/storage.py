@@ -178,5 +178,5 @@ def open_store(spec: str | os.PathLike | None, *, worker: bool = False, heartbea
         raise ValueError(f"storage {redact(spec)!r} cannot be reached: {type(err).__name__}: "
                          f"{redact(str(err).splitlines()[0] if str(err) else '')}. Check the URL, that the server "
                          "runs and accepts connections, and that its driver is installed (pip install "
-                         "'hfweight[search]' has psycopg2 for PostgreSQL).") from None
+                         "'hfweight[search]' brings psycopg, PostgreSQL's driver).") from None
     return Store(storage, "rdb", spec, **settings)
