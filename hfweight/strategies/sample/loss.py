@@ -174,10 +174,15 @@ def unnormalized_softmax_weights(scores: torch.Tensor, temperature: float) -> to
     return out
 
 
+TAIL_FRACTION = 0.1
+"""The watched tail: the highest-loss tenth of a step's samples (at least one)."""
+
+
 @dataclass(frozen=True)
 class TailStats:
-    """One step's losses seen as Sow et al.'s ``linupper`` sees them: the *tail* is the samples above the batch's
-    mid-range loss (``h > 0``: the ones given the top score)."""
+    """One step's losses and weights, seen from their high-loss *tail*: the top :data:`TAIL_FRACTION` of the samples
+    by loss. (Not the samples above the mid-range, which ``linupper`` gives its top score: with a hard clean domain
+    those are mostly clean samples whose loss does fall.)"""
 
     median: float
     tail_mean: float
@@ -193,7 +198,9 @@ def tail_stats(losses: torch.Tensor, weights: torch.Tensor) -> TailStats | None:
     x, w = losses[valid], weights[valid]
     if x.numel() < 4:
         return None
-    tail = x > (x.min() + x.max()) / 2
+    count = max(1, round(TAIL_FRACTION * x.numel()))
+    tail = torch.zeros_like(x, dtype=torch.bool)
+    tail[torch.argsort(x, descending=True, stable=True)[:count]] = True
     total = float(w.sum())
     return TailStats(median=float(x.median()), tail_mean=float(x[tail].mean()) if tail.any() else float(x.max()),
                      tail_share=float(tail.double().mean()), tail_weight=float(w[tail].sum()) / total if total else 0.0)
@@ -207,8 +214,9 @@ class StuckTailWatch:
     above the median, and the weighting gives that tail *more* than its share of the weight. Compared: the means of
     the first ``window`` watched steps and of the last ``window`` steps, once ``3·window`` steps were watched.
     Fires when the median fell by ≥ ``min_drop``, the tail by at most ``tail_ratio`` × the median's fall, the tail is
-    ≥ ``min_gap`` nats above the median, holds ≥ 2 % of the samples and gets more weight than samples. On clean data
-    the tail is the hardest clean samples, and their loss falls too.
+    ≥ ``min_gap`` nats above the median and gets more than its share of the weight. On clean data the tail is the
+    hardest clean samples, and their loss falls too. The tail is the top tenth by loss: noise on fewer than about a
+    tenth of the samples is not seen (nor does it do much harm).
     """
 
     def __init__(self, window: int = 10, min_drop: float = 0.05, tail_ratio: float = 0.2, min_gap: float = 0.5):
@@ -240,11 +248,11 @@ class StuckTailWatch:
         tail, median = mean(self.late, "tail_mean"), mean(self.late, "median")
         share, weight = mean(self.late, "tail_share"), mean(self.late, "tail_weight")
         if (median_drop >= self.min_drop and tail_drop <= self.tail_ratio * median_drop and tail - median >= self.min_gap
-                and share >= 0.02 and weight > share):
+                and weight > share):
             self.fired = True
             return (f"between steps {self.first_step} and {self.last_step} the median per-sample loss fell by "
-                    f"{median_drop:.2f} nats but the high-loss tail ({share:.0%} of the samples, mean loss {tail:.2f} "
-                    f"vs median {median:.2f}) fell by only {tail_drop:.2f}, and this weighting gives it {weight:.0%} of "
+                    f"{median_drop:.2f} nats but the highest-loss {share:.0%} of the samples (mean loss {tail:.2f} "
+                    f"vs median {median:.2f}) fell by only {tail_drop:.2f}, and this weighting gives them {weight:.0%} of "
                     "the weight")
         return None
 
