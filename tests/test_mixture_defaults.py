@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_mixtures import build, close, stats
 
+from hfweight.strategies.mixture.aioli import AioliMixture
+
 # ---- ODM warm-up ----------------------------------------------------------------------------------------------------
 
 
@@ -63,9 +65,11 @@ def _probe_steps(m, total):
 )
 def test_aioli_default_probe_share_is_bounded(total, rounds, steps, every, share):
     m = build("aioli", names=FIVE, sizes=FIVE_SIZES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         m.set_total_steps(total)
+    short = [w for w in caught if "LearnParams round(s)" in str(w.message)]
+    assert len(short) == (total // every < AioliMixture.MIN_ROUNDS) and len(caught) == len(short)  # nothing else
     assert (m.lp_rounds, m.lp_steps, m.update_every) == (rounds, steps, every)
     if total <= 2000:
         assert _probe_steps(m, total) / total == pytest.approx(share)
@@ -244,3 +248,21 @@ def test_odm_does_not_warn_when_every_domain_learns():
         warnings.simplefilter("error")
         for step in range(120):
             quiet.observe(stats(step, loss=_odm_losses(step, stuck=True)))
+
+
+def test_doremi_warns_once_when_it_feeds_a_domain_that_does_not_learn():
+    """Excess loss that stays positive on a domain both models fail on (the clipped per-token excess of noise), while
+    its training loss does not fall and the others' do: DoReMi's weight on it grows, and it says so once."""
+    m = build("doremi", eta=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(120):
+            loss = _odm_losses(step, stuck=True)
+            m.observe(stats(step, loss=loss, excess=(0.1 * 4, 0.1 * 2, 1.5 * 3)))  # excess_sum = mean × tokens
+    doremi = [w for w in caught if str(w.message).startswith("doremi:")]
+    assert len(doremi) == 1 and "domain 'prose'" in str(doremi[0].message)
+    quiet = build("doremi", eta=0.1, watch=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(120):
+            quiet.observe(stats(step, loss=_odm_losses(step, stuck=True), excess=(0.4, 0.2, 4.5)))

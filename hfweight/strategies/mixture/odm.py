@@ -11,66 +11,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 
 import torch
 
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import in_range, integer, number
-from .base import F64, INITIAL_WEIGHTS, Controller, kwarg, weight_spec
-
-
-class StuckDomainWatch:
-    """The failure signature of a loss-rewarded mixture on data with an unlearnable domain, seen once per run.
-
-    ODM's reward is the training loss, so a domain the model cannot learn (random characters, corrupted text) keeps
-    the highest reward for ever and the bandit feeds it more and more data. Seen from the per-step domain losses:
-    comparing the mean of the first ``window`` updates with the last ``window``, once ``3·window`` were seen, the
-    other domains' losses fell (median fall ≥ ``min_drop``) while the upweighted domain's fell by at most
-    ``tail_ratio`` × that, its loss is the highest, and it gets ≥ ``lift`` × its initial weight.
-    """
-
-    def __init__(self, window: int = 10, min_drop: float = 0.05, tail_ratio: float = 0.2, lift: float = 1.2):
-        self.window, self.min_drop, self.tail_ratio, self.lift = window, min_drop, tail_ratio, lift
-        self.early: list[torch.Tensor] = []
-        self.late: deque[torch.Tensor] = deque(maxlen=window)
-        self.first_step = self.last_step = None
-        self.updates = 0
-        self.fired = False
-
-    def observe(self, step: int, loss: torch.Tensor, probs: torch.Tensor, initial: torch.Tensor) -> int | None:
-        """Record one update's domain losses (NaN: absent); the index of a stuck, upweighted domain the first time
-        the signature holds, else None. ``describe`` then gives the words."""
-        if self.fired or loss.numel() < 2:
-            return None
-        self.first_step = step if self.first_step is None else self.first_step
-        self.last_step = step
-        self.updates += 1
-        if len(self.early) < self.window:
-            self.early.append(loss.clone())
-        self.late.append(loss.clone())
-        if self.updates < 3 * self.window:
-            return None
-        self.early_mean, self.late_mean = (torch.stack(list(rows)).nanmean(0) for rows in (self.early, self.late))
-        drop = self.early_mean - self.late_mean
-        d = int(torch.nan_to_num(self.late_mean, nan=-math.inf).argmax())
-        others = torch.cat([drop[:d], drop[d + 1:]])
-        others = others[torch.isfinite(others)]
-        if others.numel() == 0 or not math.isfinite(float(drop[d])):
-            return None
-        self.others_drop = float(others.median())
-        if (self.others_drop >= self.min_drop and float(drop[d]) <= self.tail_ratio * self.others_drop
-                and float(probs[d]) >= self.lift * float(initial[d])):
-            self.fired = True
-            return d
-        return None
-
-    def describe(self, d: int, name: str, probs: torch.Tensor, initial: torch.Tensor) -> str:
-        return (f"domain {name!r} now gets {float(probs[d]):.2f} of the data (initial {float(initial[d]):.2f}) because "
-                f"its training loss is the highest and does not fall ({float(self.early_mean[d]):.2f} → "
-                f"{float(self.late_mean[d]):.2f} between steps {self.first_step} and {self.last_step}, while the other "
-                f"domains' fell by {self.others_drop:.2f})")
+from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, warn_if_stuck, weight_spec
 
 
 @register_mixture("odm")
@@ -182,23 +129,11 @@ class ODMMixture(Controller):
         self._eps = min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
         w = torch.softmax(prev_eps * self._rewards, dim=0) * (1 - k * self._eps) + self._eps
         self._set_probs(w / w.sum())
-        self._check_stuck(t, torch.where(seen, loss, torch.full_like(loss, math.nan)))
-
-    def _check_stuck(self, step: int, loss: torch.Tensor) -> None:
-        """Feed the update to the watch; warn the first time a stuck domain is being upweighted."""
-        if self._watch is None:
-            return
-        d = self._watch.observe(step, loss, self._probs, self._initial_probs)
-        if d is not None:
-            name = self.domain_names[d] if self.domain_names else str(d)
-            warnings.warn(
-                f"odm: {self._watch.describe(d, name, self._probs, self._initial_probs)}. ODM's reward is the training "
-                "loss, so it favours data the model cannot learn (random or corrupted text?). Leave that domain out "
-                "(e.g. mixture_kwargs initial_weights with 0 for it, or filter it), or use mixture='doremi' (excess loss "
-                "over a reference) or 'learning_progress' (loss decrease); mixture_kwargs={'watch': False} silences "
-                "this check.",
-                stacklevel=3,
-            )
+        warn_if_stuck(self._watch, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
+                      self._probs, self._initial_probs,
+                      "ODM's reward is the training loss, so it favours data the model cannot learn (random or "
+                      "corrupted text?); mixture='doremi' (excess loss over a reference) or 'learning_progress' (loss "
+                      "decrease) do not reward an irreducible loss.")
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps}
