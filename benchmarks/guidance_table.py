@@ -26,7 +26,8 @@ TOLERANCE = 0.02
 MIXTURE_METHODS = ("oracle", "doremi", "odm", "aioli", "dga", "learning_progress")
 SAMPLE_METHODS = ("oracle", "loss", "truncation", "storm")
 # what warns at run time when it fails the standard (the failure signature it watches for)
-WARNS = {"odm": "upweighted domain whose loss does not fall", "loss": "high-loss tail that does not learn"}
+WARNS = {"odm": "a domain it upweights whose loss does not fall", "doremi": "a domain it feeds whose loss does not fall",
+         "aioli": "fewer than 3 LearnParams rounds in the run", "loss": "a high-loss tail that does not learn"}
 
 
 def load(path: str) -> dict | None:
@@ -70,15 +71,20 @@ def table(title: str, methods, cells_of, baseline: str) -> str:
     names = [c + (" (kept aside)" if CORPORA[c].kept_aside else "") for c in corpora]
     lines = [f"#### {title}", "",
              f"Cells: Δ vs {baseline} in nats / share of the {baseline} → oracle gap closed, mean over the seeds of "
-             "each corpus (seeds: " + ", ".join(f"`{c}` {seeds_of(cells[c])}" for c in corpora) + "). Mean and worst "
-             f"case across the corpora; standard: worst Δ ≤ +{TOLERANCE}, or a run-time warning.", "",
+             "each corpus (seeds: " + ", ".join(f"`{c}` {seeds_of(cells[c])}" for c in corpora) + "); n/a: the "
+             "oracle was not better than the baseline there. Mean and worst case across the corpora; standard: worst "
+             f"Δ ≤ +{TOLERANCE}, or a run-time warning.", "",
              "| method | " + " | ".join(f"`{n}`" for n in names) + " | mean Δ | worst Δ | mean gap | worst gap | standard |",
              "|---|" + "---|" * (len(corpora) + 5)]
     for method in methods:
         row, deltas, gaps = [], [], []
         for c in corpora:
             delta, gap = cells[c].get(method, ([], []))
-            row.append(f"{fmt(delta)} / {fmt(gap, 100, 0, sign=False)}%" if delta else "not run")
+            oracle_delta = cells[c].get("oracle", ([], []))[0]
+            if oracle_delta and statistics.fmean(oracle_delta) >= 0 and method != "oracle":
+                gap = []  # the oracle did not beat the baseline: there is no gap to close
+            gap_text = f"{fmt(gap, 100, 0, sign=False)}%" if gap else "n/a"
+            row.append(f"{fmt(delta)} / {gap_text}" if delta else "not run")
             if delta:
                 deltas.append(statistics.fmean(delta))
             if gap:
