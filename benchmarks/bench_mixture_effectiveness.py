@@ -1,10 +1,12 @@
 """Do dynamic domain mixtures beat stratified sampling? Held-out loss on a target mix after a fixed budget.
 
-    python benchmarks/bench_mixture_effectiveness.py              # 3 seeds × 60 steps: ~10 min on 2 shared cores
-    python benchmarks/bench_mixture_effectiveness.py --quick      # 1 seed, 20 steps: a smoke test
-    python benchmarks/bench_mixture_effectiveness.py --steps 400 --seeds 0 1 2 3 4    # the full version (~1 h)
+    python benchmarks/bench_mixture_effectiveness.py --corpus ops   # 3 seeds × 200 steps, every method (~40 min idle)
+    python benchmarks/bench_mixture_effectiveness.py --quick        # 1 seed, 20 steps: a smoke test
 
-Setup (issues 5 and 15). The built-in corpus (five domains: code, prose, arithmetic, and the two problems real data
+``--corpus`` picks one of the corpora of ``benchmarks/corpora.py`` (default ``builtin``; ``language`` is kept aside:
+run only for the final table). Results: ``results/mixture_effectiveness_<corpus>.{json,md}``.
+
+Setup (issues 5, 15 and 23). The built-in corpus (five domains: code, prose, arithmetic, and the two problems real data
 has — ``redundant``, near-duplicate template texts, and ``noise``, random characters), cut into fixed-length blocks;
 the tiny built-in Llama from scratch; every method gets the same budget (steps × batch), seed, model init and
 optimizer. The target is the *uniform mix of the clean domains* (code, prose, arithmetic) on held-out text: the
@@ -44,47 +46,57 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from common import quiet, tokenizer_and_corpus  # noqa: E402
+from common import quiet  # noqa: E402
+from corpora import CORPORA, corpus_spec, tokenizer_and_corpus  # noqa: E402
 from harness import save_results  # noqa: E402
 
 from hfweight.builtin import build_model  # noqa: E402
 from hfweight.builtin.tasks import lm_dataset  # noqa: E402
 
-CLEAN = ("arithmetic", "code", "prose")
+SPEC = corpus_spec("builtin")  # --corpus: the corpus trained on (set once in main)
 SEQ_LEN = 64
 BATCH = 16
 HELDOUT_PER_DOMAIN = 32  # blocks per domain in each of the validation and test halves
 METHODS = ("stratified", "reshuffled", "oracle", "temperature", "doremi", "odm", "aioli", "dga", "learning_progress",
-           "dga_arithmetic")
+           "dga_first")
 RESHUFFLE_SEED_OFFSET = 1000  # `reshuffled`: stratified with another data order (data_seed = seed + this), same init
 OVERRIDES: dict[str, dict] = {}  # --override METHOD=JSON: extra kwargs for one method (knob sweeps)
 
-# method -> (mixture name, the kwargs a user must give; everything else is the method's documented default)
-CONFIGS = {
-    "stratified": ("temperature", {"temperature": "inf"}),
-    "reshuffled": ("temperature", {"temperature": "inf"}),
-    "oracle": ("static", {"weights": {d: 1.0 for d in CLEAN}}),
-    "temperature": ("temperature", {"temperature": 2.0}),
-    "doremi": ("doremi", {}),
-    "odm": ("odm", {}),
-    "aioli": ("aioli", {}),
-    "dga": ("dga", {"target": list(CLEAN), "target_batch_size": BATCH}),
-    "learning_progress": ("learning_progress", {}),
-    "dga_arithmetic": ("dga", {"target": "arithmetic", "target_batch_size": BATCH}),
-}
+
+
+def clean() -> tuple[str, ...]:
+    """The clean domains of the corpus trained on: the target is the uniform mix of their held-out losses."""
+    return SPEC.clean
+
+
+def configs() -> dict[str, tuple[str, dict]]:
+    """method -> (mixture name, the kwargs a user must give; everything else is the method's documented default).
+    ``dga_first``: DGA with a specific target, the corpus's first clean domain (scored on that domain alone)."""
+    return {
+        "stratified": ("temperature", {"temperature": "inf"}),
+        "reshuffled": ("temperature", {"temperature": "inf"}),
+        "oracle": ("static", {"weights": {d: 1.0 for d in clean()}}),
+        "temperature": ("temperature", {"temperature": 2.0}),
+        "doremi": ("doremi", {}),
+        "odm": ("odm", {}),
+        "aioli": ("aioli", {}),
+        "dga": ("dga", {"target": list(clean()), "target_batch_size": BATCH}),
+        "learning_progress": ("learning_progress", {}),
+        "dga_first": ("dga", {"target": clean()[0], "target_batch_size": BATCH}),
+    }
 
 
 def mixture_config(method: str, steps: int) -> dict:
     """The weighting fields of a method: documented defaults plus what it cannot run without, then any override."""
     del steps  # the defaults must fit the run by themselves (issue 15): nothing is scaled here
-    mixture, kwargs = CONFIGS[method]
+    mixture, kwargs = configs()[method]
     return {"mixture": mixture, "mixture_kwargs": {**kwargs, **OVERRIDES.get(method, {})}}
 
 
 @functools.cache
 def data(seed: int = 0):
     """(train blocks with `domain`, {domain: validation blocks}, {domain: test blocks})."""
-    tokenizer, corpus = tokenizer_and_corpus(seed)
+    tokenizer, corpus = tokenizer_and_corpus(SPEC.name, seed)
     train_tok = lm_dataset(tokenizer, corpus["train"], max_length=1 << 16)
     train = datasets.Dataset.from_list([row for rows in _chunk_all(train_tok).values() for row in rows])
     held = _chunk_all(lm_dataset(tokenizer, corpus["heldout"], max_length=1 << 16))
@@ -111,7 +123,7 @@ def test_losses(model, test: dict) -> dict[str, float]:
     model.eval()
     out = {}
     for domain, rows in test.items():
-        if domain not in CLEAN:
+        if domain not in clean():
             continue
         ids = torch.tensor(rows["input_ids"])
         total, count = 0.0, 0
@@ -154,7 +166,7 @@ def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> 
     model = build_model(tokenizer, size="tiny", seed=seed)
     trainer = WeightedTrainer(
         model=model, args=args, train_dataset=train,
-        eval_dataset={d: validation[d] for d in CLEAN}, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        eval_dataset={d: validation[d] for d in clean()}, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[curve], reference_model=reference if method == "doremi" else None,
     )
     trainer.train()
@@ -168,7 +180,7 @@ def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> 
 
 
 def _reference_path(cache_dir: str, seed: int, steps: int) -> str:
-    return os.path.join(cache_dir, f"stratified_seed{seed}_steps{steps}.pt")
+    return os.path.join(cache_dir, f"stratified_{SPEC.name}_seed{seed}_steps{steps}.pt")
 
 
 def cached_reference(cache_dir: str | None, seed: int, steps: int):
@@ -188,7 +200,7 @@ def save_reference(cache_dir: str | None, seed: int, steps: int, model) -> None:
 
 
 def target_loss(losses: dict, method: str) -> float:
-    return losses["arithmetic"] if method == "dga_arithmetic" else sum(losses[d] for d in CLEAN) / len(CLEAN)
+    return losses[clean()[0]] if method == "dga_first" else sum(losses[d] for d in clean()) / len(clean())
 
 
 def gap_closed(baseline: float, score: float, oracle: float) -> float:
@@ -228,7 +240,9 @@ def included_runs(paths: list[str], steps: int) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--corpus", default="builtin", choices=list(CORPORA),
+                        help="the corpus trained on (benchmarks/corpora.py; 'language' is kept aside for the final table)")
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -247,7 +261,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.eval_every = 20, [0], 5
-    name = args.name or ("mixture_effectiveness" + ("_quick" if args.quick else ""))
+    global SPEC
+    SPEC = corpus_spec(args.corpus)
+    name = args.name or (f"mixture_effectiveness_{args.corpus}" + ("_quick" if args.quick else ""))
     for spec in args.override:
         method, _, text = spec.partition("=")
         if method not in METHODS:
@@ -287,7 +303,7 @@ def main(argv=None) -> None:
         for seed in seeds:
             r, base = by[(method, seed)], by[("stratified", seed)]
             score = target_loss(r["final"], method)
-            base_final = target_loss(base["final"], method)  # arithmetic for dga_arithmetic, the clean mix otherwise
+            base_final = target_loss(base["final"], method)  # the first clean domain for dga_first, else the mix
             finals.append(score)
             deltas.append(score - base_final)
             if ("oracle", seed) in by:
@@ -300,10 +316,12 @@ def main(argv=None) -> None:
                      "missed": missed, "beats_stratified": sum(d < 0 for d in deltas), "seeds": seeds})
     minutes = (time.perf_counter() - wall) / 60
     lines = [
-        f"### Mixture effectiveness: tiny Llama, built-in corpus, {args.steps} steps × batch {BATCH} × seq {SEQ_LEN}",
+        f"### Mixture effectiveness: tiny Llama, corpus `{args.corpus}`"
+        + (" (KEPT ASIDE: no default was tuned on it)" if SPEC.kept_aside else "")
+        + f", {args.steps} steps × batch {BATCH} × seq {SEQ_LEN}",
         "",
-        f"Seeds {args.seeds}; target = uniform mix of the clean domains {list(CLEAN)} (held-out test half; "
-        "`dga_arithmetic`: arithmetic only, compared with stratified's arithmetic loss). Wall time "
+        f"Seeds {args.seeds}; target = uniform mix of the clean domains {list(clean())} (held-out test half; "
+        f"`dga_first`: {clean()[0]} only, compared with stratified's {clean()[0]} loss). Wall time "
         f"{minutes:.1f} min; 1-minute load average {min(loads):.1f}–{max(loads):.1f} (2 shared cores).",
         "",
         "| method | target loss (mean ± std) | Δ vs stratified (same seed) | stratified → oracle gap closed | "

@@ -55,13 +55,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import _chunk_by_domain, quiet, run_arguments, tokenizer_and_corpus  # noqa: E402
+from common import _chunk_by_domain, quiet, run_arguments  # noqa: E402
+from corpora import CORPORA, corpus_spec, corrupt_blocks, tokenizer_and_corpus  # noqa: E402
 from harness import _environment, _load_average, save_results  # noqa: E402
 
 from hfweight.builtin import build_model, lm_dataset  # noqa: E402
 
-CLEAN = ("code", "prose", "arithmetic")
+CLEAN = ("code", "prose", "arithmetic")  # the built-in corpus's; --corpus replaces both (use_corpus)
 DOMAINS = ("code", "prose", "arithmetic", "redundant", "noise")
+CORPUS = "builtin"
+
+
+def use_corpus(name: str) -> None:
+    """Train on corpus ``name`` of ``benchmarks/corpora.py``: its clean domains and all its domains."""
+    global CLEAN, DOMAINS, CORPUS
+    spec = corpus_spec(name)
+    CORPUS, CLEAN, DOMAINS = name, spec.clean, spec.domains
 WARMUP = 10  # optimizer steps of uniform weights before the loss-based strategies start (random init: see below)
 
 # variant → WeightingArguments fields. Temperatures are the authors' shipped ones (docs/methods.md#sow): quadratic r =
@@ -117,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks per domain")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--problem", choices=("domains", "corrupt", "duplicate"), default="domains")
+    parser.add_argument("--corpus", default="builtin", choices=list(CORPORA),
+                        help="the corpus (benchmarks/corpora.py; 'language' is kept aside for the final table)")
     parser.add_argument("--rate", type=float, default=0.3, help="--problem corrupt/duplicate: share of bad rows")
     parser.add_argument("--variants", nargs="+", choices=sorted(set(VARIANTS) | set(DEFAULT_VARIANTS)), default=None)
     parser.add_argument("--quick", action="store_true", help="1 seed x 30 steps: a smoke test, not a measurement")
@@ -139,16 +150,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--problem {args.problem} has no variant(s) {unknown}; choose from {list(table)}")
     required = [] if args.only else ["uniform"] if args.problem == "domains" else ["uniform", "oracle"]
     args.variants = required + [v for v in args.variants if v not in required]
+    use_corpus(args.corpus)
     suffix = "" if args.problem == "domains" else f"_{args.problem}"
-    args.name = args.name or "sample_effectiveness" + suffix + ("_quick" if args.quick else "")
+    args.name = args.name or f"sample_effectiveness{suffix}_{args.corpus}" + ("_quick" if args.quick else "")
     return args
 
 
-def blocks(split: str, seq: int, per_domain: int, domains=DOMAINS):
-    """``per_domain`` blocks of ``seq`` tokens of each of ``domains`` (round-robin over domains), from ``split``."""
+def blocks(split: str, seq: int, per_domain: int, domains=None):
+    """``per_domain`` blocks of ``seq`` tokens of each of ``domains`` (default: all the corpus's; round-robin over
+    domains), from ``split``."""
     import datasets
 
-    tokenizer, corpus = tokenizer_and_corpus(0)
+    domains = DOMAINS if domains is None else domains
+    tokenizer, corpus = tokenizer_and_corpus(CORPUS, 0)
     texts = corpus[split].filter(lambda row: row["domain"] in domains)
     tokenized = lm_dataset(tokenizer, texts, max_length=1 << 16)
     rows = _chunk_by_domain(tokenized, seq, per_domain * len(domains))
@@ -167,9 +181,8 @@ def spoil(train, problem: str, rate: float, vocab_size: int, seed: int = 0):
     bad = sorted(rng.choice(n, size=int(round(rate * n)), replace=False).tolist())
     bad_set = set(bad)
     rows = train.to_list()
-    if problem == "corrupt":
-        for i in bad:
-            rows[i]["input_ids"] = rng.integers(0, vocab_size, size=len(rows[i]["input_ids"])).tolist()
+    if problem == "corrupt":  # the corpora's noisy-sample variant (the same rows and tokens as drawn above)
+        rows, bad = corrupt_blocks(train.to_list(), rate, vocab_size, seed)
     elif problem == "duplicate":
         sources = rng.choice([i for i in range(n) if i not in bad_set], size=DUPLICATED_SOURCES, replace=False)
         for k, i in enumerate(bad):
@@ -197,12 +210,13 @@ def heldout_losses(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def run(variant: str, seed: int, args, train, heldout, tokenizer, clean_domains=CLEAN) -> dict:
+def run(variant: str, seed: int, args, train, heldout, tokenizer, clean_domains=None) -> dict:
     from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
     from hfweight import WeightedTrainer, WeightedTrainingArguments
 
     curve: list[tuple[int, dict]] = []
+    clean_domains = CLEAN if clean_domains is None else clean_domains
 
     clean_sets = {d: heldout[d] for d in clean_domains}
 
@@ -319,7 +333,9 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         else ""
     )
     header = (
-        f"### Sample weighting effectiveness ({args.problem}; built-in corpus, tiny Llama from scratch)\n\n"
+        f"### Sample weighting effectiveness ({args.problem}; corpus `{args.corpus}`"
+        + (" (KEPT ASIDE: no default was tuned on it)" if corpus_spec(args.corpus).kept_aside else "")
+        + ", tiny Llama from scratch)\n\n"
         f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.batch} x {args.seq} tokens, {data}; "
         f"held-out evaluated every {args.eval_every} steps. Cells: mean ± std over seeds. "
         f"'clean' = mean held-out token loss of {', '.join(clean_domains)}; 'Δ' = variant − uniform (same seed; < 0 is "
@@ -345,8 +361,9 @@ def merged_runs(args) -> list[dict]:
         with open(path) as f:
             saved = json.load(f)
         runs.extend(saved["runs"])
-        for key in ("steps", "batch", "seq", "eval_every", "rate", "problem"):  # what the runs were made with
-            setattr(args, key, saved["settings"][key])
+        for key in ("steps", "batch", "seq", "eval_every", "rate", "problem", "corpus"):  # what the runs were made with
+            setattr(args, key, saved["settings"].get(key, getattr(args, key)))
+    use_corpus(args.corpus)
     args.seeds = sorted({r["seed"] for r in runs})
     args.variants = [v for v in dict.fromkeys(r["variant"] for r in runs)]
     return runs

@@ -50,7 +50,7 @@ def test_gap_closed_hand_worked():
 
 def test_corrupt_and_duplicate_always_run_uniform_and_oracle_with_documented_defaults():
     args = bench.parse_args(["--problem", "corrupt", "--variants", "truncation"])
-    assert args.variants == ["uniform", "oracle", "truncation"] and args.name == "sample_effectiveness_corrupt"
+    assert args.variants == ["uniform", "oracle", "truncation"] and args.name == "sample_effectiveness_corrupt_builtin"
     assert bench.DEFAULT_VARIANTS["truncation"] == {"sample_weighting": "truncation"}  # no kwargs: the defaults
     assert bench.parse_args(["--problem", "corrupt", "--variants", "truncation_d0.3", "--only"]).variants == [
         "truncation_d0.3"

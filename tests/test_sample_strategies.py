@@ -7,6 +7,8 @@ Nothing here calls the formulas under test to build an expected value: every ref
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from hfweight.strategies.sample import (
     truncation_window,
     unnormalized_softmax_weights,
 )
+from hfweight.strategies.sample.loss import tail_stats
 
 STRATEGIES = ("linupper", "quadratic", "mid", "extremes", "upper")
 TEMPERATURES = (0.05, 0.4, 1.0, 3.0, 25.0)
@@ -639,3 +642,69 @@ def test_truncation_resume_keeps_the_checkpointed_run_sizes():
             resumed.load_state_dict(first.state_dict())
         assert (resumed.buffer_size, resumed.min_samples) == (24, 24)
         assert [resumed.weights(ctx(b)).tolist() for b in batches[12:]] == expected[12:]
+
+
+# ---- loss: the noisy-data failure watch ------------------------------------------------------------------------------
+
+
+def synthetic_losses(step: int, noisy: bool, n: int = 32, seed: int = 0, hard: bool = False) -> list[float]:
+    """One step's per-sample losses of a model learning from scratch (vocabulary of 2048: ln 2048 ≈ 7.6): clean
+    samples fall from 7.6 towards 2–4 (easy to hard), with noise; ``hard``: towards 1.2 for a third of them and 6.3
+    for the rest (the built-in corpus: arithmetic vs code and prose); ``noisy``: 30% of them are random tokens, whose
+    loss stays at ≈ 7.6 and drifts up as the model grows confident."""
+    rng = np.random.default_rng(seed * 1000 + step)
+    hardness = np.where(rng.random(n) < 1 / 3, 1.2, 6.3) if hard else rng.uniform(2.0, 4.0, n)
+    clean = hardness + (7.6 - hardness) * math.exp(-step / 15) + rng.normal(0, 0.15, n)
+    if noisy:
+        bad = rng.random(n) < 0.3
+        clean[bad] = 7.6 + 0.004 * step + rng.normal(0, 0.05, int(bad.sum()))
+    return clean.tolist()
+
+
+def run_loss_weighting(noisy: bool, mode: str, steps: int = 60, hard: bool = False) -> list[warnings.WarningMessage]:
+    strategy = LossReweighting()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            c = ctx(synthetic_losses(step, noisy, hard=hard), step=step)
+            if mode == "score":
+                strategy.weights(c)
+            else:
+                strategy.local_weights(c)
+                strategy.end_step(c)
+    return [w for w in caught if "sample_weighting='loss'" in str(w.message)]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("mode", ["score", "rescale"])
+def test_loss_warns_once_on_a_stuck_high_loss_tail(mode, hard):
+    caught = run_loss_weighting(noisy=True, mode=mode, hard=hard)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "truncation" in message and re.search(r"highest-loss \d+% of the samples", message) and "median" in message
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("mode", ["score", "rescale"])
+def test_loss_does_not_warn_on_clean_learning(mode, hard):
+    assert run_loss_weighting(noisy=False, mode=mode, hard=hard) == []
+
+
+def test_loss_watch_can_be_turned_off_and_skips_warmup():
+    strategy = LossReweighting(watch=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(60):
+            strategy.weights(ctx(synthetic_losses(step, noisy=True), step=step))
+    warm = LossReweighting(warmup_steps=1000)  # nothing watched during the warm-up
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(60):
+            warm.weights(ctx(synthetic_losses(step, noisy=True), step=step))
+
+
+def test_tail_stats_by_hand():
+    losses = torch.tensor([1.0, 2.0, 3.0, 9.0], dtype=torch.float64)  # top tenth of 4 samples: the highest, {9}
+    stats = tail_stats(losses, torch.tensor([1.0, 1.0, 1.0, 2.0], dtype=torch.float64))
+    assert stats.median == 2.0  # torch's median of an even count is the lower middle value
+    assert stats.tail_mean == 9.0 and stats.tail_share == 0.25 and stats.tail_weight == pytest.approx(2 / 5)

@@ -40,6 +40,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
@@ -311,3 +313,71 @@ class Controller(MixtureController):
         self._probs = None if state["probs"] is None else state["probs"].clone().to(F64)
         self._total_steps = state.get("total_steps")
 
+
+class StuckDomainWatch:
+    """The failure signature of a mixture that feeds a domain the model cannot learn, seen once per run.
+
+    ODM's reward is the training loss and DoReMi's the clipped excess loss over a reference: a domain neither model can
+    learn (random characters, corrupted text) keeps the highest score for ever, and the mixture feeds it more and more
+    data. Seen from the per-step domain losses:
+    comparing the mean of the first ``window`` updates with the last ``window``, once ``3·window`` were seen, the
+    other domains' losses fell (median fall ≥ ``min_drop``) while the upweighted domain's fell by at most
+    ``tail_ratio`` × that, its loss is the highest, and it gets ≥ ``lift`` × its initial weight.
+    """
+
+    def __init__(self, window: int = 10, min_drop: float = 0.05, tail_ratio: float = 0.2, lift: float = 1.2):
+        self.window, self.min_drop, self.tail_ratio, self.lift = window, min_drop, tail_ratio, lift
+        self.early: list[torch.Tensor] = []
+        self.late: deque[torch.Tensor] = deque(maxlen=window)
+        self.first_step = self.last_step = None
+        self.updates = 0
+        self.fired = False
+
+    def observe(self, step: int, loss: torch.Tensor, probs: torch.Tensor, initial: torch.Tensor) -> int | None:
+        """Record one update's domain losses (NaN: absent); the index of a stuck, upweighted domain the first time
+        the signature holds, else None. ``describe`` then gives the words."""
+        if self.fired or loss.numel() < 2:
+            return None
+        self.first_step = step if self.first_step is None else self.first_step
+        self.last_step = step
+        self.updates += 1
+        if len(self.early) < self.window:
+            self.early.append(loss.clone())
+        self.late.append(loss.clone())
+        if self.updates < 3 * self.window:
+            return None
+        self.early_mean, self.late_mean = (torch.stack(list(rows)).nanmean(0) for rows in (self.early, self.late))
+        drop = self.early_mean - self.late_mean
+        d = int(torch.nan_to_num(self.late_mean, nan=-math.inf).argmax())
+        others = torch.cat([drop[:d], drop[d + 1:]])
+        others = others[torch.isfinite(others)]
+        if others.numel() == 0 or not math.isfinite(float(drop[d])):
+            return None
+        self.others_drop = float(others.median())
+        if (self.others_drop >= self.min_drop and float(drop[d]) <= self.tail_ratio * self.others_drop
+                and float(probs[d]) >= self.lift * float(initial[d])):
+            self.fired = True
+            return d
+        return None
+
+    def describe(self, d: int, name: str, probs: torch.Tensor, initial: torch.Tensor) -> str:
+        return (f"domain {name!r} now gets {float(probs[d]):.2f} of the data (initial {float(initial[d]):.2f}) because "
+                f"its training loss is the highest and does not fall ({float(self.early_mean[d]):.2f} → "
+                f"{float(self.late_mean[d]):.2f} between steps {self.first_step} and {self.last_step}, while the other "
+                f"domains' fell by {self.others_drop:.2f})")
+
+
+def warn_if_stuck(watch: StuckDomainWatch | None, method: str, names: list[str], step: int, loss: torch.Tensor,
+                  probs: torch.Tensor, initial: torch.Tensor, why: str) -> None:
+    """Feed one update to ``watch`` (None: watching is off) and warn once, the first time it sees the signature:
+    ``"<method>: <what it saw>. <why>. <what to do>"``."""
+    if watch is None:
+        return
+    d = watch.observe(step, loss, probs, initial)
+    if d is not None:
+        warnings.warn(
+            f"{method}: {watch.describe(d, names[d], probs, initial)}. {why} Leave that domain out (a static weight of 0, "
+            f"or filter it) or use another mixture (docs/guidance.md); mixture_kwargs={{'watch': False}} silences this "
+            "check.",
+            stacklevel=4,
+        )

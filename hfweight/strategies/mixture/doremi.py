@@ -17,7 +17,7 @@ import torch
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import in_range, number
-from .base import F64, INITIAL_WEIGHTS, Controller, kwarg, mix_update, weight_spec
+from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, mix_update, warn_if_stuck, weight_spec
 
 
 @register_mixture("doremi")
@@ -55,13 +55,18 @@ class DoReMiMixture(Controller):
             ``log(vocab_size)`` (a uniform model's loss), which pushes unseen domains up; the vocabulary is unknown here,
             so the default 0 leaves them unchanged — pass ``math.log(vocab_size)`` to match the code exactly.
         min_prob: Floor (default 1e-4).
+        watch: Warn once when the mixture feeds a domain whose training loss does not fall (default True;
+            :class:`~hfweight.strategies.mixture.base.StuckDomainWatch`). The clipped excess ``max(ℓ − ℓ_ref, 0)``
+            stays positive on data neither model can learn, so such a domain keeps gaining weight: on the
+            ``records`` corpus (issue 23) DoReMi put 0.42 on random-byte hex dumps, +0.09 nats vs stratified.
     """
 
     needs_reference = True
 
     def __init__(self, eta: float = 0.1, smoothing: float = 1e-3, initial_weights=None, initial_score: float = 0.0,
-                 min_prob: float = 1e-4, domains=None):
+                 min_prob: float = 1e-4, watch: bool = True, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
+        self.watch_enabled = bool(watch)
         self.eta = number(eta, kwarg("eta"), low=0, low_open=True)
         self.smoothing = in_range(smoothing, kwarg("smoothing"), 0, 1)
         self.initial_weights = weight_spec(initial_weights, INITIAL_WEIGHTS)
@@ -77,6 +82,8 @@ class DoReMiMixture(Controller):
         self._scores = torch.full((self.k,), self.initial_score, dtype=F64)
         self._avg = self._probs.clone()
         self._updates = 1
+        self._initial_probs = self._probs.clone()
+        self._watch = StuckDomainWatch() if self.watch_enabled else None
 
     def observe(self, stats: DomainStats) -> None:
         self._check_stats(stats)
@@ -98,6 +105,10 @@ class DoReMiMixture(Controller):
         self._set_probs(torch.exp(self._log_p))
         self._updates += 1
         self._avg = (self._avg * (self._updates - 1) + self._probs) / self._updates
+        warn_if_stuck(self._watch, "doremi", self.domain_names, int(stats.step) + 1, stats.mean_loss.to(F64),
+                      self._probs, self._initial_probs,
+                      "DoReMi's score is the excess loss over the reference clipped at 0 per token, which stays positive "
+                      "on data neither model can learn (random or corrupted text?), so such a domain keeps gaining weight.")
 
     def average_probabilities(self) -> torch.Tensor:
         """Time-average of ``α`` over the updates (including the starting weights): DoReMi's output mixture."""

@@ -17,7 +17,7 @@ import torch
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import in_range, integer, number
-from .base import F64, INITIAL_WEIGHTS, Controller, kwarg, weight_spec
+from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, warn_if_stuck, weight_spec
 
 
 @register_mixture("odm")
@@ -62,6 +62,15 @@ class ODMMixture(Controller):
         reward_scale: Loss-to-reward scale (default 0.1, the code's ``reward/10``).
         initial_weights: Mixture during warm-up and the first π (default uniform).
         min_prob: Floor (default 1e-4).
+        watch: Warn once when a domain ODM upweights is not being learned (default True; :class:`StuckDomainWatch`).
+
+    What ODM does at this scale (issue 23). In the mixed-minibatch form every domain is seen every step, so the
+    importance weight ``1/π_d`` (meant for a bandit that sees one arm) makes the rewards grow equally exactly when
+    ``π_d ∝ L_d``: the mixture settles at *proportional to the domains' training losses* within a few dozen updates
+    (``tests/test_mixture_defaults.py``). On data whose domains differ in loss because some are harder, that is the
+    paper's "learn more from the less-learned data"; on data with an unlearnable domain (random characters, random
+    bytes) it is the wrong way: on the ``records`` corpus it put 0.44 on the random-byte domain (initial 0.25).
+    The run-time watch names that case.
     """
 
     AUTHORS_WARMUP = 2000
@@ -69,8 +78,9 @@ class ODMMixture(Controller):
 
     def __init__(self, warmup_steps: int | None = None, update_every: int = 1, reward: str = "exp3",
                  smoothing_factor: float = 0.9, reward_scale: float = 0.1, initial_weights=None,
-                 min_prob: float = 1e-4, domains=None):
+                 min_prob: float = 1e-4, watch: bool = True, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
+        self.watch_enabled = bool(watch)
         self.warmup_given = warmup_steps is not None
         self.warmup_steps = self.AUTHORS_WARMUP if warmup_steps is None else integer(warmup_steps, kwarg("warmup_steps"), 0)
         self.update_every = integer(update_every, kwarg("update_every"))
@@ -85,6 +95,8 @@ class ODMMixture(Controller):
         self._set_probs(self._initial(self.initial_weights))
         self._rewards = torch.zeros(self.k, dtype=F64)
         self._eps = 1.0 / self.k
+        self._initial_probs = self._probs.clone()
+        self._watch = StuckDomainWatch() if self.watch_enabled else None
 
     def set_total_steps(self, n: int) -> None:
         """Fit the default warm-up to the run (``min(2000, ⌊n/10⌋)``); warn when a given warm-up outlasts it."""
@@ -117,6 +129,11 @@ class ODMMixture(Controller):
         self._eps = min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
         w = torch.softmax(prev_eps * self._rewards, dim=0) * (1 - k * self._eps) + self._eps
         self._set_probs(w / w.sum())
+        warn_if_stuck(self._watch, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
+                      self._probs, self._initial_probs,
+                      "ODM's reward is the training loss, so it favours data the model cannot learn (random or "
+                      "corrupted text?); mixture='doremi' (excess loss over a reference) or 'learning_progress' (loss "
+                      "decrease) do not reward an irreducible loss.")
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps}

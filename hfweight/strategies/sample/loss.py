@@ -10,6 +10,10 @@ Per step: ``h = normalize_losses(ℓ)`` in ``[−1, 1]``, a score ``f(h)`` per s
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
+from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -170,6 +174,89 @@ def unnormalized_softmax_weights(scores: torch.Tensor, temperature: float) -> to
     return out
 
 
+TAIL_FRACTION = 0.1
+"""The watched tail: the highest-loss tenth of a step's samples (at least one)."""
+
+
+@dataclass(frozen=True)
+class TailStats:
+    """One step's losses and weights, seen from their high-loss *tail*: the top :data:`TAIL_FRACTION` of the samples
+    by loss. (Not the samples above the mid-range, which ``linupper`` gives its top score: with a hard clean domain
+    those are mostly clean samples whose loss does fall.)"""
+
+    median: float
+    tail_mean: float
+    tail_share: float
+    """Share of the samples in the tail."""
+    tail_weight: float
+    """Share of the step's weight the tail gets."""
+
+
+def tail_stats(losses: torch.Tensor, weights: torch.Tensor) -> TailStats | None:
+    """:class:`TailStats` of one step's finite ``losses`` and their ``weights`` (None when fewer than 4 are finite)."""
+    valid = torch.isfinite(losses)
+    x, w = losses[valid], weights[valid]
+    if x.numel() < 4:
+        return None
+    count = max(1, round(TAIL_FRACTION * x.numel()))
+    tail = torch.zeros_like(x, dtype=torch.bool)
+    tail[torch.argsort(x, descending=True, stable=True)[:count]] = True
+    total = float(w.sum())
+    return TailStats(median=float(x.median()), tail_mean=float(x[tail].mean()) if tail.any() else float(x.max()),
+                     tail_share=float(tail.double().mean()), tail_weight=float(w[tail].sum()) / total if total else 0.0)
+
+
+class StuckTailWatch:
+    """Detects the failure signature of loss-upweighting on noisy data, once per run.
+
+    The signature (what random-token or corrupted samples look like to the method): over the run, the batch median
+    loss falls (the model learns) while the mean loss of the high-loss tail does not fall with it, the tail stays well
+    above the median, and the weighting gives that tail *more* than its share of the weight. Compared: the means of
+    the first ``window`` watched steps and of the last ``window`` steps, once ``3·window`` steps were watched.
+    Fires when the median fell by ≥ ``min_drop``, the tail by at most ``tail_ratio`` × the median's fall, the tail is
+    ≥ ``min_gap`` nats above the median and gets more than its share of the weight. On clean data the tail is the
+    hardest clean samples, and their loss falls too. The tail is the top tenth by loss: noise on fewer than about a
+    tenth of the samples is not seen (nor does it do much harm).
+    """
+
+    def __init__(self, window: int = 10, min_drop: float = 0.05, tail_ratio: float = 0.2, min_gap: float = 0.5):
+        self.window, self.min_drop, self.tail_ratio, self.min_gap = window, min_drop, tail_ratio, min_gap
+        self.early: list[TailStats] = []
+        self.late: deque[TailStats] = deque(maxlen=window)
+        self.first_step = self.last_step = None
+        self.watched = 0
+        self.fired = False
+
+    def observe(self, step: int, stats: TailStats | None) -> str | None:
+        """Record one step; the description of the signature the first time it is seen, else None."""
+        if self.fired or stats is None:
+            return None
+        self.first_step = step if self.first_step is None else self.first_step
+        self.last_step = step
+        self.watched += 1
+        if len(self.early) < self.window:
+            self.early.append(stats)
+        self.late.append(stats)
+        if self.watched < 3 * self.window:
+            return None
+
+        def mean(rows, field: str) -> float:
+            return statistics.fmean(getattr(r, field) for r in rows)
+
+        median_drop = mean(self.early, "median") - mean(self.late, "median")
+        tail_drop = mean(self.early, "tail_mean") - mean(self.late, "tail_mean")
+        tail, median = mean(self.late, "tail_mean"), mean(self.late, "median")
+        share, weight = mean(self.late, "tail_share"), mean(self.late, "tail_weight")
+        if (median_drop >= self.min_drop and tail_drop <= self.tail_ratio * median_drop and tail - median >= self.min_gap
+                and weight > share):
+            self.fired = True
+            return (f"between steps {self.first_step} and {self.last_step} the median per-sample loss fell by "
+                    f"{median_drop:.2f} nats but the highest-loss {share:.0%} of the samples (mean loss {tail:.2f} "
+                    f"vs median {median:.2f}) fell by only {tail_drop:.2f}, and this weighting gives them {weight:.0%} of "
+                    "the weight")
+        return None
+
+
 @register_sample_weighting("loss")
 class LossReweighting(SampleWeighting):
     """Dynamic loss-based sample reweighting — Sow et al., "Dynamic Loss-Based Sample Reweighting for Improved Large
@@ -206,9 +293,12 @@ class LossReweighting(SampleWeighting):
             and clean low-loss samples are pushed down with it. Measured: a toy with 30% wrong labels
             (``benchmarks/results/sample_diagnosis_toy.md``; weights equal to the authors' rule to 5e-7 at every
             step) raises the weight on corrupted samples from 30% to 37% (r = 1) and 42% (r = 0.4), and every
-            ``r`` loses to uniform; on the tiny LM with 30% random-token blocks
-            (``benchmarks/results/sample_effectiveness_corrupt.md``) it is worse than uniform too. For corrupted
-            samples use ``truncation``.
+            ``r`` loses to uniform; on the tiny LM with 30% random-token blocks it is worse than uniform too
+            (docs/guidance.md, sample weighting across corpora). For corrupted samples use ``truncation``.
+
+            Run-time check: the method watches for that failure's signature (:class:`StuckTailWatch`: the median loss
+            falls, a high-loss tail does not and gets more than its share of the weight) and warns once, naming what
+            it saw and ``truncation`` as the alternative. ``watch=False`` turns the check off.
         temperature: ``r`` (authors' ``kl_reg`` / ``kl_regularizer``), default 1.0 as in both codes; > 0, with
             ``float("inf")`` giving uniform weights. Smaller is sharper; the max/min weight ratio is ≤ ``e^{1/r}``
             (e ≈ 2.7 at r = 1, e^2.5 ≈ 12 at the authors' r = 0.4).
@@ -221,6 +311,8 @@ class LossReweighting(SampleWeighting):
         warmup_temperature: ``None`` (default): uniform weights during warm-up, as in the GPT-2 repository. A number:
             use this temperature during warm-up instead, as ``fms-fsdp`` does (``r = 100`` for its warm-up steps).
         mode: ``"auto"`` (default), ``"rescale"`` or ``"score"``; see above and :data:`SAMPLE_MODES`.
+        watch: Warn once when the noisy-data failure signature shows (default True; see ``strategy``). The watch is
+            not checkpointed: a resumed run watches afresh.
 
     Divergences from the authors' code:
       - NaN (and ±inf) losses, e.g. a sample with no valid token, get weight 0 and are left out of the min/max and
@@ -245,8 +337,10 @@ class LossReweighting(SampleWeighting):
         warmup_steps: int = 0,
         warmup_temperature: float | None = None,
         mode: str = "auto",
+        watch: bool = True,
     ):
         self.mode = check_mode(mode, "loss")
+        self.watch = StuckTailWatch() if watch else None
         self.previous_range: tuple[float, float] | None = None  # rescale mode: (min, max) of the last step's losses
         self.strategy = canonical_strategy(strategy)
         self.temperature = number(temperature, arg("loss", "temperature"), low=0, low_open=True, finite=False,
@@ -267,7 +361,26 @@ class LossReweighting(SampleWeighting):
         """Score mode: mean-1 weights of the global batch in ``ctx`` (stateless)."""
         losses = global_losses(ctx, "loss")
         scores = loss_strategy_scores(normalize_losses(losses), self.strategy)
-        return finish_weights(softmax_weights(scores, self.temperature_at(ctx.step)), ctx)
+        weights = softmax_weights(scores, self.temperature_at(ctx.step))
+        self._check_tail(ctx.step, losses, weights)
+        return finish_weights(weights, ctx)
+
+    def _check_tail(self, step: int, losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Feed the step to the failure watch (after warm-up) and warn the first time it fires."""
+        if self.watch is None or step < self.warmup_steps:
+            return
+        if weights is None:  # rescale mode: the step's softmax weights from its own range (what the glue's Z gives)
+            weights = softmax_weights(loss_strategy_scores(normalize_losses(losses), self.strategy),
+                                      self.temperature_at(step))
+        seen = self.watch.observe(step, tail_stats(losses, weights))
+        if seen:
+            warnings.warn(
+                f"sample_weighting='loss': {seen}. These samples do not learn (random tokens, corrupted or mislabelled "
+                "data?) and loss-based reweighting up-weights exactly them; on noisy data it measured worse than no "
+                "weighting (docs/guidance.md). Use sample_weighting='truncation' (drops the highest losses) instead, "
+                "or clean the data; sample_weighting_kwargs={'watch': False} silences this check.",
+                stacklevel=2,
+            )
 
     def local_weights(self, ctx: SampleContext) -> torch.Tensor:
         """Rescale mode: ``u_i = exp((f_i − 1)/r)`` from the previous step's range (unnormalized; any subset)."""
@@ -282,6 +395,7 @@ class LossReweighting(SampleWeighting):
         finite = losses[torch.isfinite(losses)]
         if finite.numel():
             self.previous_range = (float(finite.min()), float(finite.max()))
+        self._check_tail(ctx.step, losses)
 
     def state_dict(self) -> dict:
         return {"previous_range": None if self.previous_range is None else list(self.previous_range)}
