@@ -98,9 +98,10 @@ def normalize_domain_weights(weights, domain_names: list[str], field: str = "mix
     return torch.tensor(values, dtype=F64) / total
 
 
-def load_weights_file(path, field: str = "mixture_kwargs['weights']") -> dict:
-    """Read a mixture from a JSON file: ``{"weights": {domain: weight}}`` (what the trainer writes to
-    ``mixture_weights.json`` at the end of every run) or a bare ``{domain: weight}`` object."""
+def load_weights_file(path, field: str = "mixture_kwargs['weights']") -> dict | list:
+    """The mixture stored in a JSON file: ``{"weights": {domain: weight} | [weights]}`` (what every run writes to
+    ``mixture_weights.json`` and ``hfweight search-mixture`` writes) or a bare ``{domain: weight}`` object or
+    ``[weights]`` list (sorted-domain order). Value checks are :func:`weight_spec`'s; names are checked at bind."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{field}={path!r}: no such file; give a {{domain: weight}} dict, a list, or a JSON file path.")
@@ -109,12 +110,16 @@ def load_weights_file(path, field: str = "mixture_kwargs['weights']") -> dict:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{field}={path!r} is not readable JSON: {err}") from err
-    if isinstance(data, Mapping) and isinstance(data.get("weights"), Mapping):
+    if isinstance(data, Mapping) and isinstance(data.get("weights"), Mapping | list):
         data = data["weights"]
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{field}={path!r} must hold {{'weights': {{domain: weight}}}} or {{domain: weight}}.")
-    return dict(data)
-
+    if isinstance(data, Mapping):
+        return dict(data)
+    if isinstance(data, list):
+        return data
+    raise ValueError(
+        f"{field}={path!r} must hold {{'weights': {{domain: weight}}}}, {{domain: weight}} or a list of weights in "
+        f"sorted-domain order; it holds a {type(data).__name__}."
+    )
 
 
 def weight_spec(weights, field: str):

@@ -7,7 +7,6 @@ None of them learns from the training signal; ``schedule`` only needs the run le
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ import torch
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import number
-from .base import F64, Controller, kwarg, normalize_domain_weights, weight_spec
+from .base import F64, Controller, kwarg, load_weights_file, normalize_domain_weights, weight_spec
 
 WEIGHTS = kwarg("weights")
 SIZES = kwarg("sizes")
@@ -44,7 +43,7 @@ class StaticMixture(Controller):
     def __init__(self, weights=None, domains=None):
         self.weights_file = os.fspath(weights) if isinstance(weights, str | os.PathLike) else None
         if self.weights_file is not None:
-            weights = read_weights_file(self.weights_file)
+            weights = load_weights_file(self.weights_file, WEIGHTS)
         weights = weight_spec(weights, self._field())
         super().__init__(min_prob=0.0, domains=domains)
         self.weights = weights
@@ -62,29 +61,6 @@ class StaticMixture(Controller):
         if self.weights_file is not None:
             check_file_domains(self.weights, self.domain_names, self.weights_file)
         self._set_probs(normalize_domain_weights(self.weights, self.domain_names, self._field()))
-
-
-def read_weights_file(path: str) -> dict | list:
-    """The mixture stored in a JSON file: ``{"weights": {domain: weight} | [weights]}`` (what every run and
-    ``hfweight search-mixture`` write) or a bare ``{domain: weight}`` object or ``[weights]`` list (sorted-domain
-    order). Value checks are :func:`weight_spec`'s; names are checked against the dataset at bind."""
-    if not os.path.exists(path):
-        raise ValueError(f"{WEIGHTS}={path!r}: no such file; give a {{domain: weight}} dict, a list, or a JSON file path.")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{WEIGHTS}={path!r} is not readable JSON: {err}") from err
-    if isinstance(data, Mapping) and isinstance(data.get("weights"), Mapping | list):
-        data = data["weights"]
-    if isinstance(data, Mapping):
-        return dict(data)
-    if isinstance(data, list):
-        return data
-    raise ValueError(
-        f"{WEIGHTS}={path!r} must hold {{'weights': {{domain: weight}}}}, {{domain: weight}} or a list of weights in "
-        f"sorted-domain order; it holds a {type(data).__name__}."
-    )
 
 
 def check_file_domains(weights, domain_names: list[str], path: str) -> None:
