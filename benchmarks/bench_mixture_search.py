@@ -213,7 +213,8 @@ def mean_spread(values: list[float], scale: float = 1.0, digits: int = 3) -> str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default="builtin", choices=["builtin", "pydocs", "records", "ops"])
+    parser.add_argument("--corpus", default="builtin", choices=["builtin", "pydocs", "records", "ops", "language"],
+                        help="language is the kept-aside corpus: run it only once the search defaults are frozen")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n_trials", type=int, default=16)
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
