@@ -40,18 +40,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
 from common import quiet  # noqa: E402
-from corpora import CORPORA, corpus_spec, tokenizer_and_corpus  # noqa: E402
+from corpora import CORPORA, corpus_spec, lm_block_splits, tokenizer_and_corpus  # noqa: E402
 from harness import save_results  # noqa: E402
 
 from hfweight.builtin import build_model  # noqa: E402
-from hfweight.builtin.tasks import lm_dataset  # noqa: E402
 
 SPEC = corpus_spec("builtin")  # --corpus: the corpus trained on (set once in main)
 SEQ_LEN = 64
@@ -95,25 +92,9 @@ def mixture_config(method: str, steps: int) -> dict:
 
 @functools.cache
 def data(seed: int = 0):
-    """(train blocks with `domain`, {domain: validation blocks}, {domain: test blocks})."""
+    """(tokenizer, train blocks with `domain`, {domain: validation blocks}, {domain: test blocks})."""
     tokenizer, corpus = tokenizer_and_corpus(SPEC.name, seed)
-    train_tok = lm_dataset(tokenizer, corpus["train"], max_length=1 << 16)
-    train = datasets.Dataset.from_list([row for rows in _chunk_all(train_tok).values() for row in rows])
-    held = _chunk_all(lm_dataset(tokenizer, corpus["heldout"], max_length=1 << 16))
-    validation, test = {}, {}
-    for domain, blocks in held.items():
-        half = min(HELDOUT_PER_DOMAIN, len(blocks) // 2)
-        validation[domain] = datasets.Dataset.from_list(blocks[:half])
-        test[domain] = datasets.Dataset.from_list(blocks[half : 2 * half])
-    return tokenizer, train, validation, test
-
-
-def _chunk_all(tokenized) -> dict[str, list[dict]]:
-    streams = defaultdict(list)
-    for ids, domain in zip(tokenized["input_ids"], tokenized["domain"]):
-        streams[domain].extend(ids)
-    return {d: [{"input_ids": ids[i : i + SEQ_LEN], "domain": d} for i in range(0, len(ids) - SEQ_LEN + 1, SEQ_LEN)]
-            for d, ids in streams.items()}
+    return (tokenizer, *lm_block_splits(tokenizer, corpus, SEQ_LEN, HELDOUT_PER_DOMAIN))
 
 
 @torch.no_grad()

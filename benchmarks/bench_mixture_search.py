@@ -33,18 +33,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
 from common import quiet  # noqa: E402
-from corpora import corpus_spec, tokenizer_and_corpus  # noqa: E402
+from corpora import corpus_spec, lm_block_splits, tokenizer_and_corpus  # noqa: E402
 from harness import save_results  # noqa: E402
 
 from hfweight.builtin import build_model  # noqa: E402
-from hfweight.builtin.tasks import lm_dataset  # noqa: E402
 
 SEQ_LEN = 64
 FINAL_BATCH = 16
@@ -63,24 +60,8 @@ def data(corpus: str):
     """(tokenizer, train blocks with `domain`, {domain: validation blocks}, {domain: test blocks})."""
     if corpus not in _DATA:
         tokenizer, raw = tokenizer_and_corpus(corpus, 0)
-        train = datasets.Dataset.from_list(
-            [row for rows in chunk(lm_dataset(tokenizer, raw["train"], max_length=1 << 16)).values() for row in rows])
-        validation, test = {}, {}
-        for domain, blocks in chunk(lm_dataset(tokenizer, raw["heldout"], max_length=1 << 16)).items():
-            half = min(HELDOUT_PER_DOMAIN, len(blocks) // 2)
-            validation[domain] = datasets.Dataset.from_list(blocks[:half])
-            test[domain] = datasets.Dataset.from_list(blocks[half : 2 * half])
-        _DATA[corpus] = (tokenizer, train, validation, test)
+        _DATA[corpus] = (tokenizer, *lm_block_splits(tokenizer, raw, SEQ_LEN, HELDOUT_PER_DOMAIN))
     return _DATA[corpus]
-
-
-def chunk(tokenized) -> dict[str, list[dict]]:
-    """Each domain's documents concatenated and cut into ``SEQ_LEN``-token blocks."""
-    streams = defaultdict(list)
-    for ids, domain in zip(tokenized["input_ids"], tokenized["domain"]):
-        streams[domain].extend(ids)
-    return {d: [{"input_ids": ids[i : i + SEQ_LEN], "domain": d} for i in range(0, len(ids) - SEQ_LEN + 1, SEQ_LEN)]
-            for d, ids in streams.items()}
 
 
 @torch.no_grad()

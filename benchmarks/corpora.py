@@ -561,6 +561,35 @@ def tokenizer_and_corpus(name: str = "builtin", seed: int = 0):
     return build_tokenizer(corpus), corpus
 
 
+def domain_blocks(tokenized, seq_len: int) -> dict[str, list[dict]]:
+    """Each domain's tokenized documents concatenated and cut into ``seq_len``-token blocks (``input_ids``,
+    ``domain``); the last partial block of a domain is dropped."""
+    streams = defaultdict(list)
+    for ids, domain in zip(tokenized["input_ids"], tokenized["domain"]):
+        streams[domain].extend(ids)
+    return {
+        d: [{"input_ids": ids[i : i + seq_len], "domain": d} for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        for d, ids in streams.items()
+    }
+
+
+def lm_block_splits(tokenizer, corpus, seq_len: int, heldout_per_domain: int):
+    """(train blocks with ``domain``, {domain: validation blocks}, {domain: test blocks}) of a corpus: the train
+    split in ``seq_len`` blocks, the held-out split's blocks halved per domain (at most ``heldout_per_domain`` each)."""
+    from hfweight.builtin.tasks import lm_dataset
+
+    def blocks(split):
+        return domain_blocks(lm_dataset(tokenizer, corpus[split], max_length=1 << 16), seq_len)
+
+    train = datasets.Dataset.from_list([row for rows in blocks("train").values() for row in rows])
+    validation, test = {}, {}
+    for domain, held in blocks("heldout").items():
+        half = min(heldout_per_domain, len(held) // 2)
+        validation[domain] = datasets.Dataset.from_list(held[:half])
+        test[domain] = datasets.Dataset.from_list(held[half : 2 * half])
+    return train, validation, test
+
+
 def corrupt_blocks(rows: list[dict], rate: float, vocab_size: int, seed: int = 0) -> tuple[list[dict], list[int]]:
     """The noisy-sample variant: (``rows`` with ``round(rate · n)`` of them, chosen by ``seed``, given uniformly random
     token ids in ``[0, vocab_size)`` of the same length; the sorted indices of those rows). The oracle drops them."""
