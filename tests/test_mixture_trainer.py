@@ -41,6 +41,8 @@ def test_domain_statistics_equal_a_plain_pytorch_recomputation(batch, ga):
         exp = np.array(expected)
         assert (exp[1] > 0).sum() >= 2 and len(set(exp[0].round(6))) == 3  # domains present, and told apart
         assert (exp[3] > 0).any() and (exp[3] < exp[0]).all()  # the clamp at 0 matters: excess < loss
+        # the reference's loss sum: the per-token clip is never below the clipped gap of the sums (Jensen), and differs
+        assert (exp[4] > 0).all() and (exp[3] >= np.maximum(exp[0] - exp[4], 0) - 1e-9).all()
         logged = run["logged"][step]
         for d, name in enumerate(NAMES):
             if exp[1][d] > 0:

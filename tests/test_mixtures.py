@@ -29,12 +29,15 @@ def build(name, names=NAMES, sizes=SIZES, **kwargs):
     return m
 
 
-def stats(step, loss=(2.0, 1.0, 3.0), tokens=(4.0, 2.0, 3.0), samples=None, excess=None):
+def stats(step, loss=(2.0, 1.0, 3.0), tokens=(4.0, 2.0, 3.0), samples=None, excess=None, ref_loss=None):
+    """One step's DomainStats from per-domain *means* (``loss``, ``ref_loss``) and sums (``excess``)."""
     tokens_t = torch.tensor(tokens, dtype=torch.float64)
     loss_t = torch.tensor(loss, dtype=torch.float64) * tokens_t  # loss_sum = mean × tokens
     samples_t = torch.tensor(samples if samples is not None else [1.0 if t > 0 else 0.0 for t in tokens], dtype=torch.float64)
     excess_t = None if excess is None else torch.tensor(excess, dtype=torch.float64)
-    return DomainStats(loss_sum=loss_t, token_count=tokens_t, sample_count=samples_t, step=step, excess_sum=excess_t)
+    ref_t = None if ref_loss is None else torch.tensor(ref_loss, dtype=torch.float64) * tokens_t
+    return DomainStats(loss_sum=loss_t, token_count=tokens_t, sample_count=samples_t, step=step, excess_sum=excess_t,
+                       ref_loss_sum=ref_t)
 
 
 def np_softmax(z):
@@ -160,6 +163,53 @@ def test_doremi_excess_loss_with_absent_domain():
 def test_doremi_requires_reference_losses():
     with pytest.raises(ValueError, match="excess losses over a reference model"):
         build("doremi").observe(stats(0))
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['clip'\]='domain' needs per-domain reference losses"):
+        build("doremi", clip="domain").observe(stats(0, excess=(1.0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['clip'\] must be one of \['token', 'domain'\]"):
+        build("doremi", clip="sample")
+
+
+def test_doremi_domain_clip_takes_the_token_mean_before_the_clip():
+    """clip='domain': λ_d = max(mean ℓ − mean ℓ_ref, 0) (hand-worked), a domain absent keeps its last score."""
+    m = build("doremi", eta=1.0, smoothing=1e-3, min_prob=0, clip="domain")
+    # means: loss (2.0, 1.0, 3.0), reference (1.5, 1.25, 0.0) → gaps (0.5, −0.25, 3.0) → scores (0.5, 0, 3.0);
+    # prose absent → its initial score 0
+    m.observe(stats(0, tokens=(4, 2, 0), excess=(9.0, 9.0, 9.0), ref_loss=(1.5, 1.25, 0.0)))
+    w0 = np.full(3, 1 / 3)
+    w1 = 0.999 * np_softmax(np.log(w0) + np.array([0.5, 0.0, 0.0])) + 1e-3 / 3
+    close(m.probabilities(), w1)
+    m.observe(stats(1, loss=(2.0, 3.0, 1.0), tokens=(0, 2, 5), excess=(0.0, 0.0, 0.0), ref_loss=(0.0, 1.0, 0.75)))
+    w2 = 0.999 * np_softmax(np.log(w1) + np.array([0.5, 2.0, 0.25])) + 1e-3 / 3
+    close(m.probabilities(), w2)
+
+
+def test_doremi_domain_clip_does_not_feed_per_token_noise():
+    """Per-token noise around a zero mean gap (data neither model can learn) has a positive *clipped* mean: with
+    clip='token' the noisy domain gains weight over one with a small real gap; with clip='domain' it does not.
+    Token differences are built explicitly and summed here, as the trainer does."""
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(400, generator=gen, dtype=torch.float64)  # ℓ − ℓ_ref: mean ≈ 0, spread 1
+    noisy = noisy - noisy.mean()  # exactly zero mean gap
+    real = torch.full((400,), 0.1, dtype=torch.float64)  # a small, real gap: the proxy can still learn this domain
+    ref = torch.full((400,), 2.0, dtype=torch.float64)
+    rows = {"code": real, "math": noisy, "prose": torch.zeros(400, dtype=torch.float64)}
+    step = DomainStats(
+        loss_sum=torch.stack([(ref + rows[d]).sum() for d in NAMES]),
+        token_count=torch.full((3,), 400.0, dtype=torch.float64),
+        sample_count=torch.full((3,), 4.0, dtype=torch.float64),
+        excess_sum=torch.stack([rows[d].clamp(min=0).sum() for d in NAMES]),
+        ref_loss_sum=torch.full((3,), float(ref.sum()), dtype=torch.float64),
+    )
+    by_token, by_domain = build("doremi", eta=1.0), build("doremi", eta=1.0, clip="domain")
+    for s in range(20):
+        step.step = s
+        by_token.observe(step)
+        by_domain.observe(step)
+    p_token, p_domain = by_token.probabilities(), by_domain.probabilities()
+    code, math_, prose = (NAMES.index(d) for d in ("code", "math", "prose"))
+    assert p_token[math_] > 0.9  # E[max(X, 0)] = 0.4 for X ~ N(0, 1): the noise wins
+    # e^{20 steps · 0.1} ≈ 7.4 against 1 and 1 (before the 1e-3 smoothing): ≈ 0.79
+    assert p_domain[code] > 0.75 and float(p_domain[math_]) == pytest.approx(float(p_domain[prose]), rel=1e-9)
 
 
 # ---- ODM ----------------------------------------------------------------------------------------------------------
