@@ -199,6 +199,7 @@ def test_dga_alignment_equals_plain_pytorch_and_leaves_training_gradients_alone(
     np.testing.assert_allclose(got["squared_norms"].numpy(), sq, rtol=1e-5)
     signal = dots / (np.sqrt(sq[present]).mean() + 1e-6)
     np.testing.assert_allclose(got["signal"].numpy(), signal, rtol=1e-5)
+    assert got["target_squared_norm"] == pytest.approx(float(flat(g_t) @ flat(g_t)), rel=1e-5)
     z = np.log(np.full(3, 1 / 3)) + eta * np.nan_to_num(signal)
     np.testing.assert_allclose(trainer.mixture.probabilities().numpy(), np.exp(z) / np.exp(z).sum(), rtol=1e-6)
 

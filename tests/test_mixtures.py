@@ -389,6 +389,51 @@ def test_dga_alignment_update():
     close(e.probabilities(), 0.8 / 3 + 0.2 * w1)
 
 
+def test_dga_cosine_signal_and_prior_pull():
+    """normalize='cosine': s_d = ⟨g_d, g_t⟩ / (‖g_d‖·‖g_t‖) (hand-worked); prior_pull ρ: log α ← (1 − ρ)·log α +
+    ρ·log α_0 + η·s, whose fixed point under a constant signal is α ∝ α_0·exp(η/ρ · s) (iterated to convergence)."""
+    from hfweight.strategies.mixture import alignment_signal
+
+    ip, sq = torch.tensor([6.0, 0.0, float("nan")]), torch.tensor([4.0, 9.0, 1.0])
+    got = alignment_signal(ip, sq, 9.0, normalize="cosine")  # ‖g_t‖ = 3: 6 / (2·3) = 1, 0 / (3·3) = 0, NaN
+    assert got[:2].tolist() == pytest.approx([1.0, 0.0], abs=1e-6) and math.isnan(got[2])
+    doge = alignment_signal(ip, sq)  # mean norm over the present domains: (2 + 3) / 2
+    assert doge[:2].tolist() == pytest.approx([6.0 / 2.5, 0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="needs the target gradient's squared norm"):
+        alignment_signal(ip, sq, normalize="cosine")
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['normalize'\] must be one of"):
+        build("dga", normalize="l2")
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['prior_pull'\]"):
+        build("dga", prior_pull=1.0)
+
+    m = build("dga", eta=0.5, prior_pull=0.25, min_prob=0, initial_weights={"code": 2.0, "math": 1.0, "prose": 1.0})
+    signal = torch.tensor([0.0, 0.4, -0.2])
+    m.observe_gradients(signal, 0)  # one update by hand
+    prior = np.array([0.5, 0.25, 0.25])
+    z = 0.75 * np.log(prior) + 0.25 * np.log(prior) + 0.5 * signal.numpy()
+    close(m.probabilities(), np_softmax(z))
+    for step in range(1, 200):
+        m.observe_gradients(signal, step)
+    close(m.probabilities(), np_softmax(np.log(prior) + 0.5 / 0.25 * signal.numpy()))
+
+
+def test_dga_target_rows_shuffle_each_cycle_the_same_way_on_every_call():
+    """target_rows: each cycle through the n target rows is a permutation (every row once), cycles differ, the rows
+    depend only on (call, size, n, seed) — what every rank and a resumed run compute — and a batch mixes the
+    concatenated held-out sets instead of taking one set's rows in file order."""
+    from hfweight.glue.drivers.alignment import target_rows
+
+    n, size = 12, 5
+    stream = [r for call in range(12) for r in target_rows(call, size, n, seed=3)]  # 60 rows = 5 cycles
+    cycles = [stream[i * n : (i + 1) * n] for i in range(5)]
+    assert all(sorted(c) == list(range(n)) for c in cycles)
+    assert len({tuple(c) for c in cycles}) > 1
+    assert target_rows(7, size, n, seed=3) == stream[35:40]
+    assert target_rows(0, size, n, seed=4) != target_rows(0, size, n, seed=3)
+    first = target_rows(0, 6, 12, seed=0)  # two held-out sets of 6 rows concatenated: rows 0-5 and 6-11
+    assert any(r < 6 for r in first) and any(r >= 6 for r in first)
+
+
 # ---- policy -------------------------------------------------------------------------------------------------------
 
 

@@ -8,25 +8,36 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from ...registry import register_mixture
 from ..base import DomainStats
-from ..checks import in_range, integer, number
+from ..checks import choice, in_range, integer, number
 from .base import F64, INITIAL_WEIGHTS, Controller, domain_vector, kwarg, mix_update, weight_spec
 
 
-def alignment_signal(inner_products, squared_norms, eps: float = 1e-6) -> torch.Tensor:
-    """DGA's per-domain signal from the gradient inner products with the target, normalized as DoGE does:
+SIGNALS = ("doge", "cosine")
 
-        s_d = ⟨g_d, g_target⟩ / (mean_j ‖g_j‖ + eps)
 
-    (``HazyResearch/aioli`` ``trainer/doge_trainer.py``, ``DogeTrainer.update_domain_weights``: ``scores / (avg_norm +
-    1e-6)``, ``avg_norm`` the mean over domains of the domain-gradient norms; their ``lr`` factor and the division by
-    ``μ`` are folded into DGA's η). Domains with a NaN inner product (absent from the step) are left out of the mean
-    and keep NaN, which :meth:`DGAMixture.observe_gradients` reads as "no information". All NaN → all NaN.
+def alignment_signal(inner_products, squared_norms, target_squared_norm: float | None = None, normalize: str = "doge",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """DGA's per-domain signal from the gradient inner products ``⟨g_d, g_target⟩`` and squared norms ``‖g_d‖²``.
+
+    - ``normalize="doge"``: ``s_d = ⟨g_d, g_target⟩ / (mean_j ‖g_j‖ + eps)``, as DoGE normalizes
+      (``HazyResearch/aioli`` ``trainer/doge_trainer.py``, ``DogeTrainer.update_domain_weights``: ``scores /
+      (avg_norm + 1e-6)``, ``avg_norm`` the mean over domains of the domain-gradient norms; their ``lr`` factor and
+      the division by ``μ`` are folded into DGA's η). The signal keeps the scale of ``‖g_target‖``, which changes by
+      orders of magnitude with the model, the data and the point in training, so no one η fits every run.
+    - ``normalize="cosine"``: ``s_d = ⟨g_d, g_target⟩ / (‖g_d‖·‖g_target‖ + eps)`` ∈ [−1, 1] (needs
+      ``target_squared_norm``). Scale-free: η is then the log-weight change per update of a domain whose gradient
+      points exactly along the target's. Our choice, not the paper's: the paper's ``⟨∇ℓ_d, ∇ℓ_target⟩`` also favours
+      domains with *large* gradients, which is exactly what unlearnable data (random characters) has.
+
+    Domains with a NaN inner product (absent from the step) are left out of the mean and keep NaN, which
+    :meth:`DGAMixture.observe_gradients` reads as "no information". All NaN → all NaN.
     """
     ip = torch.as_tensor(inner_products, dtype=F64).flatten()
     sq = torch.as_tensor(squared_norms, dtype=F64).flatten()
@@ -35,8 +46,15 @@ def alignment_signal(inner_products, squared_norms, eps: float = 1e-6) -> torch.
     present = torch.isfinite(ip) & torch.isfinite(sq)
     if not present.any():
         return torch.full_like(ip, float("nan"))
-    mean_norm = sq[present].clamp_min(0).sqrt().mean()
-    return torch.where(present, ip / (mean_norm + eps), torch.full_like(ip, float("nan")))
+    if normalize == "cosine":
+        if target_squared_norm is None or not math.isfinite(float(target_squared_norm)):
+            raise ValueError("alignment_signal: normalize='cosine' needs the target gradient's squared norm.")
+        scale = sq.clamp_min(0).sqrt() * math.sqrt(max(float(target_squared_norm), 0.0)) + eps
+    elif normalize == "doge":
+        scale = sq[present].clamp_min(0).sqrt().mean() + eps
+    else:
+        raise ValueError(f"alignment_signal: normalize must be one of {list(SIGNALS)}, got {normalize!r}.")
+    return torch.where(present, ip / scale, torch.full_like(ip, float("nan")))
 
 
 @register_mixture("dga")
@@ -62,7 +80,8 @@ class DGAMixture(Controller):
             a domain value (or list) of ``eval_dataset``'s domain column, or ``"eval"`` for the whole ``eval_dataset``.
             E.g. ``{"target": "arithmetic"}`` aligns training with the held-out arithmetic rows.
         target_batch_size: Target rows per alignment, over all ranks (default: one per-device batch per rank). The
-            rows are taken in order from the target set, cycling, so successive alignments see different rows.
+            rows are taken from the target set in a seeded shuffled order, cycling, so each batch samples the whole
+            target and successive alignments see different rows.
         eta: Step size η (default 1e-3; it plays DoGE's ``lr/μ``. With the normalized signal, values around 0.1–1 move
             the mixture within tens of updates). Measured (``docs/guidance.md``): 1e-3 barely moves the mixture in a
             200-step run; 1.0 collapses onto the first aligned domain (+0.96 nats vs stratified on the built-in data);
@@ -77,8 +96,12 @@ class DGAMixture(Controller):
     needs_target = True
 
     def __init__(self, target=None, target_batch_size: int | None = None, eta: float = 1e-3, update_every: int = 10,
-                 ema: float | None = None, initial_weights=None, min_prob: float = 1e-4, domains=None):
+                 ema: float | None = None, initial_weights=None, min_prob: float = 1e-4, normalize: str = "doge",
+                 prior_pull: float = 0.0, signal_clip: float | None = None, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
+        self.normalize = choice(normalize, kwarg("normalize"), SIGNALS)
+        self.prior_pull = in_range(prior_pull, kwarg("prior_pull"), 0, 1, high_open=True)
+        self.signal_clip = None if signal_clip is None else number(signal_clip, kwarg("signal_clip"), low=0, low_open=True)
         if target is not None:
             targets = [target] if isinstance(target, str | int) else list(target) if isinstance(target, Sequence) else None
             if not targets or any(not isinstance(t, str | int) or isinstance(t, bool) for t in targets):
@@ -97,6 +120,7 @@ class DGAMixture(Controller):
     def _on_bind(self):
         self._set_probs(self._initial(self.initial_weights))
         self._log_p = torch.log(self._probs)
+        self._log_prior = self._log_p.clone()
         self._step = 0
 
     def gradients_requested(self) -> bool:
@@ -113,7 +137,12 @@ class DGAMixture(Controller):
         ip = domain_vector(inner_products, self.k, "dga: the gradient inner products")
         if self.k == 1:
             return
-        self._log_p = mix_update(self._log_p, ip, self.eta, min_prob=self.min_prob)
+        if self.signal_clip is not None:  # NaN stays NaN (clamp keeps it): "no information"
+            ip = ip.clamp(-self.signal_clip, self.signal_clip)
+        log_p = self._log_p
+        if self.prior_pull > 0:  # entropic pull toward the prior: fixed point α ∝ α_0·exp(η/ρ · s)
+            log_p = (1 - self.prior_pull) * log_p + self.prior_pull * self._log_prior
+        self._log_p = mix_update(log_p, ip, self.eta, min_prob=self.min_prob)
         raw = torch.exp(self._log_p)
         self._set_probs(raw if self.ema is None else self.ema * self._probs + (1 - self.ema) * raw)
 
