@@ -18,7 +18,6 @@ from ..base import DomainStats
 from ..checks import choice, in_range, integer, number
 from .base import F64, INITIAL_WEIGHTS, Controller, domain_vector, kwarg, mix_update, weight_spec
 
-
 SIGNALS = ("doge", "cosine")
 
 

@@ -19,7 +19,6 @@ from ..base import DomainStats
 from ..checks import choice, in_range, number
 from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, mix_update, warn_if_stuck, weight_spec
 
-
 CLIP_LEVELS = ("token", "domain")
 
 
