@@ -59,13 +59,12 @@ def resample_run(batch: int, ga: int, steps: int = 4, mixture="odm", kwargs=None
     return {"trained": trainer.trained, "probabilities": callback.by_step, "global_batches": drawn[:steps]}
 
 
-def dga_alignment(batch: int, ga: int, **kwargs) -> dict:
-    """The first DGA alignment (step 0) of a resample run: inner products, squared norms, signal (``kwargs``: more
-    ``mixture_kwargs``, e.g. ``target_average="per_set"``)."""
+def dga_alignment(batch: int, ga: int) -> dict:
+    """The first DGA alignment (step 0) of a resample run: inner products, squared norms, signal."""
     args = WeightedTrainingArguments(
         **training_args(tempfile.mkdtemp(), max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=ga),
         mixture="dga", mixture_mode="resample",
-        mixture_kwargs={"target": ["math", "prose"], "target_batch_size": 5, "update_every": 1, "eta": 0.5, **kwargs},
+        mixture_kwargs={"target": ["math", "prose"], "target_batch_size": 5, "update_every": 1, "eta": 0.5},
     )
     trainer = WeightedTrainer(model=tiny_model(), args=args, train_dataset=toy_dataset(40),
                               eval_dataset=toy_dataset(12, seed=1), data_collator=pad_collate)

@@ -46,7 +46,6 @@ def sharded_products() -> dict:
 def main():
     prefix = sys.argv[1]
     out = {"resample": resample_run(2, 2, mixture="doremi", kwargs={}), "dga": dga_alignment(2, 1),
-           "dga_per_set": dga_alignment(2, 1, normalize="cosine", target_average="per_set"),
            "learning_progress": resample_run(2, 2, steps=6, mixture="learning_progress", kwargs={"eta": 1.0, "ema": 0.5})}
     out["sharded"] = sharded_products()
     out["domain_stats"] = domain_stats_run(2, 2, steps=2)

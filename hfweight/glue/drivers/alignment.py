@@ -15,7 +15,7 @@ import datasets
 import torch
 
 from ...columns import BATCH_DOMAIN, BATCH_PREFIX
-from ...gradalign import complete_products, partial_gram, partial_products, snapshot_gradients
+from ...gradalign import complete_products, partial_products, snapshot_gradients
 from ...loss import per_sample_values, sample_segments, shifted_labels, token_log_probs
 from ...strategies.mixture import alignment_signal
 from ..data import is_map_dataset, split_by_domain
@@ -86,17 +86,10 @@ class GradientAlignment(Driver):
         if len(chosen) > 1:
             common = set.intersection(*(set(d.column_names) for d in chosen))
             chosen = [d.select_columns([c for c in d.column_names if c in common]) for d in chosen]
-        if getattr(t.mixture, "target_average", "pooled") == "per_set":
-            empty = [str(x) for x, d in zip(target, chosen) if len(d) == 0] if list(target) != ["eval"] else []
-            if empty or any(len(d) == 0 for d in chosen):
-                raise ValueError(f"mixture={name!r}: the target set(s) {empty or target} have no rows.")
-            self.target_parts = chosen  # one gradient per named set; each counts equally
-        else:
-            pooled = datasets.concatenate_datasets(chosen) if len(chosen) > 1 else chosen[0]
-            if len(pooled) == 0:
-                raise ValueError(f"mixture={name!r}: the target set {target} has no rows.")
-            self.target_parts = [pooled]
-        # unused columns are dropped at first use (the signature is known then)
+        target_set = datasets.concatenate_datasets(chosen) if len(chosen) > 1 else chosen[0]
+        if len(target_set) == 0:
+            raise ValueError(f"mixture={name!r}: the target set {target} has no rows.")
+        self.target_set = target_set  # unused columns are dropped at first use (the signature is known then)
         self.target_ready = False
         self.calls = 0
         t.last_alignment = None
@@ -108,33 +101,27 @@ class GradientAlignment(Driver):
     def state_parts(self) -> dict:
         return {"gradient_alignment": _AlignmentPosition(self)}
 
-    def target_batches(self) -> list[dict | None]:
-        """This rank's slice of the next global target batch of every target part (:func:`target_rows`: each part in a
-        seeded shuffled order, cycling); None for a part where this rank has no row. The global batch size
-        (``target_batch_size``) is split evenly over the parts."""
+    def target_batch(self) -> dict | None:
+        """This rank's slice of the next global target batch (:func:`target_rows`: the target set in a seeded shuffled
+        order, cycling)."""
         t = self.trainer
         if not self.target_ready:
-            self.target_parts = [t._remove_unused_columns(part, description="dga target") if is_map_dataset(part) else part
-                                 for part in self.target_parts]
+            if is_map_dataset(self.target_set):
+                self.target_set = t._remove_unused_columns(self.target_set, description="dga target")
             self.target_ready = True
+        target = self.target_set
         world, rank = t._data_parallel_size(), t.args.process_index
         size = t.mixture.target_batch_size or t.args.per_device_train_batch_size * world
-        size = max(1, -(-size // len(self.target_parts)))
         seed = t.args.data_seed if t.args.data_seed is not None else t.args.seed
-        weighting_columns = set(t._column_spec.names)  # a plain token-mean loss: no weights, no domain lookup
-        batches = []
-        for j, part in enumerate(self.target_parts):
-            rows = target_rows(self.calls, size, len(part), seed + j)
-            per_rank = -(-size // world)
-            mine = rows[rank * per_rank : (rank + 1) * per_rank]
-            if not mine:
-                batches.append(None)
-                continue
-            batch = t.data_collator([{c: v for c, v in part[i].items() if c not in weighting_columns} for i in mine])
-            batches.append({k: v.to(t.args.device) if hasattr(v, "to") else v for k, v in batch.items()
-                            if not k.startswith(BATCH_PREFIX)})
+        rows = target_rows(self.calls, size, len(target), seed)
         self.calls += 1
-        return batches
+        per_rank = -(-size // world)
+        mine = rows[rank * per_rank : (rank + 1) * per_rank]
+        if not mine:
+            return None
+        weighting_columns = set(t._column_spec.names)  # a plain token-mean loss: no weights, no domain lookup
+        batch = t.data_collator([{c: v for c, v in target[i].items() if c not in weighting_columns} for i in mine])
+        return {k: v.to(t.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
 
     def align(self, batch_samples: list[dict]) -> None:
         """DGA's signal for this step, from the step's prefetched micro-batches and a target batch.
@@ -157,9 +144,7 @@ class GradientAlignment(Driver):
         world = t._data_parallel_size()
         k = len(t.domain_names)
         pieces = []  # per micro-batch: (model inputs, per-position domain (B, T-1) or -1, label mask)
-        targets = self.target_batches()
-        m = len(targets)
-        counts = torch.zeros(k + m, dtype=torch.float64, device=t.args.device)
+        counts = torch.zeros(k + 1, dtype=torch.float64, device=t.args.device)
         for batch in batch_samples:
             mask = shifted_labels(batch) != -100
             segments, num_samples = sample_segments(batch)
@@ -168,9 +153,10 @@ class GradientAlignment(Driver):
             where = torch.where(mask, where, torch.full_like(where, -1))
             counts[:k] += torch.bincount(where[where >= 0].flatten(), minlength=k)[:k].to(counts)
             pieces.append(({key: v for key, v in batch.items() if not key.startswith(BATCH_PREFIX)}, where))
-        for j, target in enumerate(targets):
-            if target is not None:
-                counts[k + j] = (shifted_labels(target) != -100).sum()
+        target = self.target_batch()
+        if target is not None:
+            target = {key: v for key, v in target.items() if not key.startswith(BATCH_PREFIX)}
+            counts[k] = (shifted_labels(target) != -100).sum()
         counts = t._all_reduce(counts)
 
         def backward(inputs: dict, select, total: float, sync: bool) -> None:
@@ -198,19 +184,16 @@ class GradientAlignment(Driver):
         was_training = model.training
         model.train()
         try:
-            target_grads = []
-            for j, target in enumerate(targets):
-                for p in params:
-                    p.grad = None
-                if target is None:  # this rank has no row of this part: a zero-weighted pass keeps collectives in step
-                    backward(pieces[0][0], torch.zeros_like(pieces[0][1], dtype=torch.bool), 1.0, sync=True)
-                else:
-                    backward(target, None, float(counts[k + j]), sync=True)
-                target_grads.append(snapshot_gradients(params))
-            gram, _ = partial_gram(target_grads, world)  # its diagonal: ‖g_target,j‖²
-            inner = torch.full((k, m), float("nan"), dtype=torch.float64)
-            squared = torch.full((k,), float("nan"), dtype=torch.float64)
-            partials = []
+            for p in params:
+                p.grad = None
+            if target is None:  # this rank has no target row: a zero-weighted pass keeps the collectives in step
+                backward(pieces[0][0], torch.zeros_like(pieces[0][1], dtype=torch.bool), 1.0, sync=True)
+            else:
+                backward(target, None, float(counts[k]), sync=True)
+            target_grad = snapshot_gradients(params)
+            sums = torch.full((2, k), float("nan"), dtype=torch.float64)
+            target_partial, _ = partial_products(params, [target_grad], world)  # the grads are g_target now: ‖g_t‖²
+            partials = [(None, target_partial)]
             for d in range(k):
                 if float(counts[d]) == 0:  # absent from the whole step on every rank: no gradient, NaN signal
                     continue
@@ -219,24 +202,21 @@ class GradientAlignment(Driver):
                 for j, (inputs, where) in enumerate(pieces):
                     sub, select = rows_of(inputs, where, d)
                     backward(sub, select, float(counts[d]), sync=j == len(pieces) - 1)
-                partial, _ = partial_products(params, target_grads, world)  # [⟨g_d, g_t,1⟩, …, ⟨g_d, g_t,m⟩, ‖g_d‖²]
+                partial, _ = partial_products(params, [target_grad], world)
                 partials.append((d, partial))
             sharded = t._parameters_sharded()
-            flat = torch.cat([gram.flatten()] + [p for _, p in partials])  # one all-reduce for everything
-            reduced = complete_products(flat, sharded, world, lambda x: t._all_reduce(x).cpu())
-            target_sq = reduced[: m * m].reshape(m, m).diagonal().clone()
-            rows = reduced[m * m :].reshape(len(partials), m + 1)
-            for row, (d, _) in enumerate(partials):
-                inner[d], squared[d] = rows[row, :m], rows[row, m]
+            stacked = torch.stack([p for _, p in partials])
+            reduced = complete_products(stacked, sharded, world, lambda x: t._all_reduce(x).cpu())
+            target_sq = reduced[0, 1]
+            for row, (d, _) in enumerate(partials[1:], start=1):
+                sums[0, d], sums[1, d] = reduced[row, 0], reduced[row, 1]
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
             model.train(was_training)
-        signal = alignment_signal(inner, squared, target_sq, normalize=getattr(t.mixture, "normalize", "doge"))
-        single = m == 1  # one target part: (k,) inner products and a scalar target norm, as before per-set targets
-        t.last_alignment = {"step": t.state.global_step, "inner_products": inner[:, 0] if single else inner,
-                            "squared_norms": squared, "target_squared_norm": float(target_sq[0]) if single else target_sq,
-                            "signal": signal}
+        signal = alignment_signal(sums[0], sums[1], float(target_sq), normalize=getattr(t.mixture, "normalize", "doge"))
+        t.last_alignment = {"step": t.state.global_step, "inner_products": sums[0], "squared_norms": sums[1],
+                            "target_squared_norm": float(target_sq), "signal": signal}
         for name, value in zip(t.domain_names, signal.tolist()):
             if not math.isnan(value):
                 t._record(f"dga_alignment/{name}", value)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,52 +19,41 @@ from ..checks import choice, in_range, integer, number
 from .base import F64, INITIAL_WEIGHTS, Controller, domain_vector, kwarg, mix_update, weight_spec
 
 SIGNALS = ("doge", "cosine")
-TARGET_AVERAGES = ("pooled", "per_set")
 
 
-def alignment_signal(inner_products, squared_norms, target_squared_norms=None, normalize: str = "doge",
+def alignment_signal(inner_products, squared_norms, target_squared_norm: float | None = None, normalize: str = "doge",
                      eps: float = 1e-6) -> torch.Tensor:
-    """DGA's per-domain signal ``(k,)`` from the inner products ``⟨g_d, g_t,j⟩`` of each domain's gradient with each
-    target part's (``(k,)`` for one part, ``(k, m)`` for ``m``), the domains' squared norms ``‖g_d‖²`` ``(k,)`` and the
-    parts' ``‖g_t,j‖²`` (a number or ``(m,)``; needed for ``"cosine"``).
+    """DGA's per-domain signal from the gradient inner products ``⟨g_d, g_target⟩`` and squared norms ``‖g_d‖²``.
 
-    - ``normalize="doge"``: ``s_d = ⟨g_d, ḡ_t⟩ / (mean_j ‖g_j‖ + eps)`` with ``ḡ_t`` the mean of the parts' gradients
-      (one part: the target gradient), as DoGE normalizes (``HazyResearch/aioli`` ``trainer/doge_trainer.py``,
-      ``DogeTrainer.update_domain_weights``: ``scores / (avg_norm + 1e-6)``, ``avg_norm`` the mean over domains of the
-      domain-gradient norms; their ``lr`` factor and the division by ``μ`` are folded into DGA's η). The signal keeps
-      the scale of ``‖g_t‖``, which changes by orders of magnitude with the model, the data and the point in training,
-      so no one η fits every run.
-    - ``normalize="cosine"``: ``s_d = mean_j ⟨g_d, g_t,j⟩ / (‖g_d‖·‖g_t,j‖ + eps)`` ∈ [−1, 1], the mean over the target
-      parts of the cosine. Ours, not the paper's: η becomes the log-weight change per update of a domain whose
-      gradient points exactly along every target's (scale-free); the paper's ``⟨∇ℓ_d, ∇ℓ_target⟩`` also rewards a
-      domain for a *large* gradient, which is what unlearnable data has; and the mean of per-part cosines lets each
-      named target set count equally, where one pooled target gradient follows whichever set has the largest
-      gradient (on the built-in data: arithmetic, cosine 0.6–0.9 with the pooled clean mix early in training).
+    - ``normalize="doge"``: ``s_d = ⟨g_d, g_target⟩ / (mean_j ‖g_j‖ + eps)``, as DoGE normalizes
+      (``HazyResearch/aioli`` ``trainer/doge_trainer.py``, ``DogeTrainer.update_domain_weights``: ``scores /
+      (avg_norm + 1e-6)``, ``avg_norm`` the mean over domains of the domain-gradient norms; their ``lr`` factor and
+      the division by ``μ`` are folded into DGA's η). The signal keeps the scale of ``‖g_target‖``, which changes by
+      orders of magnitude with the model, the data and the point in training, so no one η fits every run.
+    - ``normalize="cosine"``: ``s_d = ⟨g_d, g_target⟩ / (‖g_d‖·‖g_target‖ + eps)`` ∈ [−1, 1] (needs
+      ``target_squared_norm``). Scale-free: η is then the log-weight change per update of a domain whose gradient
+      points exactly along the target's. Our choice, not the paper's: the paper's ``⟨∇ℓ_d, ∇ℓ_target⟩`` also favours
+      domains with *large* gradients, which is exactly what unlearnable data (random characters) has.
 
-    Domains with a NaN inner product (absent from the step) keep NaN, which :meth:`DGAMixture.observe_gradients` reads
-    as "no information"; they are left out of the DoGE mean norm. All NaN → all NaN.
+    Domains with a NaN inner product (absent from the step) are left out of the mean and keep NaN, which
+    :meth:`DGAMixture.observe_gradients` reads as "no information". All NaN → all NaN.
     """
-    ip = torch.as_tensor(inner_products, dtype=F64)
-    ip = ip.reshape(-1, 1) if ip.dim() <= 1 else ip
+    ip = torch.as_tensor(inner_products, dtype=F64).flatten()
     sq = torch.as_tensor(squared_norms, dtype=F64).flatten()
-    if ip.shape[0] != sq.numel():
-        raise ValueError(f"alignment_signal: {ip.shape[0]} domains of inner products but {sq.numel()} squared norms.")
-    present = torch.isfinite(ip).all(dim=1) & torch.isfinite(sq)
+    if ip.shape != sq.shape:
+        raise ValueError(f"alignment_signal: {ip.numel()} inner products but {sq.numel()} squared norms.")
+    present = torch.isfinite(ip) & torch.isfinite(sq)
     if not present.any():
-        return torch.full_like(sq, float("nan"))
-    norms = sq.clamp_min(0).sqrt()
+        return torch.full_like(ip, float("nan"))
     if normalize == "cosine":
-        if target_squared_norms is None:
-            raise ValueError("alignment_signal: normalize='cosine' needs the target gradients' squared norms.")
-        target_norms = torch.as_tensor(target_squared_norms, dtype=F64).flatten().clamp_min(0).sqrt()
-        if target_norms.numel() != ip.shape[1] or not torch.isfinite(target_norms).all():
-            raise ValueError(f"alignment_signal: {ip.shape[1]} target part(s) but target norms {target_norms.tolist()}.")
-        signal = (ip / (norms[:, None] * target_norms[None, :] + eps)).mean(dim=1)
+        if target_squared_norm is None or not math.isfinite(float(target_squared_norm)):
+            raise ValueError("alignment_signal: normalize='cosine' needs the target gradient's squared norm.")
+        scale = sq.clamp_min(0).sqrt() * math.sqrt(max(float(target_squared_norm), 0.0)) + eps
     elif normalize == "doge":
-        signal = ip.mean(dim=1) / (norms[present].mean() + eps)
+        scale = sq[present].clamp_min(0).sqrt().mean() + eps
     else:
         raise ValueError(f"alignment_signal: normalize must be one of {list(SIGNALS)}, got {normalize!r}.")
-    return torch.where(present, signal, torch.full_like(signal, float("nan")))
+    return torch.where(present, ip / scale, torch.full_like(ip, float("nan")))
 
 
 @register_mixture("dga")
@@ -106,10 +96,9 @@ class DGAMixture(Controller):
 
     def __init__(self, target=None, target_batch_size: int | None = None, eta: float = 1e-3, update_every: int = 10,
                  ema: float | None = None, initial_weights=None, min_prob: float = 1e-4, normalize: str = "doge",
-                 prior_pull: float = 0.0, signal_clip: float | None = None, target_average: str = "pooled", domains=None):
+                 prior_pull: float = 0.0, signal_clip: float | None = None, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
         self.normalize = choice(normalize, kwarg("normalize"), SIGNALS)
-        self.target_average = choice(target_average, kwarg("target_average"), TARGET_AVERAGES)
         self.prior_pull = in_range(prior_pull, kwarg("prior_pull"), 0, 1, high_open=True)
         self.signal_clip = None if signal_clip is None else number(signal_clip, kwarg("signal_clip"), low=0, low_open=True)
         if target is not None:
