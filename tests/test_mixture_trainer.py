@@ -154,7 +154,8 @@ def test_dga_alignment_equals_plain_pytorch_and_leaves_training_gradients_alone(
     args = WeightedTrainingArguments(
         **training_args(str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2),
         mixture="dga", mixture_mode="resample",
-        mixture_kwargs={"target": "math", "target_batch_size": 3, "update_every": 1, "eta": eta, "min_prob": 0},
+        mixture_kwargs={"target": "math", "target_batch_size": 3, "update_every": 1, "eta": eta, "min_prob": 0,
+                        "normalize": "doge", "prior_pull": 0, "signal_clip": None},  # the paper's update, by hand below
     )
     trainer = WeightedTrainer(model=model_probe, args=args, train_dataset=train, eval_dataset=heldout,
                               data_collator=collator, callbacks=[capture])

@@ -373,7 +373,7 @@ def test_skillit_graph_files_and_wrong_shape(tmp_path):
 
 
 def test_dga_alignment_update():
-    m = build("dga", eta=0.5, update_every=2, min_prob=0)
+    m = build("dga", eta=0.5, update_every=2, min_prob=0, normalize="doge", prior_pull=0, signal_clip=None)  # the paper's
     assert m.needs_target and m.gradients_requested()
     m.observe_gradients(torch.tensor([1.0, 0.0, -1.0]), 0)
     w1 = np_softmax(np.log(np.full(3, 1 / 3)) + 0.5 * np.array([1.0, 0.0, -1.0]))
@@ -384,7 +384,7 @@ def test_dga_alignment_update():
     assert m.gradients_requested()
     m.observe_gradients(torch.tensor([float("nan"), 2.0, 0.0]), 2)  # NaN: domain absent, unchanged
     close(m.probabilities(), np_softmax(np.log(w1) + 0.5 * np.array([0.0, 2.0, 0.0])))
-    e = build("dga", eta=0.5, ema=0.8, min_prob=0)
+    e = build("dga", eta=0.5, ema=0.8, min_prob=0, prior_pull=0, signal_clip=None)
     e.observe_gradients(torch.tensor([1.0, 0.0, -1.0]), 0)
     close(e.probabilities(), 0.8 / 3 + 0.2 * w1)
 
@@ -406,7 +406,8 @@ def test_dga_cosine_signal_and_prior_pull():
     with pytest.raises(ValueError, match=r"mixture_kwargs\['prior_pull'\]"):
         build("dga", prior_pull=1.0)
 
-    m = build("dga", eta=0.5, prior_pull=0.25, min_prob=0, initial_weights={"code": 2.0, "math": 1.0, "prose": 1.0})
+    m = build("dga", eta=0.5, prior_pull=0.25, signal_clip=None, min_prob=0,
+              initial_weights={"code": 2.0, "math": 1.0, "prose": 1.0})
     signal = torch.tensor([0.0, 0.4, -0.2])
     m.observe_gradients(signal, 0)  # one update by hand
     prior = np.array([0.5, 0.25, 0.25])
@@ -415,6 +416,12 @@ def test_dga_cosine_signal_and_prior_pull():
     for step in range(1, 200):
         m.observe_gradients(signal, step)
     close(m.probabilities(), np_softmax(np.log(prior) + 0.5 / 0.25 * signal.numpy()))
+    # the defaults: cosine, η 2, ρ 0.1, clip 0.2 — a steady signal beyond the clip counts as ±0.2
+    d = build("dga", min_prob=0)
+    assert (d.normalize, d.eta, d.prior_pull, d.signal_clip) == ("cosine", 2.0, 0.1, 0.2)
+    for step in range(300):
+        d.observe_gradients(torch.tensor([0.9, 0.0, float("nan")]), step)
+    close(d.probabilities(), np_softmax(np.log(np.full(3, 1 / 3)) + 20 * np.array([0.2, 0.0, 0.0])))
 
 
 def test_dga_target_rows_shuffle_each_cycle_the_same_way_on_every_call():

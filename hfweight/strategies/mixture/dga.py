@@ -1,9 +1,12 @@
 """Dynamic Gradient Alignment (Fan et al. 2024): upweight the domains whose gradient aligns with a target set's
 (docs/methods.md#dga).
 
-``log α ← log α + η · ⟨g_d, g_target⟩ / mean_j ‖g_j‖`` every ``update_every`` steps (default ``eta`` 1e-3,
-``update_every`` 10). No public code for DGA; the normalization follows DoGE (``Olivia-fsm/DoGE``, as adapted in
-``HazyResearch/aioli`` ``trainer/doge_trainer.py``).
+Every ``update_every`` steps (default 10): ``s_d = cos(g_d, g_target)`` clipped to ``±signal_clip`` (0.2), then
+``log α ← (1 − ρ)·log α + ρ·log α_0 + η·s`` (``prior_pull`` ρ 0.1, ``eta`` 2: the mixture settles at
+``α ∝ α_0·exp(η/ρ · s̄)``). The paper's form — DoGE's normalization ``⟨g_d, g_target⟩ / mean_j ‖g_j‖``, no pull, no
+clip — is ``normalize="doge", prior_pull=0, signal_clip=None`` with an ``eta`` fitted to the run. No public code for
+DGA; the normalization follows DoGE (``Olivia-fsm/DoGE``, as adapted in ``HazyResearch/aioli``
+``trainer/doge_trainer.py``).
 """
 
 from __future__ import annotations
@@ -60,19 +63,28 @@ def alignment_signal(inner_products, squared_norms, target_squared_norm: float |
 class DGAMixture(Controller):
     """Dynamic Gradient Alignment (Fan et al. 2024): upweight domains whose gradient aligns with a target set's.
 
-    No public code for DGA. The update follows the paper and the authors' earlier DoGE code (``Olivia-fsm/DoGE``, as
-    adapted in ``HazyResearch/aioli`` ``trainer/doge_trainer.py``: ``log α += lr·⟨g_d, g_tgt⟩ / (μ·avg‖g‖)``):
+    No public code for DGA. The paper's update, as in the authors' earlier DoGE code (``Olivia-fsm/DoGE``, adapted in
+    ``HazyResearch/aioli`` ``trainer/doge_trainer.py``: ``log α += lr·⟨g_d, g_tgt⟩ / (μ·avg‖g‖)``), is
+    ``log α ← log α + η·⟨g_d, g_target⟩ / mean_j ‖g_j‖``. The default here differs in three ways, each an option:
 
-        log α ← log α + η · ⟨g_d, g_target⟩ / mean_j ‖g_j‖      (then renormalized and floored, :func:`mix_update`)
+        s_d   = clip(cos(g_d, g_target), −c, c)                     (normalize="cosine", signal_clip=c=0.2)
+        log α ← (1 − ρ)·log α + ρ·log α_0 + η·s                      (prior_pull=ρ=0.1, eta=η=2)
 
-    ``g_d``: the gradient of domain ``d``'s token-mean training loss on the current step's batch (all micro-batches,
-    all ranks); ``g_target``: the gradient of the token-mean loss on a batch of the target set. The glue's
-    alignment driver (declared by ``needs_target``) computes the inner products and norms every
-    ``update_every`` steps (``gradients_requested()``), at the start of the step, without touching the optimizer's
-    gradients; :func:`alignment_signal` normalizes them and :meth:`observe_gradients` applies them. A NaN entry (a
-    domain absent from the step) leaves that domain's weight unchanged. With ``ema=β`` the exposed mixture is an EMA of
-    the raw one, ``ᾱ ← β·ᾱ + (1 − β)·α``. Divergences from DoGE: no per-domain gradient clipping before the inner
-    products, and no clipping of the scores to ``[0, 5·lr]``.
+    then renormalized and floored (:func:`mix_update`). Why (issue 23, ``docs/guidance.md``): the paper's signal keeps
+    the scale of the gradients, so its η fits one model and one point of training only — the old default 1e-3 did not
+    move the mixture in 200 steps (+0.005 mean vs stratified over five corpora), 1.0 collapsed onto one domain (+0.96).
+    The cosine is scale-free and does not reward a domain for a *large* gradient (unlearnable data has one). The pull
+    toward the prior makes the update an entropy-regularized one whose fixed point under a steady signal is
+    ``α ∝ α_0·exp(η/ρ · s̄)`` instead of a vertex of the simplex: a domain whose gradient is orthogonal to the
+    target's (random bytes, duplicates, another language: cosine ≈ 0) ends ≈ e^{−η·c/ρ} = e^{−4} below one that
+    steadily saturates the clip, and no domain runs away with the mixture. The clip bounds one noisy update's move
+    (η·c = 0.4 in log-weight) — DoGE clips its scores too (to ``[0, 5·lr]``). ``g_d``: the gradient of domain ``d``'s
+    token-mean training loss on the current step's batch (all micro-batches, all ranks); ``g_target``: that of a
+    batch of the target set. The glue's alignment driver (declared by ``needs_target``) computes the inner products
+    and norms every ``update_every`` steps (``gradients_requested()``), at the start of the step, without touching the
+    optimizer's gradients; :func:`alignment_signal` normalizes them and :meth:`observe_gradients` applies them. A NaN
+    entry (a domain absent from the step) leaves that domain's signal at 0 (the pull still acts). With ``ema=β`` the
+    exposed mixture is an EMA of the raw one, ``ᾱ ← β·ᾱ + (1 − β)·α`` (the paper's optional EMA).
 
     Args:
         target: What the target set is — required by the trainer: a key (or list of keys) of an ``eval_dataset`` dict,
@@ -81,22 +93,23 @@ class DGAMixture(Controller):
         target_batch_size: Target rows per alignment, over all ranks (default: one per-device batch per rank). The
             rows are taken from the target set in a seeded shuffled order, cycling, so each batch samples the whole
             target and successive alignments see different rows.
-        eta: Step size η (default 1e-3; it plays DoGE's ``lr/μ``. With the normalized signal, values around 0.1–1 move
-            the mixture within tens of updates). Measured (``docs/guidance.md``): 1e-3 barely moves the mixture in a
-            200-step run; 1.0 collapses onto the first aligned domain (+0.96 nats vs stratified on the built-in data);
-            0.5 with ``ema`` 0.5 closed about half the junk gap on issue 15's held-out corpus but 0.2 with ``ema`` 0.5
-            was +0.36 on the built-in data — no single value fits both; sweep it on a short run.
+        eta: Step size η (default 2.0 with the cosine signal; the paper's DoGE-normalized signal needs a value fitted
+            to the run: there 1e-3 barely moved the mixture in 200 steps and 1.0 collapsed it onto one domain).
         update_every: Gradient cadence in optimizer steps (default 10).
         ema: EMA weight β of the previous mixture (default ``None``: no EMA).
-        initial_weights: Starting mixture (default uniform).
+        initial_weights: Starting mixture α_0 (default uniform); also what ``prior_pull`` pulls toward.
         min_prob: Floor (default 1e-4).
+        normalize: ``"cosine"`` (default) or ``"doge"`` (the paper's), see :func:`alignment_signal`.
+        prior_pull: ρ in [0, 1) (default 0.1): the share of the log-mixture pulled back to ``log α_0`` per update; the
+            mixture's memory is ≈ 1/ρ updates. 0: the paper's unregularized update.
+        signal_clip: c > 0 or ``None`` (default 0.2): the signal is clipped to [−c, c].
     """
 
     needs_target = True
 
-    def __init__(self, target=None, target_batch_size: int | None = None, eta: float = 1e-3, update_every: int = 10,
-                 ema: float | None = None, initial_weights=None, min_prob: float = 1e-4, normalize: str = "doge",
-                 prior_pull: float = 0.0, signal_clip: float | None = None, domains=None):
+    def __init__(self, target=None, target_batch_size: int | None = None, eta: float = 2.0, update_every: int = 10,
+                 ema: float | None = None, initial_weights=None, min_prob: float = 1e-4, normalize: str = "cosine",
+                 prior_pull: float = 0.1, signal_clip: float | None = 0.2, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
         self.normalize = choice(normalize, kwarg("normalize"), SIGNALS)
         self.prior_pull = in_range(prior_pull, kwarg("prior_pull"), 0, 1, high_open=True)
