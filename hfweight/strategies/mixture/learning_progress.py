@@ -16,7 +16,17 @@ import torch
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import in_range, integer, number
-from .base import F64, INITIAL_WEIGHTS, Controller, kwarg, weight_spec
+from ..watch import load_watch_state, watch_state
+from .base import (
+    F64,
+    INITIAL_WEIGHTS,
+    Controller,
+    MemorizedDomainWatch,
+    floor_probabilities,
+    kwarg,
+    warn_if_stuck,
+    weight_spec,
+)
 
 
 def rescale_progress(raw: torch.Tensor, history: torch.Tensor, low_q: float, high_q: float) -> torch.Tensor:
@@ -58,6 +68,13 @@ def exp3s_weights(weights: torch.Tensor, rewards: torch.Tensor, eta: float, shar
     else:
         w = z
     return w - w.max()
+
+
+MEMORIZED_WHY = ("Learning progress rewards the domain whose loss falls fastest, and near-duplicate or templated text "
+                 "(memorizable, of little use to the model) keeps doing so long after it is learned.")
+MEMORIZED_INSTEAD = ("If that domain is not what the model should learn, down-weight it statically (mixture='static' with "
+                     "a small weight, or filter it), or use stratified sampling (mixture='temperature' with "
+                     "temperature='inf') or mixture='doremi' with a reference model (docs/guidance.md)")
 
 
 @register_mixture("learning_progress")
@@ -116,7 +133,7 @@ class LearningProgressMixture(Controller):
     def __init__(self, eta: float = 0.2, epsilon: float = 0.05, share: float = 1e-3, ema: float = 0.9,
                  quantiles=(0.2, 0.8), history_size: int = 500, importance_weighting: bool = False,
                  per_share: bool = True, update_every: int = 1, initial_weights=None, min_prob: float = 1e-4,
-                 domains=None):
+                 watch: bool = True, domains=None):
         super().__init__(min_prob=min_prob, domains=domains)
         self.eta = number(eta, kwarg("eta"), low=0, low_open=True)
         self.epsilon = in_range(epsilon, kwarg("epsilon"), 0, 1)
@@ -134,9 +151,12 @@ class LearningProgressMixture(Controller):
         self.per_share = bool(per_share)
         self.update_every = integer(update_every, kwarg("update_every"))
         self.initial_weights = weight_spec(initial_weights, INITIAL_WEIGHTS)
+        self.watch_enabled = bool(watch)
 
     def _on_bind(self):
         p0 = self._initial(self.initial_weights)
+        self._initial_probs = floor_probabilities(p0, self.min_prob) if self.k > 1 else torch.ones(1, dtype=F64)
+        self._watch = MemorizedDomainWatch() if self.watch_enabled else None
         self._weights = torch.log(p0.clamp_min(1e-300))
         self._weights = self._weights - self._weights.max()
         self._loss_ema = torch.full((self.k,), float("nan"), dtype=F64)
@@ -172,13 +192,18 @@ class LearningProgressMixture(Controller):
         self._weights = exp3s_weights(self._weights, reward, self.eta, self.share)
         self.last_progress, self.last_reward = progress, reward
         self._set_probs(self._policy())
+        warn_if_stuck(self._watch, "learning_progress", self.domain_names, t,
+                      torch.where(seen, loss, torch.full_like(loss, float("nan"))), self._probs, self._initial_probs,
+                      MEMORIZED_WHY, MEMORIZED_INSTEAD)
 
     _TENSORS = ("_weights", "_loss_ema", "_history", "last_progress", "last_reward")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), **{name: getattr(self, name).clone() for name in self._TENSORS}}
+        return {**super().state_dict(), **{name: getattr(self, name).clone() for name in self._TENSORS},
+                "watch": watch_state(self._watch)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         for name in self._TENSORS:
             setattr(self, name, state[name].clone())
+        load_watch_state(self._watch, state)  # an older checkpoint has no watch state: the watch starts afresh
