@@ -380,11 +380,11 @@ class MemorizedDomainWatch(WindowWatch):
     duplicates) stops yielding progress once its loss flattens, and the bandit drops it within a few dozen updates.
 
     Defaults (``window`` 20, ``lift`` 1.3, ``ratio`` 0.3, ``patience`` 80) from per-step traces of learning progress
-    with its defaults on the four tuning corpora of ``benchmarks/corpora.py`` (200 steps): on ``builtin``, where it
-    is 0.09 nats worse than stratified, the near-duplicate domain held the signature for 98-128 consecutive updates
-    (3 seeds); on ``pydocs``, ``records`` and ``ops``, where it meets the standard, the longest episode (boilerplate,
-    exact duplicates, memorized outright and then dropped) lasted 59 updates. The earliest warning comes after
-    ``3·window + patience − 1`` updates.
+    with its defaults on the tuning corpora of ``benchmarks/corpora.py`` (200 steps): on ``builtin``, where it is
+    0.09 nats worse than stratified, the near-duplicate domain held the signature for 98-120 consecutive updates
+    (seeds 0-2); on ``pydocs`` (seeds 0-2), ``records`` (0-1) and ``ops`` (0-2), where it meets the standard, the
+    longest episode (boilerplate or exact duplicates, memorized outright and then dropped) lasted 57. The earliest
+    warning comes after ``3·window + patience − 1`` = 139 updates; on ``builtin`` it came at steps 160-175.
     """
 
     def __init__(self, window: int = 20, lift: float = 1.3, ratio: float = 0.3, patience: int = 80):
