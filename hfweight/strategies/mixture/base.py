@@ -20,6 +20,10 @@ Guards shared by every controller except ``static`` (whose user weights are appl
   infinite signal is clipped; a mixture that would come out NaN keeps the previous one. Probabilities are never NaN.
 - A single domain always has probability 1.
 
+Run-time watches (warn once, checkpointed; :mod:`hfweight.strategies.watch`): :class:`StuckDomainWatch` (DoReMi, ODM:
+a fed domain whose loss does not fall) and :class:`MemorizedDomainWatch` (learning progress: a domain learned far
+better than the rest that it keeps feeding); DGA's inert-mixture check is in :mod:`.dga`.
+
 Protocol the trainer glue implements (every hook is declared with a default on
 :class:`~hfweight.strategies.base.MixtureController`; a controller overrides the ones it needs):
 
