@@ -1,6 +1,6 @@
 """Per-step traces of learning progress on the benchmark corpora: the data its memorization watch was set from.
 
-    python benchmarks/trace_learning_progress.py --runs builtin:0 builtin:1 builtin:2 pydocs:0 ...   # ~1 min a run
+    python benchmarks/trace_learning_progress.py --runs builtin:0 builtin:1 builtin:2 pydocs:0 ...   # ~1 min a run (list: benchmarks/README.md)
 
 Each run is the mixture benchmark's ``learning_progress`` run (``bench_mixture_effectiveness.run``: documented
 defaults, 200 steps, the same seed, init and data) with every update's domain training losses and mixture recorded.

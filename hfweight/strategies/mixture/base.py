@@ -386,8 +386,9 @@ class MemorizedDomainWatch(WindowWatch):
     Defaults (``window`` 20, ``lift`` 1.3, ``ratio`` 0.3, ``patience`` 80) from per-step traces of learning progress
     with its defaults on the tuning corpora of ``benchmarks/corpora.py`` (200 steps): on ``builtin``, where it is
     0.09 nats worse than stratified, the near-duplicate domain held the signature for 98-120 consecutive updates
-    (seeds 0-2); on ``pydocs`` (seeds 0-2), ``records`` (0-1) and ``ops`` (0-2), where it meets the standard, the
-    longest episode (boilerplate or exact duplicates, memorized outright and then dropped) lasted 57. The earliest
+    (seeds 0-2); on ``pydocs``, ``records`` and ``ops`` (seeds 0-2; ``records`` seed 2 traced after the thresholds
+    were set), where it meets the standard, the longest episode (boilerplate or exact duplicates, memorized outright
+    and then dropped) lasted 57 (``benchmarks/results/learning_progress_watch.md``). The earliest
     warning comes after ``3·window + patience − 1`` = 139 updates; on ``builtin`` it came at steps 160-175.
     """
 
