@@ -6,7 +6,11 @@ Reads ``results/mixture_effectiveness_<corpus>.json`` and ``results/sample_effec
 every corpus of ``benchmarks/corpora.py`` that has them. Per method: the difference to the baseline (stratified
 sampling; uniform sample weights) and the share of the baseline → oracle gap closed, mean over the seeds of each
 corpus; then the mean and the *worst case* across corpora. The worst-case standard (issue 23): a default must not be
-worse than the baseline by more than 0.02 nats on any corpus, unless it warns at run time.
+worse than the baseline by more than 0.02 nats on any corpus, unless it warns at run time. The mixture table's
+"warned" column and its standard column read the warnings each run recorded (``runs[].warnings``; rows' ``warned``):
+a method over the tolerance is "warned at run time" when it warned in every recorded run on its worst corpus, "not
+recorded" when those runs predate the recording. A corpus where a method ran on more seeds than the others (``dga``
+and the ``reshuffled`` control on ``builtin``) is averaged over all of them; the caption names those counts.
 """
 
 from __future__ import annotations
