@@ -26,7 +26,8 @@ the same seed, weights applied online), ODM, Aioli, DGA (target = the clean mix)
 specific target (arithmetic only; scored on arithmetic). Reported per method: the target loss after the budget, the
 difference to stratified, the fraction of the stratified → oracle gap it closes ``(stratified − method) / (stratified −
 oracle)`` (same seed), and the steps needed to reach stratified's final loss (evaluated every ``--eval_every``
-steps), mean ± std over seeds.
+steps), mean ± std over seeds; and how many runs emitted the method's run-time warning (each run stores the texts of
+the warnings starting with ``"<mixture>:"`` in ``runs[].warnings``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,14 +152,28 @@ def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> 
         eval_dataset={d: validation[d] for d in clean()}, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[curve], reference_model=reference if method == "doremi" else None,
     )
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
     final = curve.points[-1][1]
     return {
         "method": method, "seed": seed, "seconds": time.perf_counter() - started,
-        "curve": curve.points, "final": final,
+        "curve": curve.points, "final": final, "warnings": method_warnings(caught, config["mixture"]),
         "mixture": dict(zip(trainer.domain_names, trainer.mixture.final_probabilities().tolist())),
         "model": model,
     }
+
+
+def method_warnings(caught, mixture: str) -> list[str]:
+    """The run-time warnings of the mixture itself (their text starts with ``"<mixture>:"``), in order."""
+    return [str(w.message) for w in caught if str(w.message).startswith(f"{mixture}:")]
+
+
+def warned(runs: list[dict]) -> str:
+    """``"n/m"``: of the ``m`` runs that recorded their warnings, how many warned (runs stored before the benchmark
+    recorded warnings are left out); ``"–"`` if none recorded them."""
+    recorded = [r for r in runs if "warnings" in r]
+    return f"{sum(bool(r['warnings']) for r in recorded)}/{len(recorded)}" if recorded else "–"
 
 
 def _reference_path(cache_dir: str, seed: int, steps: int) -> str:
@@ -269,8 +285,8 @@ def main(argv=None) -> None:
             out.pop("model")
             loads.append(os.getloadavg()[0])
             print(f"[seed {seed}] {method:<15} target loss {target_loss(out['final'], method):.4f}  "
-                  f"({out['seconds']:.0f} s)  mixture {json.dumps({k: round(v, 3) for k, v in out['mixture'].items()})}",
-                  flush=True)
+                  f"({out['seconds']:.0f} s)  mixture {json.dumps({k: round(v, 3) for k, v in out['mixture'].items()})}"
+                  + "".join(f"\n    warned: {text}" for text in out["warnings"]), flush=True)
             if (method, seed) not in done:
                 results.append(out)
                 save_partial(name, args, results)  # an interrupted benchmark keeps its finished runs (--include them)
@@ -293,7 +309,7 @@ def main(argv=None) -> None:
             reach.append(step) if step is not None else None
             missed += step is None
         rows.append({"method": method, "final": finals, "delta_vs_stratified": deltas, "gap_closed": closed,
-                     "steps_to_reach": reach,
+                     "steps_to_reach": reach, "warned": warned([by[(method, seed)] for seed in seeds]),
                      "missed": missed, "beats_stratified": sum(d < 0 for d in deltas), "seeds": seeds})
     minutes = (time.perf_counter() - wall) / 60
     lines = [
@@ -306,8 +322,8 @@ def main(argv=None) -> None:
         f"{minutes:.1f} min; 1-minute load average {min(loads):.1f}–{max(loads):.1f} (2 shared cores).",
         "",
         "| method | target loss (mean ± std) | Δ vs stratified (same seed) | stratified → oracle gap closed | "
-        f"seeds beating stratified | steps to stratified's final loss (of {args.steps}) |",
-        "|---|---|---|---|---|---|",
+        f"seeds beating stratified | steps to stratified's final loss (of {args.steps}) | runs that warned |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         reach = mean_std([float(s) for s in row["steps_to_reach"]]).replace(".0000", "")
@@ -315,7 +331,14 @@ def main(argv=None) -> None:
             reach += f" ({row['missed']} of {len(row['seeds'])} seeds never)"
         closed = mean_std([100 * c for c in row["gap_closed"]]).replace(" ± ", "% ± ") + "%" if row["gap_closed"] else "–"
         lines.append(f"| `{row['method']}` | {mean_std(row['final'])} | {mean_std(row['delta_vs_stratified'])} | "
-                     f"{closed} | {row['beats_stratified']}/{len(row['seeds'])} | {reach} |")
+                     f"{closed} | {row['beats_stratified']}/{len(row['seeds'])} | {reach} | {row['warned']} |")
+    lines += ["", "Runs that warned: of a method's runs that recorded their warnings, how many emitted its run-time "
+              "warning (– : runs stored before the benchmark recorded warnings). Rows have the seeds of their runs "
+              "(\"seeds beating stratified\" counts them). First warning of each method:", ""]
+    for method in args.methods:
+        texts = [(seed, r["warnings"][0]) for (m, seed), r in sorted(by.items()) if m == method and r.get("warnings")]
+        if texts:
+            lines.append(f"- `{method}` (seed {texts[0][0]}): {texts[0][1]}")
     if OVERRIDES:
         lines += ["", "Overrides: " + "; ".join(f"`{m}`: `{json.dumps(kw)}`" for m, kw in OVERRIDES.items())]
     lines += ["", "Final mixtures (first seed of each method):", ""]
