@@ -26,7 +26,8 @@ the same seed, weights applied online), ODM, Aioli, DGA (target = the clean mix)
 specific target (arithmetic only; scored on arithmetic). Reported per method: the target loss after the budget, the
 difference to stratified, the fraction of the stratified → oracle gap it closes ``(stratified − method) / (stratified −
 oracle)`` (same seed), and the steps needed to reach stratified's final loss (evaluated every ``--eval_every``
-steps), mean ± std over seeds.
+steps), mean ± std over seeds; and how many runs emitted the method's run-time warning (each run stores the texts of
+the warnings starting with ``"<mixture>:"`` in ``runs[].warnings``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import torch
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import choice, in_range, number
+from ..watch import load_watch_state, watch_state
 from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, mix_update, warn_if_stuck, weight_spec
 
 CLIP_LEVELS = ("token", "domain")
@@ -156,10 +157,11 @@ class DoReMiMixture(Controller):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "log_p": self._log_p.clone(), "scores": self._scores.clone(),
-                "avg": self._avg.clone(), "updates": self._updates}
+                "avg": self._avg.clone(), "updates": self._updates, "watch": watch_state(self._watch)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._log_p, self._scores, self._avg = state["log_p"].clone(), state["scores"].clone(), state["avg"].clone()
         self._updates = int(state["updates"])
+        load_watch_state(self._watch, state)  # an older checkpoint has no watch state: the watch starts afresh
 

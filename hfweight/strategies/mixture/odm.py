@@ -17,6 +17,7 @@ import torch
 from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import in_range, integer, number
+from ..watch import load_watch_state, watch_state
 from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, warn_if_stuck, weight_spec
 
 
@@ -136,9 +137,11 @@ class ODMMixture(Controller):
                       "decrease) do not reward an irreducible loss.")
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps}
+        return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps,
+                "watch": watch_state(self._watch)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._rewards, self._eps = state["rewards"].clone(), float(state["eps"])
+        load_watch_state(self._watch, state)  # an older checkpoint has no watch state: the watch starts afresh
 

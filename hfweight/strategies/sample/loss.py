@@ -10,9 +10,7 @@ Per step: ``h = normalize_losses(ℓ)`` in ``[−1, 1]``, a score ``f(h)`` per s
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +18,7 @@ import torch
 from ...registry import register_sample_weighting
 from ..base import SampleContext, SampleWeighting
 from ..checks import integer, number
+from ..watch import F64, WindowWatch, load_watch_state, watch_state
 from .base import arg, check_mode, finish_weights, global_losses
 
 LOSS_STRATEGIES = ("linupper", "quadratic", "extremes", "upper")
@@ -192,6 +191,10 @@ class TailStats:
     """Share of the step's weight the tail gets."""
 
 
+TAIL_FIELDS = ("median", "tail_mean", "tail_share", "tail_weight")
+"""The :class:`TailStats` fields, in the order of a :class:`StuckTailWatch` row."""
+
+
 def tail_stats(losses: torch.Tensor, weights: torch.Tensor) -> TailStats | None:
     """:class:`TailStats` of one step's finite ``losses`` and their ``weights`` (None when fewer than 4 are finite)."""
     valid = torch.isfinite(losses)
@@ -206,7 +209,7 @@ def tail_stats(losses: torch.Tensor, weights: torch.Tensor) -> TailStats | None:
                      tail_share=float(tail.double().mean()), tail_weight=float(w[tail].sum()) / total if total else 0.0)
 
 
-class StuckTailWatch:
+class StuckTailWatch(WindowWatch):
     """Detects the failure signature of loss-upweighting on noisy data, once per run.
 
     The signature (what random-token or corrupted samples look like to the method): over the run, the batch median
@@ -220,36 +223,21 @@ class StuckTailWatch:
     """
 
     def __init__(self, window: int = 10, min_drop: float = 0.05, tail_ratio: float = 0.2, min_gap: float = 0.5):
-        self.window, self.min_drop, self.tail_ratio, self.min_gap = window, min_drop, tail_ratio, min_gap
-        self.early: list[TailStats] = []
-        self.late: deque[TailStats] = deque(maxlen=window)
-        self.first_step = self.last_step = None
-        self.watched = 0
-        self.fired = False
+        super().__init__(window)
+        self.min_drop, self.tail_ratio, self.min_gap = min_drop, tail_ratio, min_gap
 
     def observe(self, step: int, stats: TailStats | None) -> str | None:
         """Record one step; the description of the signature the first time it is seen, else None."""
-        if self.fired or stats is None:
+        if stats is None or not self.record(step, torch.tensor([getattr(stats, f) for f in TAIL_FIELDS], dtype=F64)):
             return None
-        self.first_step = step if self.first_step is None else self.first_step
-        self.last_step = step
-        self.watched += 1
-        if len(self.early) < self.window:
-            self.early.append(stats)
-        self.late.append(stats)
-        if self.watched < 3 * self.window:
-            return None
-
-        def mean(rows, field: str) -> float:
-            return statistics.fmean(getattr(r, field) for r in rows)
-
-        median_drop = mean(self.early, "median") - mean(self.late, "median")
-        tail_drop = mean(self.early, "tail_mean") - mean(self.late, "tail_mean")
-        tail, median = mean(self.late, "tail_mean"), mean(self.late, "median")
-        share, weight = mean(self.late, "tail_share"), mean(self.late, "tail_weight")
+        early, late = (dict(zip(TAIL_FIELDS, rows.tolist())) for rows in self.means())
+        median_drop = early["median"] - late["median"]
+        tail_drop = early["tail_mean"] - late["tail_mean"]
+        tail, median = late["tail_mean"], late["median"]
+        share, weight = late["tail_share"], late["tail_weight"]
         if (median_drop >= self.min_drop and tail_drop <= self.tail_ratio * median_drop and tail - median >= self.min_gap
                 and weight > share):
-            self.fired = True
+            self.fire()
             return (f"between steps {self.first_step} and {self.last_step} the median per-sample loss fell by "
                     f"{median_drop:.2f} nats but the highest-loss {share:.0%} of the samples (mean loss {tail:.2f} "
                     f"vs median {median:.2f}) fell by only {tail_drop:.2f}, and this weighting gives them {weight:.0%} of "
@@ -311,8 +299,8 @@ class LossReweighting(SampleWeighting):
         warmup_temperature: ``None`` (default): uniform weights during warm-up, as in the GPT-2 repository. A number:
             use this temperature during warm-up instead, as ``fms-fsdp`` does (``r = 100`` for its warm-up steps).
         mode: ``"auto"`` (default), ``"rescale"`` or ``"score"``; see above and :data:`SAMPLE_MODES`.
-        watch: Warn once when the noisy-data failure signature shows (default True; see ``strategy``). The watch is
-            not checkpointed: a resumed run watches afresh.
+        watch: Warn once when the noisy-data failure signature shows (default True; see ``strategy``). The watch's
+            windows are checkpointed with the weighting's state: a resumed run continues them and does not warn twice.
 
     Divergences from the authors' code:
       - NaN (and ±inf) losses, e.g. a sample with no valid token, get weight 0 and are left out of the min/max and
@@ -398,8 +386,10 @@ class LossReweighting(SampleWeighting):
         self._check_tail(ctx.step, losses)
 
     def state_dict(self) -> dict:
-        return {"previous_range": None if self.previous_range is None else list(self.previous_range)}
+        return {"previous_range": None if self.previous_range is None else list(self.previous_range),
+                "watch": watch_state(self.watch)}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("previous_range")  # a checkpoint of a score-mode run has none: start without a range
         self.previous_range = None if saved is None else (float(saved[0]), float(saved[1]))
+        load_watch_state(self.watch, state)  # an older checkpoint has no watch state: the watch starts afresh
