@@ -416,9 +416,11 @@ def test_dga_cosine_signal_and_prior_pull():
     for step in range(1, 200):
         m.observe_gradients(signal, step)
     close(m.probabilities(), np_softmax(np.log(prior) + 0.5 / 0.25 * signal.numpy()))
-    # the defaults: cosine, η 2, ρ 0.1, clip 0.2 — a steady signal beyond the clip counts as ±0.2
-    d = build("dga", min_prob=0)
-    assert (d.normalize, d.eta, d.prior_pull, d.signal_clip) == ("cosine", 2.0, 0.1, 0.2)
+    # the defaults are the paper's; the junk-domain setting (cosine, η 2, ρ 0.1, clip 0.2): a steady signal beyond
+    # the clip counts as ±0.2, and the mixture settles at α_0·exp(η/ρ · 0.2) = α_0·e^4 for that domain
+    paper = build("dga")
+    assert (paper.normalize, paper.eta, paper.prior_pull, paper.signal_clip) == ("doge", 1e-3, 0.0, None)
+    d = build("dga", min_prob=0, normalize="cosine", eta=2.0, prior_pull=0.1, signal_clip=0.2)
     for step in range(300):
         d.observe_gradients(torch.tensor([0.9, 0.0, float("nan")]), step)
     close(d.probabilities(), np_softmax(np.log(np.full(3, 1 / 3)) + 20 * np.array([0.2, 0.0, 0.0])))

@@ -204,7 +204,7 @@ def test_dga_watch_projects_over_the_run_and_stays_quiet_when_the_mixture_moves(
     moving = build("dga", update_every=1, eta=0.5)
     moving.set_total_steps(20)
     assert caught_from("dga:", lambda: dga_run(moving, 20, 1.0)) == []
-    default = build("dga", update_every=1)  # the defaults (cosine, eta 2, pull, clip) move on a steady signal
+    default = build("dga", update_every=1, normalize="cosine", eta=2.0, prior_pull=0.1, signal_clip=0.2)  # junk setting
     default.set_total_steps(20)
     assert caught_from("dga:", lambda: dga_run(default, 20, 1.0)) == []
     # the same small step over a run 100 times longer moves the mixture: the projection does not warn
