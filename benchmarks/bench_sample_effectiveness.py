@@ -213,6 +213,13 @@ def spoil(train, problem: str, rate: float, vocab_size: int, seed: int = 0):
     return datasets.Dataset.from_list(rows), bad
 
 
+def truth_weighted(spoiled, bad: list[int]):
+    """``spoiled`` with a ``sample_weight`` column from the truth: 0 on the rows in ``bad``, 1 elsewhere (the
+    ``known_drop`` variant: the bad rows stay in the batches but count for nothing)."""
+    bad_set = set(bad)
+    return spoiled.add_column("sample_weight", [0.0 if i in bad_set else 1.0 for i in range(len(spoiled))])
+
+
 @torch.no_grad()
 def heldout_losses(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
     """Token-mean loss of each domain's held-out blocks (batches of 32)."""
@@ -405,8 +412,7 @@ def train_all(args, domains, clean_domains) -> list[dict]:
         spoiled, bad = spoil(train, args.problem, args.rate, len(tokenizer))
         bad_set = set(bad)
         clean_only = spoiled.select([i for i in range(len(spoiled)) if i not in bad_set])
-        known = spoiled.add_column("sample_weight", [0.0 if i in bad_set else 1.0 for i in range(len(spoiled))])
-        datasets_by_variant = {"oracle": clean_only, "known_drop": known}
+        datasets_by_variant = {"oracle": clean_only, "known_drop": truth_weighted(spoiled, bad)}
         train = spoiled
     results = []
     for seed in args.seeds:
