@@ -355,7 +355,8 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
     }[args.problem]
     oracle_note = (
         "'oracle' = uniform weights on the data with the bad blocks dropped; 'gap closed' = (uniform − variant) / "
-        "(uniform − oracle), same seed (1 = oracle, < 0 = worse than uniform); rows other than uniform/oracle use the "
+        "(uniform − oracle), same seed (1 = oracle, < 0 = worse than uniform); 'known_drop' = the bad blocks kept in the "
+        "batches but weighted 0 from the truth (the best a method that drops rows can do); other rows use the "
         "method's documented defaults unless the name says otherwise; "
         if with_oracle
         else ""
