@@ -71,9 +71,9 @@ class LossTruncation(SampleWeighting):
     it drops every garbage block on every step (recall 1.00; false drops 0-27% of the clean blocks, ~14% being what
     ``drop_fraction`` 0.4 > 0.3 implies). What the default leaves is the first tenth of the run (steps 0-11 drop
     nothing) and a cutoff that lags the falling loss (steps 12-23 of ``records``: 7.62, above the batch's own 60th
-    percentile 4.3-5.4, so it dropped the garbage only). Neither costs measurably: a hot start of 96 losses and a
-    cutoff recomputed every step closed 64/51/49/74% of the uniform → oracle gap (builtin/pydocs/records/ops)
-    against 67/53/49/75% for this default, and even weighting exactly the garbage 0 from the first step (the
+    percentile 4.3-5.4, so it dropped the garbage only). Neither costs measurably: of the uniform → oracle gap
+    (builtin/pydocs/records/ops) this default closed 67/53/49/75%, a cutoff recomputed every step 67/69/39/71%, with
+    a hot start of one step 67/58/49/75% (differences under ~10 points are seed noise), and even weighting exactly the garbage 0 from the first step (the
     benchmark's ``known_drop``) closed 58/46/64/76%. A method that drops rows trains on ~70% of each batch where the
     oracle trains on a full clean batch; that, not the cutoff's timing, bounds its share of that gap here.
 
