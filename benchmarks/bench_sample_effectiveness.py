@@ -108,6 +108,10 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     "loss_quadratic_r0.2": {"sample_weighting": "loss", "sample_weighting_kwargs": {"strategy": "quadratic", "temperature": 0.2}},
     "truncation_d0.2": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"drop_fraction": 0.2}},
     "truncation_d0.3": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"drop_fraction": 0.3}},
+    # issue 23's sweep of the cutoff's timing (docs/guidance.md#loss-truncation-hot-start-and-cutoff-issue-23)
+    "truncation_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"recompute_every": 1}},
+    "truncation_hot16_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 16, "recompute_every": 1}},
+    "truncation_hot96_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 96, "recompute_every": 1}},
     "truncation_authors_window": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 10000, "buffer_size": 10000}},
     "storm_meta_lr1e-2": {"sample_weighting": "storm", "sample_weighting_kwargs": {"meta_lr": 1e-2}},
 }
