@@ -94,6 +94,9 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_VARIANTS: dict[str, dict] = {
     "uniform": {},
     "oracle": {},  # uniform weights on the data without the bad rows
+    # the bad rows kept in the batches but weighted 0 (a `sample_weight` column from the truth): the best a method that
+    # drops samples can do, since unlike the oracle it trains on the clean rows of each batch only
+    "known_drop": {"sample_weighting": "static"},
     "loss": {"sample_weighting": "loss"},  # linupper, r = 1, no warm-up
     "loss_quadratic": {"sample_weighting": "loss", "sample_weighting_kwargs": {"strategy": "quadratic"}},
     "truncation": {"sample_weighting": "truncation"},  # drop 40%, window scaled with the run
@@ -105,6 +108,10 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     "loss_quadratic_r0.2": {"sample_weighting": "loss", "sample_weighting_kwargs": {"strategy": "quadratic", "temperature": 0.2}},
     "truncation_d0.2": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"drop_fraction": 0.2}},
     "truncation_d0.3": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"drop_fraction": 0.3}},
+    # issue 23's sweep of the cutoff's timing (docs/guidance.md#loss-truncation-hot-start-and-cutoff-issue-23)
+    "truncation_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"recompute_every": 1}},
+    "truncation_hot16_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 16, "recompute_every": 1}},
+    "truncation_hot96_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 96, "recompute_every": 1}},
     "truncation_authors_window": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 10000, "buffer_size": 10000}},
     "storm_meta_lr1e-2": {"sample_weighting": "storm", "sample_weighting_kwargs": {"meta_lr": 1e-2}},
 }
@@ -112,8 +119,17 @@ PROBLEM_DEFAULT_VARIANTS = ("uniform", "oracle", "loss", "loss_quadratic", "trun
 DUPLICATED_SOURCES = 8  # --problem duplicate: the copies repeat this many distinct blocks
 
 
+OVERRIDES: dict[str, dict] = {}  # --override VARIANT=JSON: extra sample_weighting_kwargs for one variant
+
+
 def variant_table(problem: str) -> dict[str, dict]:
-    return VARIANTS if problem == "domains" else DEFAULT_VARIANTS
+    """variant → its WeightingArguments fields for ``problem``, with the ``--override`` kwargs applied."""
+    table = VARIANTS if problem == "domains" else DEFAULT_VARIANTS
+    return {
+        name: {**fields, "sample_weighting_kwargs": {**fields.get("sample_weighting_kwargs", {}), **OVERRIDES[name]}}
+        if name in OVERRIDES else fields
+        for name, fields in table.items()
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,14 +153,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--merge", nargs="+", default=None, metavar="JSON",
-        help="summarize the runs of earlier result files (e.g. one process per seed) instead of training",
+        help="summarize the runs of earlier result files (e.g. one process per seed) instead of training; a run of a "
+        "later file replaces one of the same variant and seed in an earlier file (rerun one variant, keep the rest)",
     )
+    parser.add_argument("--override", action="append", default=[], metavar="VARIANT=JSON",
+                        help='extra sample_weighting_kwargs for one variant (knob sweeps), e.g. '
+                        'truncation=\'{"min_samples": 64}\'; recorded in the results file')
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.eval_every = 30, [0], 10
     table = variant_table(args.problem)
     if args.variants is None:
         args.variants = list(VARIANTS) if args.problem == "domains" else list(PROBLEM_DEFAULT_VARIANTS)
+    for spec in args.override:
+        variant, _, text = spec.partition("=")
+        if variant not in table:
+            parser.error(f"--override {spec!r}: unknown variant {variant!r}; choose from {list(table)}")
+        OVERRIDES[variant] = json.loads(text)
     unknown = [v for v in args.variants if v not in table]
     if unknown:
         parser.error(f"--problem {args.problem} has no variant(s) {unknown}; choose from {list(table)}")
@@ -190,6 +215,13 @@ def spoil(train, problem: str, rate: float, vocab_size: int, seed: int = 0):
     else:
         raise ValueError(f"unknown problem {problem!r}")
     return datasets.Dataset.from_list(rows), bad
+
+
+def truth_weighted(spoiled, bad: list[int]):
+    """``spoiled`` with a ``sample_weight`` column from the truth: 0 on the rows in ``bad``, 1 elsewhere (the
+    ``known_drop`` variant: the bad rows stay in the batches but count for nothing)."""
+    bad_set = set(bad)
+    return spoiled.add_column("sample_weight", [0.0 if i in bad_set else 1.0 for i in range(len(spoiled))])
 
 
 @torch.no_grad()
@@ -327,7 +359,8 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
     }[args.problem]
     oracle_note = (
         "'oracle' = uniform weights on the data with the bad blocks dropped; 'gap closed' = (uniform − variant) / "
-        "(uniform − oracle), same seed (1 = oracle, < 0 = worse than uniform); rows other than uniform/oracle use the "
+        "(uniform − oracle), same seed (1 = oracle, < 0 = worse than uniform); 'known_drop' = the bad blocks kept in the "
+        "batches but weighted 0 from the truth (the best a method that drops rows can do); other rows use the "
         "method's documented defaults unless the name says otherwise; "
         if with_oracle
         else ""
@@ -356,13 +389,15 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
 def merged_runs(args) -> list[dict]:
     """The runs of ``args.merge``'s result files; sets ``args.seeds``, ``args.variants`` and the run settings to what
     they hold."""
-    runs = []
+    by_key: dict[tuple[str, int], dict] = {}  # (variant, seed) → run; later files win, first order kept
     for path in args.merge:
         with open(path) as f:
             saved = json.load(f)
-        runs.extend(saved["runs"])
+        for r in saved["runs"]:
+            by_key[(r["variant"], r["seed"])] = r
         for key in ("steps", "batch", "seq", "eval_every", "rate", "problem", "corpus"):  # what the runs were made with
             setattr(args, key, saved["settings"].get(key, getattr(args, key)))
+    runs = list(by_key.values())
     use_corpus(args.corpus)
     args.seeds = sorted({r["seed"] for r in runs})
     args.variants = [v for v in dict.fromkeys(r["variant"] for r in runs)]
@@ -382,7 +417,7 @@ def train_all(args, domains, clean_domains) -> list[dict]:
         spoiled, bad = spoil(train, args.problem, args.rate, len(tokenizer))
         bad_set = set(bad)
         clean_only = spoiled.select([i for i in range(len(spoiled)) if i not in bad_set])
-        datasets_by_variant = {"oracle": clean_only}
+        datasets_by_variant = {"oracle": clean_only, "known_drop": truth_weighted(spoiled, bad)}
         train = spoiled
     results = []
     for seed in args.seeds:

@@ -28,8 +28,11 @@ from harness import RESULTS_DIR  # noqa: E402
 
 TOLERANCE = 0.02
 MIXTURE_METHODS = ("oracle", "reshuffled", "doremi", "odm", "aioli", "dga", "learning_progress")
-CONTROLS = {"oracle": "(reference)", "reshuffled": "(control: stratified with another data order = the noise floor)"}
-SAMPLE_METHODS = ("oracle", "loss", "truncation", "storm")
+SAMPLE_METHODS = ("oracle", "known_drop", "loss", "truncation", "storm")
+# rows that are not methods but what one is measured against (no verdict): the oracle, the noise floor, and for sample
+# weighting the best any method that drops samples can do (the bad rows weighted 0 from the truth)
+CONTROLS = {"oracle": "(reference)", "reshuffled": "(control: stratified with another data order = the noise floor)",
+            "known_drop": "(reference: the bad rows weighted 0 from the truth, the best any dropping method can do)"}
 # what warns at run time when it fails the standard (the failure signature it watches for)
 WARNS = {"odm": "a domain it upweights whose loss does not fall", "doremi": "a domain it feeds whose loss does not fall",
          "aioli": "fewer than 3 LearnParams rounds in the run", "loss": "a high-loss tail that does not learn",

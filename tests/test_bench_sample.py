@@ -57,3 +57,41 @@ def test_corrupt_and_duplicate_always_run_uniform_and_oracle_with_documented_def
     ]
     with pytest.raises(SystemExit):
         bench.parse_args(["--problem", "domains", "--variants", "oracle"])
+
+
+def test_known_drop_weights_exactly_the_spoiled_rows_zero():
+    spoiled, bad = bench.spoil(clean_rows(), "corrupt", 0.3, VOCAB)
+    weighted = bench.truth_weighted(spoiled, bad)
+    assert weighted["sample_weight"] == [0.0 if i in bad else 1.0 for i in range(len(spoiled))]
+    assert weighted["input_ids"] == spoiled["input_ids"]  # same rows, same order: only the column is added
+
+
+def test_override_changes_one_variants_kwargs(monkeypatch):
+    monkeypatch.setattr(bench, "OVERRIDES", {})
+    bench.parse_args(["--problem", "corrupt", "--variants", "truncation",
+                      "--override", 'truncation={"min_samples": 16}'])
+    table = bench.variant_table("corrupt")
+    assert table["truncation"] == {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 16}}
+    assert table["truncation_d0.2"]["sample_weighting_kwargs"] == {"drop_fraction": 0.2}  # other variants untouched
+    assert bench.DEFAULT_VARIANTS["truncation"] == {"sample_weighting": "truncation"}  # the defaults are not edited
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--problem", "corrupt", "--override", 'nope={"a": 1}'])
+
+
+def test_merge_lets_a_later_file_replace_a_variants_runs(tmp_path):
+    def run(variant, seed, loss):
+        return {"variant": variant, "seed": seed, "final_clean": loss}
+
+    settings = {"steps": 120, "problem": "corrupt", "corpus": "builtin"}
+    first = [run("uniform", 0, 5.0), run("truncation", 0, 4.9), run("storm", 0, 4.95), run("truncation", 1, 4.8)]
+    paths = []
+    for name, runs in (("a", first), ("b", [run("truncation", 0, 4.7)])):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            bench.json.dump({"settings": settings, "runs": runs}, f)
+    args = bench.parse_args(["--problem", "corrupt"])
+    args.merge = paths
+    merged = bench.merged_runs(args)
+    assert [(r["variant"], r["seed"], r["final_clean"]) for r in merged] == [
+        ("uniform", 0, 5.0), ("truncation", 0, 4.7), ("storm", 0, 4.95), ("truncation", 1, 4.8)]
+    assert args.variants == ["uniform", "truncation", "storm"] and args.seeds == [0, 1]
