@@ -22,7 +22,8 @@ Every method runs with its *documented defaults* (a user's first try); the only 
 cannot run without (DGA's target: the clean mix). ``--override METHOD='{"eta": 0.5}'`` changes one method's kwargs (a
 knob sweep). Methods: stratified (uniform, τ = inf), ``oracle`` (the best static choice given the truth: uniform over
 the clean domains, junk left out), temperature (τ = 2 over block counts), DoReMi (reference = the stratified model of
-the same seed, weights applied online), ODM, Aioli, DGA (target = the clean mix), learning progress, plus DGA with a
+the same seed, weights applied online), ODM, Aioli, DGA (target = the clean mix), ``dga_cosine`` (DGA's junk-domain
+setting, not its default: ``DGA_COSINE``), learning progress, plus DGA with a
 specific target (arithmetic only; scored on arithmetic). Reported per method: the target loss after the budget, the
 difference to stratified, the fraction of the stratified → oracle gap it closes ``(stratified − method) / (stratified −
 oracle)`` (same seed), and the steps needed to reach stratified's final loss (evaluated every ``--eval_every``
@@ -56,8 +57,10 @@ SPEC = corpus_spec("builtin")  # --corpus: the corpus trained on (set once in ma
 SEQ_LEN = 64
 BATCH = 16
 HELDOUT_PER_DOMAIN = 32  # blocks per domain in each of the validation and test halves
-METHODS = ("stratified", "reshuffled", "oracle", "temperature", "doremi", "odm", "aioli", "dga", "learning_progress",
-           "dga_first")
+METHODS = ("stratified", "reshuffled", "oracle", "temperature", "doremi", "odm", "aioli", "dga", "dga_cosine",
+           "learning_progress", "dga_first")
+# DGA's junk-domain setting (not its default): scale-free clipped cosine signal, entropy-regularized step
+DGA_COSINE = {"normalize": "cosine", "eta": 2.0, "prior_pull": 0.1, "signal_clip": 0.2}
 RESHUFFLE_SEED_OFFSET = 1000  # `reshuffled`: stratified with another data order (data_seed = seed + this), same init
 OVERRIDES: dict[str, dict] = {}  # --override METHOD=JSON: extra kwargs for one method (knob sweeps)
 
@@ -80,6 +83,7 @@ def configs() -> dict[str, tuple[str, dict]]:
         "odm": ("odm", {}),
         "aioli": ("aioli", {}),
         "dga": ("dga", {"target": list(clean()), "target_batch_size": BATCH}),
+        "dga_cosine": ("dga", {"target": list(clean()), "target_batch_size": BATCH, **DGA_COSINE}),
         "learning_progress": ("learning_progress", {}),
         "dga_first": ("dga", {"target": clean()[0], "target_batch_size": BATCH}),
     }
@@ -318,8 +322,9 @@ def main(argv=None) -> None:
         + f", {args.steps} steps × batch {BATCH} × seq {SEQ_LEN}",
         "",
         f"Seeds {args.seeds}; target = uniform mix of the clean domains {list(clean())} (held-out test half; "
-        f"`dga_first`: {clean()[0]} only, compared with stratified's {clean()[0]} loss). Wall time "
-        f"{minutes:.1f} min; 1-minute load average {min(loads):.1f}–{max(loads):.1f} (2 shared cores).",
+        f"`dga_first`: {clean()[0]} only, compared with stratified's {clean()[0]} loss). {len(by)} runs, "
+        f"{sum(r['seconds'] for r in by.values()) / 60:.0f} min of run time in all (stored with each run); this "
+        f"invocation {minutes:.1f} min, 1-minute load average {min(loads):.1f}–{max(loads):.1f} (2 shared cores).",
         "",
         "| method | target loss (mean ± std) | Δ vs stratified (same seed) | stratified → oracle gap closed | "
         f"seeds beating stratified | steps to stratified's final loss (of {args.steps}) | runs that warned |",

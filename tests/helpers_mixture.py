@@ -147,7 +147,7 @@ def _by_step(trainer):
 # ---- per-domain statistics, recomputed independently ---------------------------------------------------------------
 
 STATS_ROWS = {tuple(r["input_ids"]): r for r in toy_rows(40)}
-STATS_FIELDS = ("loss_sum", "token_count", "sample_count", "excess_sum")
+STATS_FIELDS = ("loss_sum", "token_count", "sample_count", "excess_sum", "ref_loss_sum")
 
 
 class SnapshotParameters(TrainerCallback):
@@ -162,14 +162,15 @@ class SnapshotParameters(TrainerCallback):
 
 
 def domain_stats_by_hand(parameters: dict, batches: list[dict]) -> list[list[float]]:
-    """``[loss_sum; token_count; sample_count; excess_sum]`` per domain (rows: those fields, columns: NAMES) of the given
+    """``[loss_sum; token_count; sample_count; excess_sum; ref_loss_sum]`` per domain (rows: those fields, columns:
+    NAMES) of the given
     micro-batches, in plain PyTorch: each row alone (unpadded) through a fresh model carrying ``parameters``; token loss
     ``ℓ_t = −log p(label)``, DoReMi's excess ``max(ℓ_t − ℓ_ref,t, 0)`` with ``ℓ_ref,t = −ref_logps[t]`` of the label's
     position, domains looked up from the raw toy rows."""
     model = tiny_model()
     model.load_state_dict(parameters)
     model.eval()
-    sums = torch.zeros(4, len(NAMES), dtype=torch.float64)
+    sums = torch.zeros(len(STATS_FIELDS), len(NAMES), dtype=torch.float64)
     with torch.no_grad():
         for batch in batches:
             for ids in batch["input_ids"]:
@@ -181,7 +182,7 @@ def domain_stats_by_hand(parameters: dict, batches: list[dict]) -> list[list[flo
                 loss = F.cross_entropy(logits[valid], labels[valid], reduction="none")
                 ref_loss = -torch.tensor(row["ref_logps"][1:], dtype=torch.float64)[valid]
                 sums[:, d] += torch.stack([loss.sum(), valid.sum().double(), torch.tensor(1.0),
-                                           (loss - ref_loss).clamp(min=0).sum()])
+                                           (loss - ref_loss).clamp(min=0).sum(), ref_loss.sum()])
     return sums.tolist()
 
 

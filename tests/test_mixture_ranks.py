@@ -42,7 +42,7 @@ def test_two_ranks_same_probabilities_and_disjoint_complete_shards(ranks):
 def test_two_rank_dga_alignment_equals_one_rank(ranks):
     one = dga_alignment(2, 2)  # the same 4 rows per step as 2 ranks × batch 2 × GA 1
     for r in ranks:
-        for key in ("inner_products", "squared_norms", "signal"):
+        for key in ("inner_products", "squared_norms", "target_squared_norm", "signal"):
             assert r["dga"][key] == pytest.approx(one[key], rel=1e-5, nan_ok=True), key
 
 

@@ -41,6 +41,8 @@ def test_domain_statistics_equal_a_plain_pytorch_recomputation(batch, ga):
         exp = np.array(expected)
         assert (exp[1] > 0).sum() >= 2 and len(set(exp[0].round(6))) == 3  # domains present, and told apart
         assert (exp[3] > 0).any() and (exp[3] < exp[0]).all()  # the clamp at 0 matters: excess < loss
+        # the reference's loss sum: the per-token clip is never below the clipped gap of the sums (Jensen), and differs
+        assert (exp[4] > 0).all() and (exp[3] >= np.maximum(exp[0] - exp[4], 0) - 1e-9).all()
         logged = run["logged"][step]
         for d, name in enumerate(NAMES):
             if exp[1][d] > 0:
@@ -152,7 +154,8 @@ def test_dga_alignment_equals_plain_pytorch_and_leaves_training_gradients_alone(
     args = WeightedTrainingArguments(
         **training_args(str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2),
         mixture="dga", mixture_mode="resample",
-        mixture_kwargs={"target": "math", "target_batch_size": 3, "update_every": 1, "eta": eta, "min_prob": 0},
+        mixture_kwargs={"target": "math", "target_batch_size": 3, "update_every": 1, "eta": eta, "min_prob": 0,
+                        "normalize": "doge", "prior_pull": 0, "signal_clip": None},  # the paper's update, by hand below
     )
     trainer = WeightedTrainer(model=model_probe, args=args, train_dataset=train, eval_dataset=heldout,
                               data_collator=collator, callbacks=[capture])
@@ -197,6 +200,7 @@ def test_dga_alignment_equals_plain_pytorch_and_leaves_training_gradients_alone(
     np.testing.assert_allclose(got["squared_norms"].numpy(), sq, rtol=1e-5)
     signal = dots / (np.sqrt(sq[present]).mean() + 1e-6)
     np.testing.assert_allclose(got["signal"].numpy(), signal, rtol=1e-5)
+    assert got["target_squared_norm"] == pytest.approx(float(flat(g_t) @ flat(g_t)), rel=1e-5)
     z = np.log(np.full(3, 1 / 3)) + eta * np.nan_to_num(signal)
     np.testing.assert_allclose(trainer.mixture.probabilities().numpy(), np.exp(z) / np.exp(z).sum(), rtol=1e-6)
 

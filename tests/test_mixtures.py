@@ -29,12 +29,15 @@ def build(name, names=NAMES, sizes=SIZES, **kwargs):
     return m
 
 
-def stats(step, loss=(2.0, 1.0, 3.0), tokens=(4.0, 2.0, 3.0), samples=None, excess=None):
+def stats(step, loss=(2.0, 1.0, 3.0), tokens=(4.0, 2.0, 3.0), samples=None, excess=None, ref_loss=None):
+    """One step's DomainStats from per-domain *means* (``loss``, ``ref_loss``) and sums (``excess``)."""
     tokens_t = torch.tensor(tokens, dtype=torch.float64)
     loss_t = torch.tensor(loss, dtype=torch.float64) * tokens_t  # loss_sum = mean × tokens
     samples_t = torch.tensor(samples if samples is not None else [1.0 if t > 0 else 0.0 for t in tokens], dtype=torch.float64)
     excess_t = None if excess is None else torch.tensor(excess, dtype=torch.float64)
-    return DomainStats(loss_sum=loss_t, token_count=tokens_t, sample_count=samples_t, step=step, excess_sum=excess_t)
+    ref_t = None if ref_loss is None else torch.tensor(ref_loss, dtype=torch.float64) * tokens_t
+    return DomainStats(loss_sum=loss_t, token_count=tokens_t, sample_count=samples_t, step=step, excess_sum=excess_t,
+                       ref_loss_sum=ref_t)
 
 
 def np_softmax(z):
@@ -160,6 +163,53 @@ def test_doremi_excess_loss_with_absent_domain():
 def test_doremi_requires_reference_losses():
     with pytest.raises(ValueError, match="excess losses over a reference model"):
         build("doremi").observe(stats(0))
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['clip'\]='domain' needs per-domain reference losses"):
+        build("doremi", clip="domain").observe(stats(0, excess=(1.0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['clip'\] must be one of \['token', 'domain'\]"):
+        build("doremi", clip="sample")
+
+
+def test_doremi_domain_clip_takes_the_token_mean_before_the_clip():
+    """clip='domain': λ_d = max(mean ℓ − mean ℓ_ref, 0) (hand-worked), a domain absent keeps its last score."""
+    m = build("doremi", eta=1.0, smoothing=1e-3, min_prob=0, clip="domain")
+    # means: loss (2.0, 1.0, 3.0), reference (1.5, 1.25, 0.0) → gaps (0.5, −0.25, 3.0) → scores (0.5, 0, 3.0);
+    # prose absent → its initial score 0
+    m.observe(stats(0, tokens=(4, 2, 0), excess=(9.0, 9.0, 9.0), ref_loss=(1.5, 1.25, 0.0)))
+    w0 = np.full(3, 1 / 3)
+    w1 = 0.999 * np_softmax(np.log(w0) + np.array([0.5, 0.0, 0.0])) + 1e-3 / 3
+    close(m.probabilities(), w1)
+    m.observe(stats(1, loss=(2.0, 3.0, 1.0), tokens=(0, 2, 5), excess=(0.0, 0.0, 0.0), ref_loss=(0.0, 1.0, 0.75)))
+    w2 = 0.999 * np_softmax(np.log(w1) + np.array([0.5, 2.0, 0.25])) + 1e-3 / 3
+    close(m.probabilities(), w2)
+
+
+def test_doremi_domain_clip_does_not_feed_per_token_noise():
+    """Per-token noise around a zero mean gap (data neither model can learn) has a positive *clipped* mean: with
+    clip='token' the noisy domain gains weight over one with a small real gap; with clip='domain' it does not.
+    Token differences are built explicitly and summed here, as the trainer does."""
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(400, generator=gen, dtype=torch.float64)  # ℓ − ℓ_ref: mean ≈ 0, spread 1
+    noisy = noisy - noisy.mean()  # exactly zero mean gap
+    real = torch.full((400,), 0.1, dtype=torch.float64)  # a small, real gap: the proxy can still learn this domain
+    ref = torch.full((400,), 2.0, dtype=torch.float64)
+    rows = {"code": real, "math": noisy, "prose": torch.zeros(400, dtype=torch.float64)}
+    step = DomainStats(
+        loss_sum=torch.stack([(ref + rows[d]).sum() for d in NAMES]),
+        token_count=torch.full((3,), 400.0, dtype=torch.float64),
+        sample_count=torch.full((3,), 4.0, dtype=torch.float64),
+        excess_sum=torch.stack([rows[d].clamp(min=0).sum() for d in NAMES]),
+        ref_loss_sum=torch.full((3,), float(ref.sum()), dtype=torch.float64),
+    )
+    by_token, by_domain = build("doremi", eta=1.0), build("doremi", eta=1.0, clip="domain")
+    for s in range(20):
+        step.step = s
+        by_token.observe(step)
+        by_domain.observe(step)
+    p_token, p_domain = by_token.probabilities(), by_domain.probabilities()
+    code, math_, prose = (NAMES.index(d) for d in ("code", "math", "prose"))
+    assert p_token[math_] > 0.9  # E[max(X, 0)] = 0.4 for X ~ N(0, 1): the noise wins
+    # e^{20 steps · 0.1} ≈ 7.4 against 1 and 1 (before the 1e-3 smoothing): ≈ 0.79
+    assert p_domain[code] > 0.75 and float(p_domain[math_]) == pytest.approx(float(p_domain[prose]), rel=1e-9)
 
 
 # ---- ODM ----------------------------------------------------------------------------------------------------------
@@ -323,7 +373,7 @@ def test_skillit_graph_files_and_wrong_shape(tmp_path):
 
 
 def test_dga_alignment_update():
-    m = build("dga", eta=0.5, update_every=2, min_prob=0)
+    m = build("dga", eta=0.5, update_every=2, min_prob=0, normalize="doge", prior_pull=0, signal_clip=None)  # the paper's
     assert m.needs_target and m.gradients_requested()
     m.observe_gradients(torch.tensor([1.0, 0.0, -1.0]), 0)
     w1 = np_softmax(np.log(np.full(3, 1 / 3)) + 0.5 * np.array([1.0, 0.0, -1.0]))
@@ -334,9 +384,63 @@ def test_dga_alignment_update():
     assert m.gradients_requested()
     m.observe_gradients(torch.tensor([float("nan"), 2.0, 0.0]), 2)  # NaN: domain absent, unchanged
     close(m.probabilities(), np_softmax(np.log(w1) + 0.5 * np.array([0.0, 2.0, 0.0])))
-    e = build("dga", eta=0.5, ema=0.8, min_prob=0)
+    e = build("dga", eta=0.5, ema=0.8, min_prob=0, prior_pull=0, signal_clip=None)
     e.observe_gradients(torch.tensor([1.0, 0.0, -1.0]), 0)
     close(e.probabilities(), 0.8 / 3 + 0.2 * w1)
+
+
+def test_dga_cosine_signal_and_prior_pull():
+    """normalize='cosine': s_d = ⟨g_d, g_t⟩ / (‖g_d‖·‖g_t‖) (hand-worked); prior_pull ρ: log α ← (1 − ρ)·log α +
+    ρ·log α_0 + η·s, whose fixed point under a constant signal is α ∝ α_0·exp(η/ρ · s) (iterated to convergence)."""
+    from hfweight.strategies.mixture import alignment_signal
+
+    ip, sq = torch.tensor([6.0, 0.0, float("nan")]), torch.tensor([4.0, 9.0, 1.0])
+    got = alignment_signal(ip, sq, 9.0, normalize="cosine")  # ‖g_t‖ = 3: 6 / (2·3) = 1, 0 / (3·3) = 0, NaN
+    assert got[:2].tolist() == pytest.approx([1.0, 0.0], abs=1e-6) and math.isnan(got[2])
+    doge = alignment_signal(ip, sq)  # mean norm over the present domains: (2 + 3) / 2
+    assert doge[:2].tolist() == pytest.approx([6.0 / 2.5, 0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="needs the target gradient's squared norm"):
+        alignment_signal(ip, sq, normalize="cosine")
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['normalize'\] must be one of"):
+        build("dga", normalize="l2")
+    with pytest.raises(ValueError, match=r"mixture_kwargs\['prior_pull'\]"):
+        build("dga", prior_pull=1.0)
+
+    m = build("dga", eta=0.5, prior_pull=0.25, signal_clip=None, min_prob=0,
+              initial_weights={"code": 2.0, "math": 1.0, "prose": 1.0})
+    signal = torch.tensor([0.0, 0.4, -0.2])
+    m.observe_gradients(signal, 0)  # one update by hand
+    prior = np.array([0.5, 0.25, 0.25])
+    z = 0.75 * np.log(prior) + 0.25 * np.log(prior) + 0.5 * signal.numpy()
+    close(m.probabilities(), np_softmax(z))
+    for step in range(1, 200):
+        m.observe_gradients(signal, step)
+    close(m.probabilities(), np_softmax(np.log(prior) + 0.5 / 0.25 * signal.numpy()))
+    # the defaults are the paper's; the junk-domain setting (cosine, η 2, ρ 0.1, clip 0.2): a steady signal beyond
+    # the clip counts as ±0.2, and the mixture settles at α_0·exp(η/ρ · 0.2) = α_0·e^4 for that domain
+    paper = build("dga")
+    assert (paper.normalize, paper.eta, paper.prior_pull, paper.signal_clip) == ("doge", 1e-3, 0.0, None)
+    d = build("dga", min_prob=0, normalize="cosine", eta=2.0, prior_pull=0.1, signal_clip=0.2)
+    for step in range(300):
+        d.observe_gradients(torch.tensor([0.9, 0.0, float("nan")]), step)
+    close(d.probabilities(), np_softmax(np.log(np.full(3, 1 / 3)) + 20 * np.array([0.2, 0.0, 0.0])))
+
+
+def test_dga_target_rows_shuffle_each_cycle_the_same_way_on_every_call():
+    """target_rows: each cycle through the n target rows is a permutation (every row once), cycles differ, the rows
+    depend only on (call, size, n, seed) — what every rank and a resumed run compute — and a batch mixes the
+    concatenated held-out sets instead of taking one set's rows in file order."""
+    from hfweight.glue.drivers.alignment import target_rows
+
+    n, size = 12, 5
+    stream = [r for call in range(12) for r in target_rows(call, size, n, seed=3)]  # 60 rows = 5 cycles
+    cycles = [stream[i * n : (i + 1) * n] for i in range(5)]
+    assert all(sorted(c) == list(range(n)) for c in cycles)
+    assert len({tuple(c) for c in cycles}) > 1
+    assert target_rows(7, size, n, seed=3) == stream[35:40]
+    assert target_rows(0, size, n, seed=4) != target_rows(0, size, n, seed=3)
+    first = target_rows(0, 6, 12, seed=0)  # two held-out sets of 6 rows concatenated: rows 0-5 and 6-11
+    assert any(r < 6 for r in first) and any(r >= 6 for r in first)
 
 
 # ---- policy -------------------------------------------------------------------------------------------------------

@@ -185,8 +185,11 @@ def dga_run(m, updates: int, scale: float, start: int = 0):
         yield u * m.update_every
 
 
+PAPER_DGA = {"normalize": "doge", "prior_pull": 0, "signal_clip": None, "eta": 1e-3}  # the pre-issue-23 default
+
+
 def test_dga_warns_once_when_eta_is_too_small_for_the_run():
-    m = build("dga", update_every=1)  # the default eta 1e-3
+    m = build("dga", update_every=1, **PAPER_DGA)
     m.set_total_steps(20)  # 20 updates: checked at the 10th
     seen = caught_from("dga:", lambda: dga_run(m, 20, 1.0))
     assert len(seen) == 1
@@ -201,11 +204,14 @@ def test_dga_watch_projects_over_the_run_and_stays_quiet_when_the_mixture_moves(
     moving = build("dga", update_every=1, eta=0.5)
     moving.set_total_steps(20)
     assert caught_from("dga:", lambda: dga_run(moving, 20, 1.0)) == []
+    default = build("dga", update_every=1, normalize="cosine", eta=2.0, prior_pull=0.1, signal_clip=0.2)  # junk setting
+    default.set_total_steps(20)
+    assert caught_from("dga:", lambda: dga_run(default, 20, 1.0)) == []
     # the same small step over a run 100 times longer moves the mixture: the projection does not warn
-    long_run = build("dga", update_every=1)
+    long_run = build("dga", update_every=1, **PAPER_DGA)
     long_run.set_total_steps(2000)
     assert caught_from("dga:", lambda: dga_run(long_run, 20, 1.0)) == []
-    off = build("dga", update_every=1, watch=False)
+    off = build("dga", update_every=1, watch=False, **PAPER_DGA)
     off.set_total_steps(20)
     assert caught_from("dga:", lambda: dga_run(off, 20, 1.0)) == []
 
@@ -241,7 +247,7 @@ def _stuck_stats(step):
 
 
 def _dga():
-    m = build("dga", update_every=1)
+    m = build("dga", update_every=1, **PAPER_DGA)
     m.set_total_steps(20)
     return m
 

@@ -61,7 +61,8 @@ class StepPlan:
     batches: list
     """The step's micro-batches (the meta step reruns them)."""
     domain_sums: torch.Tensor | None
-    """Local ``[loss_sum; token_count; sample_count; excess_sum]`` per domain ``(4, k)``, over the micro-batches."""
+    """Local ``[loss_sum; token_count; sample_count; excess_sum; ref_loss_sum]`` per domain ``(5, k)``, over the
+    micro-batches."""
     weights_known: bool = True
     """Whether ``v`` is final before the forward (False in the rescale mode: the weights come after it)."""
     returned: torch.Tensor | float = 0.0
@@ -153,7 +154,7 @@ class WeightedStep:
             denominator=torch.zeros((), dtype=torch.float64),
             remaining=len(batch_samples),
             batches=batch_samples,
-            domain_sums=torch.zeros((4, k), dtype=torch.float64, device=t.args.device) if k else None,
+            domain_sums=torch.zeros((5, k), dtype=torch.float64, device=t.args.device) if k else None,
         )
         for driver in self.drivers:
             driver.before_step(plan, batch_samples)
@@ -275,14 +276,16 @@ class WeightedStep:
         if plan.domain_sums is None or domains is None:
             return
         segments, token_loss, mask = micro.segments.flatten(), micro.token_loss, micro.mask
-        per_sample = torch.zeros((4, micro.num_samples), dtype=torch.float64, device=token_loss.device)
+        per_sample = torch.zeros((5, micro.num_samples), dtype=torch.float64, device=token_loss.device)
         per_sample[0].index_add_(0, segments, (token_loss * mask).flatten().to(torch.float64))
         per_sample[1].index_add_(0, segments, mask.flatten().to(torch.float64))
         per_sample[2] = 1.0
         ref_logps = shift_token_column(micro.extras.get(BATCH_REF_LOGPS))
-        if ref_logps is not None:  # DoReMi's excess loss max(ℓ − ℓ_ref, 0), summed over tokens
+        if ref_logps is not None:  # DoReMi's excess loss max(ℓ − ℓ_ref, 0) and the reference's loss ℓ_ref, over tokens
+            ref_loss = torch.where(mask > 0, -ref_logps.to(token_loss.dtype), 0.0)  # padding's ref_logps may be anything
             excess = (token_loss + ref_logps.to(token_loss.dtype)).clamp(min=0) * mask
             per_sample[3].index_add_(0, segments, excess.flatten().to(torch.float64))
+            per_sample[4].index_add_(0, segments, ref_loss.flatten().to(torch.float64))
         plan.domain_sums.index_add_(1, domains.to(plan.domain_sums.device), per_sample.to(plan.domain_sums))
 
     def finish(self, plan: StepPlan) -> None:
@@ -297,6 +300,7 @@ class WeightedStep:
             sample_count=sums[2],
             step=t.state.global_step,
             excess_sum=sums[3] if t._column_spec.ref_logps else None,
+            ref_loss_sum=sums[4] if t._column_spec.ref_logps else None,
         )
         for name, value in zip(t.domain_names, stats.mean_loss.tolist()):
             if not math.isnan(value):

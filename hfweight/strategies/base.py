@@ -221,6 +221,9 @@ class DomainStats:
     """Optimizer steps completed before this one."""
     excess_sum: torch.Tensor | None = None
     """Sum over tokens of ``max(ℓ_t − ℓ_ref,t, 0)`` per domain (DoReMi), when a reference is available."""
+    ref_loss_sum: torch.Tensor | None = None
+    """Sum over tokens of the reference model's loss ``ℓ_ref,t`` per domain, when a reference is available (DoReMi's
+    domain-level excess ``max(mean ℓ − mean ℓ_ref, 0)``)."""
 
     @property
     def mean_loss(self) -> torch.Tensor:
