@@ -5,6 +5,8 @@ Kept independent of the built-in corpus so the core tests run in seconds and als
 
 from __future__ import annotations
 
+import io
+
 import datasets
 import pytest
 import torch
@@ -219,3 +221,11 @@ def run_two_ranks(script: str, *args: str, timeout: int = 300):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def roundtrip(state: dict) -> dict:
+    """A state through torch.save/torch.load, as a checkpoint stores it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

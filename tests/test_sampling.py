@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
+from helpers import roundtrip
 from torch.utils.data import BatchSampler, DataLoader
 
 from hfweight.sampling import DomainSampler, MixtureIterableDataset
@@ -27,12 +27,6 @@ def chi_square(counts, probs) -> float:
 
 CHI2_DF2_999 = 13.82  # 99.9 % quantile of χ² with 2 degrees of freedom (the tests are deterministic anyway)
 
-
-def roundtrip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 # ---- DomainSampler ------------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers import roundtrip
 from test_mixture_defaults import _odm_losses
 from test_mixtures import build, stats
 from test_sample_strategies import ctx, synthetic_losses
@@ -38,13 +38,6 @@ def caught_from(prefix: str, run) -> list[tuple[int, str]]:
             caught.clear()
     return out
 
-
-def roundtrip(state: dict) -> dict:
-    """A state through torch.save/torch.load, as a checkpoint stores it."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 # ---- the shared windows -----------------------------------------------------------------------------------------------
