@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_same_state
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,22 +61,6 @@ def assert_same_parameters(a_dir, b_dir):
     assert not different, f"parameters differ from the uninterrupted run: {different[:5]}"
 
 
-def assert_same_state(a, b, where="state"):
-    """Two saved weighting states are equal: same structure, tensors bit for bit, numbers exactly."""
-    if torch.is_tensor(a):  # NaN equals NaN here too (a run-time watch's rows mark absent domains with NaN)
-        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, where
-        a, b = a.cpu(), b.cpu()
-        assert bool(((a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b).all()), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN equals NaN here
 
 
 def weighting_state(checkpoint_dir):

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import GradientCapture, tiny_model, tiny_tokenizer
+from helpers import GradientCapture, assert_same_state, tiny_model, tiny_tokenizer
 from helpers_rl import (
     REWARDS,
     constant_reward,
@@ -398,10 +398,7 @@ def test_resume_restores_the_weighter_exactly(algo, tmp_path):
     losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
     assert losses(straight) == losses(resumed)
     assert straight.reward_weighting.state_dict() == resumed.reward_weighting.state_dict()
-    assert straight.mixture.state_dict().keys() == resumed.mixture.state_dict().keys()
-    for key, value in straight.mixture.state_dict().items():
-        other = resumed.mixture.state_dict()[key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    assert_same_state(straight.mixture.state_dict(), resumed.mixture.state_dict(), "mixture")  # incl. its watch
 
 
 def test_artifacts_and_model_card_record_the_final_reward_weights(tmp_path):
