@@ -139,7 +139,20 @@ def run_training(command: str, argv: list[str]) -> int:
     module = importlib.import_module(f"hfweight.commands.{command.replace('-', '_')}")
     parser = TrlParser(module.DATACLASSES, prog=f"hfweight {command}", epilog=training_epilog())
     module.main(*parser.parse_args_and_config(with_resolved_config(argv)))
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Leave the default process group together, if the run made one (a launched multi-process run): a rank that exits
+    while gloo's threads still talk to another can abort at teardown ("terminate called without an active exception",
+    exit status −6) after a run that finished — seen on a 2-rank CPU run of ``hfweight pretrain --accelerate_config
+    ddp_cpu``, which then reported a failure. A barrier first, then ``destroy_process_group``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def training_epilog() -> str:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+from hfweight.cli import leave_process_group  # noqa: F401  (the worker scripts end with it, as the CLI does)
+
 VOCAB = 64
 
 
@@ -195,14 +197,6 @@ def sft_rows(n: int = 24, seed: int = 0) -> list[dict]:
     return rows
 
 
-def leave_process_group() -> None:
-    """End a worker script's process group together: a rank exiting while gloo's threads still talk to the other can
-    abort it at teardown ("terminate called without an active exception")."""
-    import torch.distributed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def run_two_ranks(script: str, *args: str, timeout: int = 300):

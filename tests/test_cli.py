@@ -303,3 +303,26 @@ def test_package_imports_lazily_and_exports_every_public_name():
         "assert issubclass(WeightedSFTTrainer, trl.SFTTrainer)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_training_command_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
+    """After a training command's run, the process group is destroyed (a barrier, then ``destroy_process_group``), so
+    a launched rank does not abort at exit on gloo's threads; with no process group it is a no-op."""
+    import torch.distributed as dist
+
+    calls = []
+    fake = types.ModuleType("hfweight.commands.pretrain_stub")
+    fake.DATACLASSES = []
+    fake.main = lambda *args: calls.append(dist.is_initialized())
+    monkeypatch.setitem(sys.modules, "hfweight.commands.pretrain_stub", fake)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        import trl
+
+        monkeypatch.setattr(trl, "TrlParser", lambda *a, **k: types.SimpleNamespace(parse_args_and_config=lambda argv: ()))
+        assert cli.run_training("pretrain-stub", []) == 0
+        assert calls == [True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    cli.leave_process_group()  # nothing to leave: no error
