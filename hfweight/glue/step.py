@@ -283,7 +283,7 @@ class WeightedStep:
         ref_logps = shift_token_column(micro.extras.get(BATCH_REF_LOGPS))
         if ref_logps is not None:  # DoReMi's excess loss max(ℓ − ℓ_ref, 0) and the reference's loss ℓ_ref, over tokens
             ref_loss = torch.where(mask > 0, -ref_logps.to(token_loss.dtype), 0.0)  # padding's ref_logps may be anything
-            excess = (token_loss + ref_logps.to(token_loss.dtype)).clamp(min=0) * mask
+            excess = (token_loss - ref_loss).clamp(min=0) * mask
             per_sample[3].index_add_(0, segments, excess.flatten().to(torch.float64))
             per_sample[4].index_add_(0, segments, ref_loss.flatten().to(torch.float64))
         plan.domain_sums.index_add_(1, domains.to(plan.domain_sums.device), per_sample.to(plan.domain_sums))

@@ -323,6 +323,12 @@ class Controller(MixtureController):
         self._total_steps = state.get("total_steps")
 
 
+def finite_others(values: torch.Tensor, d: int) -> torch.Tensor:
+    """The finite entries of a per-domain vector other than domain ``d``'s (what a watch compares domain ``d`` with)."""
+    others = torch.cat([values[:d], values[d + 1:]])
+    return others[torch.isfinite(others)]
+
+
 class StuckDomainWatch(WindowWatch):
     """The failure signature of a mixture that feeds a domain the model cannot learn, seen once per run.
 
@@ -347,8 +353,7 @@ class StuckDomainWatch(WindowWatch):
         self.early_mean, self.late_mean = self.means()
         drop = self.early_mean - self.late_mean
         d = int(torch.nan_to_num(self.late_mean, nan=-math.inf).argmax())
-        others = torch.cat([drop[:d], drop[d + 1:]])
-        others = others[torch.isfinite(others)]
+        others = finite_others(drop, d)
         if others.numel() == 0 or not math.isfinite(float(drop[d])):
             return None
         self.others_drop = float(others.median())
@@ -408,8 +413,7 @@ class MemorizedDomainWatch(WindowWatch):
         lift = self.late_probs / initial
         d = int(torch.nan_to_num(lift, nan=-math.inf).argmax())
         drop = torch.nan_to_num(self.early_loss - self.late_loss, nan=-math.inf)
-        others = torch.cat([self.late_loss[:d], self.late_loss[d + 1:]])
-        others = others[torch.isfinite(others)]
+        others = finite_others(self.late_loss, d)
         self.others_median = float(others.median()) if others.numel() else math.nan
         holds = (others.numel() > 0 and float(lift[d]) >= self.lift and math.isfinite(float(drop[d]))
                  and float(self.late_loss[d]) <= self.ratio * self.others_median and int(drop.argmax()) == d)

@@ -195,7 +195,6 @@ class DGAMixture(Controller):
     def _on_bind(self):
         self._set_probs(self._initial(self.initial_weights))
         self._log_p = torch.log(self._probs)
-        self._log_prior = self._log_p.clone()
         self._initial_probs = self._probs.clone()
         self._step = 0
         self._watch = InertMixtureWatch() if self.watch_enabled else None
@@ -219,7 +218,7 @@ class DGAMixture(Controller):
             ip = ip.clamp(-self.signal_clip, self.signal_clip)
         log_p = self._log_p
         if self.prior_pull > 0:  # entropic pull toward the prior: fixed point α ∝ α_0·exp(η/ρ · s)
-            log_p = (1 - self.prior_pull) * log_p + self.prior_pull * self._log_prior
+            log_p = (1 - self.prior_pull) * log_p + self.prior_pull * torch.log(self._initial_probs)
         self._log_p = mix_update(log_p, ip, self.eta, min_prob=self.min_prob)
         raw = torch.exp(self._log_p)
         self._set_probs(raw if self.ema is None else self.ema * self._probs + (1 - self.ema) * raw)
