@@ -47,7 +47,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import quiet  # noqa: E402
+from common import method_warnings, quiet, warned  # noqa: E402
 from corpora import CORPORA, corpus_spec, lm_block_splits, tokenizer_and_corpus  # noqa: E402
 from harness import save_results  # noqa: E402
 
@@ -162,22 +162,10 @@ def run(method: str, seed: int, steps: int, eval_every: int, reference=None) -> 
     final = curve.points[-1][1]
     return {
         "method": method, "seed": seed, "seconds": time.perf_counter() - started,
-        "curve": curve.points, "final": final, "warnings": method_warnings(caught, config["mixture"]),
+        "curve": curve.points, "final": final, "warnings": method_warnings(caught, f"{config['mixture']}:"),
         "mixture": dict(zip(trainer.domain_names, trainer.mixture.final_probabilities().tolist())),
         "model": model,
     }
-
-
-def method_warnings(caught, mixture: str) -> list[str]:
-    """The run-time warnings of the mixture itself (their text starts with ``"<mixture>:"``), in order."""
-    return [str(w.message) for w in caught if str(w.message).startswith(f"{mixture}:")]
-
-
-def warned(runs: list[dict]) -> str:
-    """``"n/m"``: of the ``m`` runs that recorded their warnings, how many warned (runs stored before the benchmark
-    recorded warnings are left out); ``"–"`` if none recorded them."""
-    recorded = [r for r in runs if "warnings" in r]
-    return f"{sum(bool(r['warnings']) for r in recorded)}/{len(recorded)}" if recorded else "–"
 
 
 def _reference_path(cache_dir: str, seed: int, steps: int) -> str:

@@ -51,11 +51,12 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import _chunk_by_domain, quiet, run_arguments  # noqa: E402
+from common import _chunk_by_domain, method_warnings, quiet, run_arguments, warned  # noqa: E402
 from corpora import CORPORA, corpus_spec, corrupt_blocks, tokenizer_and_corpus  # noqa: E402
 from harness import _environment, _load_average, save_results  # noqa: E402
 
@@ -282,8 +283,11 @@ def run(variant: str, seed: int, args, train, heldout, tokenizer, clean_domains=
         callbacks=[Evaluate()],
     )
     start = time.perf_counter()
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:  # the method's own run-time warning, if it fires
+        warnings.simplefilter("always")
+        trainer.train()
     seconds = time.perf_counter() - start
+    method = training.sample_weighting
     clean = [(step, statistics.fmean(losses[d] for d in clean_domains)) for step, losses in curve]
     weights = [h for h in trainer.state.log_history if "weights/min" in h]
     return {
@@ -294,6 +298,7 @@ def run(variant: str, seed: int, args, train, heldout, tokenizer, clean_domains=
         "final_clean": clean[-1][1],
         "final": curve[-1][1],
         "last_logged_weights": {k: v for k, v in (weights[-1] if weights else {}).items() if k.startswith("weights/")},
+        "warnings": method_warnings(caught, f"sample_weighting='{method}':") if method else [],
     }
 
 
@@ -338,6 +343,7 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
             "steps_to_uniform_final": reached,
             "delta_vs_uniform": [r["final_clean"] - uniform_final[r["seed"]] for r in runs],
             "seconds": [r["seconds"] for r in runs],
+            "warned": warned(runs),
         }
         if with_oracle:
             summary[variant]["gap_closed"] = [
@@ -349,7 +355,7 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
             f"| `{variant}` | {mean_std(summary[variant]['final_clean'])} | "
             f"{mean_std(summary[variant]['delta_vs_uniform'])} |{gap} {steps} | {len(reached) - len(got)}/{len(reached)} | "
             + " | ".join(mean_std(summary[variant]["final_by_domain"][d], digits=2) for d in domains)
-            + f" | {statistics.fmean(summary[variant]['seconds']):.0f} |"
+            + f" | {statistics.fmean(summary[variant]['seconds']):.0f} | {summary[variant]['warned']} |"
         )
     data = {
         "domains": f"equal shares of {', '.join(domains)}",
@@ -373,12 +379,14 @@ def summarize(results: list[dict], args) -> tuple[str, dict]:
         f"held-out evaluated every {args.eval_every} steps. Cells: mean ± std over seeds. "
         f"'clean' = mean held-out token loss of {', '.join(clean_domains)}; 'Δ' = variant − uniform (same seed; < 0 is "
         f"better); {oracle_note}'steps' = first evaluation at or below uniform's final clean loss (seeds that reached "
-        f"it); load average at the end: {_load_average()}.\n\n"
+        f"it); 'runs that warned': of the runs that recorded their warnings, how many emitted the method's run-time "
+        f"warning (–: runs stored before the benchmark recorded warnings); load average at the end: "
+        f"{_load_average()}.\n\n"
         "| variant | clean loss | Δ vs uniform |"
         + (" gap closed |" if with_oracle else "")
         + " steps to uniform's final | not reached | "
         + " | ".join(domains)
-        + " | s/run |\n|---|---|---|---|---|"
+        + " | s/run | runs that warned |\n|---|---|---|---|---|---|"
         + ("---|" if with_oracle else "")
         + "---|" * len(domains)
         + "---|\n"

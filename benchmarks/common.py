@@ -213,6 +213,20 @@ def variant_factories(variants, **workload) -> dict:
     return {name: functools.partial(make_trainer, name, **workload) for name in variants}
 
 
+def method_warnings(caught, prefix: str) -> list[str]:
+    """The run-time warnings a weighting method emitted itself, in order: of the ``warnings.catch_warnings(record=True)``
+    list ``caught``, those whose text starts with ``prefix`` (a mixture's ``"<name>:"``, a sample weighting's
+    ``"sample_weighting='<name>':"``)."""
+    return [str(w.message) for w in caught if str(w.message).startswith(prefix)]
+
+
+def warned(runs: list[dict]) -> str:
+    """``"n/m"``: of the ``m`` runs that recorded their warnings (``run["warnings"]``), how many warned (runs stored
+    before a benchmark recorded warnings are left out); ``"–"`` if none recorded them."""
+    recorded = [r for r in runs if "warnings" in r]
+    return f"{sum(bool(r['warnings']) for r in recorded)}/{len(recorded)}" if recorded else "–"
+
+
 def quiet() -> None:
     """Silence progress bars and info logs that would interleave with the harness's own lines."""
     import transformers

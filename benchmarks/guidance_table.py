@@ -69,6 +69,31 @@ def sample_cells(corpus: str) -> dict[str, tuple[list[float], list[float]]]:
     return {v: (s["delta_vs_uniform"], s.get("gap_closed", [])) for v, s in saved["summary"].items()}
 
 
+def sample_warned(corpus: str) -> dict[str, str]:
+    """variant -> "n/m": of its runs on one noisy variant that recorded their warnings, how many warned."""
+    saved = load(os.path.join(RESULTS_DIR, f"sample_effectiveness_corrupt_{corpus}.json"))
+    return {} if saved is None else {v: s.get("warned", "–") for v, s in saved["summary"].items()}
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean over seeds (0 for a single seed: no estimate)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def gap_share(deltas: list[float], oracle_deltas: list[float]) -> tuple[float, float]:
+    """(share of the gap closed = mean Δ / the oracle's mean Δ, its standard error over seeds). The ratio of the means,
+    not the mean of per-seed ratios (those explode when one seed's gap is ~0). Its error: when both rows ran the same
+    seeds (lists in seed order), the ratio estimator's, se² = s²(Δ_i − r·o_i) / (n ō²), which counts the seeds'
+    shared noise once (the oracle's own share has no error); otherwise that of two independent means,
+    se² = (se_Δ / ō)² + (r · se_o / ō)²."""
+    d, o = statistics.fmean(deltas), statistics.fmean(oracle_deltas)
+    ratio = d / o
+    if len(deltas) == len(oracle_deltas) > 1:
+        residuals = [x - ratio * y for x, y in zip(deltas, oracle_deltas)]
+        return ratio, standard_error(residuals) / abs(o)
+    return ratio, ((standard_error(deltas) / o) ** 2 + (ratio * standard_error(oracle_deltas) / o) ** 2) ** 0.5
+
+
 def fmt(values: list[float], scale: float = 1.0, digits: int = 3, sign: bool = True) -> str:
     if not values:
         return "–"
@@ -110,7 +135,8 @@ def table(title: str, methods, cells_of, baseline: str, warned_of=None) -> str:
     names = [c + (" (kept aside)" if CORPORA[c].kept_aside else "") for c in corpora]
     lines = [f"#### {title}", "",
              f"Cells: Δ vs {baseline} in nats, mean over the seeds of each corpus / share of the {baseline} → oracle "
-             "gap closed (mean Δ over the oracle's mean Δ) "
+             "gap closed (mean Δ over the oracle's mean Δ) ± its standard error over seeds (ratio estimator, "
+             "the oracle's noise included) "
              "(seeds: " + ", ".join(f"`{c}` {seeds_of(cells[c], methods)}" for c in corpora) + "; a mean over more "
              "seeds where a method has more); n/a: the "
              f"oracle was not better than the baseline by more than {TOLERANCE} nats there (a share of a gap that "
@@ -126,11 +152,11 @@ def table(title: str, methods, cells_of, baseline: str, warned_of=None) -> str:
         for c in corpora:
             delta, gap = cells[c].get(method, ([], []))
             oracle_delta = cells[c].get("oracle", ([], []))[0]
-            # the share of the mean gap (ratio of the mean Δs: per-seed ratios explode when one seed's gap is ~0)
-            gap = [statistics.fmean(delta) / statistics.fmean(oracle_delta)] if delta and oracle_delta else []
+            share = gap_share(delta, oracle_delta) if delta and oracle_delta else None
             if oracle_delta and statistics.fmean(oracle_delta) > -TOLERANCE:
-                gap = []  # the oracle did not beat the baseline by more than the tolerance: no gap to share out
-            gap_text = f"{fmt(gap, 100, 0, sign=False)}%" if gap else "n/a"
+                share = None  # the oracle did not beat the baseline by more than the tolerance: no gap to share out
+            gap = [share[0]] if share else []
+            gap_text = f"{100 * share[0]:.0f}% ± {100 * share[1]:.0f}" if share else "n/a"
             row.append(f"{fmt(delta)} / {gap_text}" if delta else "not run")
             if delta:
                 deltas.append(statistics.fmean(delta))
@@ -160,7 +186,7 @@ def main(argv=None) -> None:
             + "\n`dga_cosine` is not a default: DGA with its junk-domain setting (`normalize=\"cosine\", eta=2, "
             "prior_pull=0.1, signal_clip=0.2`; docs/methods.md#dga), measured like the defaults.\n"
             + "\n" + table("Sample weighting on the noisy-sample variants (30% random-token blocks, documented "
-                           "defaults, 120 steps)", SAMPLE_METHODS, sample_cells, "uniform"))
+                           "defaults, 120 steps)", SAMPLE_METHODS, sample_cells, "uniform", sample_warned))
     print(text)
     if args.out:
         with open(args.out, "w") as f:
