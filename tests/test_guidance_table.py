@@ -48,10 +48,10 @@ def test_gap_share_of_unpaired_seed_counts_treats_the_means_as_independent():
 def test_method_warnings_keep_only_the_methods_own_in_order():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.warn("doremi: a domain it feeds does not learn")
-        warnings.warn("some library: unrelated")
-        warnings.warn("sample_weighting='loss': a tail that does not learn")
-        warnings.warn("doremi: a second one")
+        warnings.warn("doremi: a domain it feeds does not learn", stacklevel=1)
+        warnings.warn("some library: unrelated", stacklevel=1)
+        warnings.warn("sample_weighting='loss': a tail that does not learn", stacklevel=1)
+        warnings.warn("doremi: a second one", stacklevel=1)
     assert method_warnings(caught, "doremi:") == ["doremi: a domain it feeds does not learn", "doremi: a second one"]
     assert method_warnings(caught, "sample_weighting='loss':") == ["sample_weighting='loss': a tail that does not learn"]
     assert method_warnings(caught, "odm:") == []

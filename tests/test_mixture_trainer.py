@@ -222,6 +222,19 @@ def test_dga_without_a_target_set_is_a_clear_error(tmp_path):
         WeightedTrainingArguments(**training_args(str(tmp_path)), mixture="dga", mixture_kwargs={"target": {"a": 1}})
 
 
+def test_the_trainer_tells_the_mixture_which_domains_its_eval_sets_measure(tmp_path):
+    """What the concentration watch treats as wanted: the keys of an eval_dataset dict that are training domains, or
+    the domains present in an eval_dataset with the domain column; unknown (None) without per-domain eval sets."""
+    held = toy_dataset(12, seed=1)
+    by_key = _trainer(tmp_path, toy_dataset(8), eval_dataset={"code": held, "prose": held, "all": held}, mixture="odm")
+    assert by_key.mixture.evaluated.tolist() == [n in ("code", "prose") for n in NAMES]
+    only_math = held.filter(lambda row: row["domain"] == "math")
+    by_column = _trainer(tmp_path, toy_dataset(8), eval_dataset=only_math, mixture="doremi", mixture_mode="upweight")
+    assert by_column.mixture.evaluated.tolist() == [n == "math" for n in NAMES]
+    assert _trainer(tmp_path, toy_dataset(8), mixture="odm").mixture.evaluated is None
+    assert _trainer(tmp_path, toy_dataset(8), eval_dataset={"validation": held}, mixture="odm").mixture.evaluated is None
+
+
 # ---- the final mixture, reused by `static` ------------------------------------------------------------------------
 
 

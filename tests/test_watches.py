@@ -19,7 +19,7 @@ from test_mixture_defaults import _odm_losses
 from test_mixtures import build, stats
 from test_sample_strategies import ctx, synthetic_losses
 
-from hfweight.strategies.mixture.base import MemorizedDomainWatch
+from hfweight.strategies.mixture.base import ConcentratedDomainWatch, MemorizedDomainWatch
 from hfweight.strategies.mixture.dga import InertMixtureWatch
 from hfweight.strategies.sample.loss import LossReweighting
 from hfweight.strategies.watch import WindowWatch
@@ -227,12 +227,30 @@ def test_inert_watch_by_hand():
 # ---- resume: the watches are part of the state --------------------------------------------------------------------
 
 
+def _evaluating_all(m):
+    """The stuck-domain sequences also concentrate the data on the stuck domain; marking every domain as evaluated
+    keeps the concentration watch out of the tests of the stuck-domain watch."""
+    m.set_evaluated_domains(m.domain_names)
+    return m
+
+
 def _odm():
-    return build("odm", warmup_steps=0)
+    return _evaluating_all(build("odm", warmup_steps=0))
 
 
 def _doremi():
-    return build("doremi", eta=0.1)
+    return _evaluating_all(build("doremi", eta=0.1))
+
+
+def _slow_losses(step: int) -> tuple[float, float, float]:
+    """Two domains learning fast (7 → 2, 3); the third hardest and learning slowly (8 − 0.02·step): its loss falls
+    too much for the stuck-domain watch, and stays the highest."""
+    decay = np.exp(-step / 30)
+    return (2.0 + 5.0 * decay, 3.0 + 4.0 * decay, 8.0 - 0.02 * step)
+
+
+def _slow_stats(step):
+    return stats(step, loss=_slow_losses(step), excess=(0.4, 0.2, 4.5))
 
 
 def _stuck_stats(step):
@@ -256,6 +274,7 @@ CONTROLLERS = {  # name -> (fresh controller, feed one step, steps, prefix of it
     "odm": (_odm, lambda m, step: m.observe(_stuck_stats(step)), 120, "odm:"),
     "doremi": (_doremi, lambda m, step: m.observe(_stuck_stats(step)), 120, "doremi:"),
     "dga": (_dga, _dga_step, 20, "dga:"),
+    "odm_concentrated": (lambda: build("odm", warmup_steps=0), lambda m, step: m.observe(_slow_stats(step)), 120, "odm:"),
     "loss": (LossReweighting, lambda m, step: m.weights(ctx(synthetic_losses(step, noisy=True), step=step)), 60,
              "sample_weighting='loss':"),
 }
@@ -324,3 +343,71 @@ def test_state_without_a_watch():
     on = build("odm", warmup_steps=0)
     off.load_state_dict(on.state_dict())  # a watched run's checkpoint into an unwatched run: ignored
     assert off._watch is None
+
+
+# ---- the concentration watch (ODM and DoReMi spending the data on the hardest, unmeasured domain) ------------------
+
+
+def _concentration_rows(n, share=0.6, hardest=2):
+    """``n`` updates of 3 domains: domain 2 gets ``share`` of the data; domain ``hardest`` has the highest loss."""
+    loss = torch.tensor([2.0, 2.5, 2.5], dtype=F64)
+    loss[hardest] = 4.0
+    probs = torch.tensor([(1 - share) / 2, (1 - share) / 2, share], dtype=F64)
+    return [(loss, probs)] * n
+
+
+INITIAL = torch.full((3,), 1 / 3, dtype=F64)
+
+
+def _fired_at(watch, rows):
+    for update, (loss, probs) in enumerate(rows, start=1):
+        if watch.observe(update, loss, probs, INITIAL) is not None:
+            return update
+    return None
+
+
+def test_concentration_watch_by_hand():
+    # ready after 3·window = 6 updates; the signature then holds on every update: fires on the patience-th, once
+    w = ConcentratedDomainWatch(window=2, lift=1.5, patience=3)
+    assert _fired_at(w, _concentration_rows(20)) == 8
+    assert "domain 'x' has got 0.60 of the data (initial 0.33) for the last 3 updates" in w.describe(2, "x", None, INITIAL)
+    assert "no per-domain eval_dataset" in w.describe(2, "x", None, INITIAL)
+    assert _fired_at(w, _concentration_rows(20)) is None  # once per run
+    # not when the user measures that domain, not below the lift, not when another domain is the hardest
+    evaluated = ConcentratedDomainWatch(window=2, lift=1.5, patience=3)
+    evaluated.evaluated = torch.tensor([False, False, True])
+    assert _fired_at(evaluated, _concentration_rows(20)) is None
+    assert _fired_at(ConcentratedDomainWatch(window=2, lift=1.5, patience=3), _concentration_rows(20, share=0.49)) is None
+    assert _fired_at(ConcentratedDomainWatch(window=2, lift=1.5, patience=3), _concentration_rows(20, hardest=1)) is None
+    # an episode shorter than the patience starts the count again
+    broken = _concentration_rows(4) + _concentration_rows(1, share=0.4) + _concentration_rows(2)  # held 2, break, 2
+    assert _fired_at(ConcentratedDomainWatch(window=1, lift=1.5, patience=3), broken) is None
+    assert _fired_at(ConcentratedDomainWatch(window=1, lift=1.5, patience=3), broken + _concentration_rows(1)) == 8
+    measured = ConcentratedDomainWatch(window=2, lift=1.5, patience=3)
+    measured.evaluated = torch.tensor([True, True, False])
+    assert _fired_at(measured, _concentration_rows(20)) == 8
+    assert "not one of the domains your eval_dataset measures" in measured.describe(2, "x", None, INITIAL)
+
+
+@pytest.mark.parametrize("method", ["odm", "doremi"])
+def test_odm_and_doremi_warn_once_when_they_concentrate_on_an_unmeasured_hard_domain(method):
+    """The slowly learning hard domain: the stuck watch stays silent (its loss falls), the concentration watch warns
+    once, naming the domain; not when an eval set measures that domain, nor with watch=False."""
+    kwargs = {"warmup_steps": 0} if method == "odm" else {"eta": 0.1}
+
+    def warned(m):
+        return caught_from(f"{method}:", lambda: [m.observe(_slow_stats(step)) for step in range(120)])
+
+    seen = [text for _, text in warned(build(method, **kwargs))]
+    assert len(seen) == 1 and "domain 'prose' has got" in seen[0] and "because its training loss is the highest" in seen[0]
+    assert "does not fall" not in seen[0]
+    measured = build(method, **kwargs)
+    measured.set_evaluated_domains(["prose", "a set that is not a domain"])
+    assert warned(measured) == []
+    others = build(method, **kwargs)
+    others.set_evaluated_domains(["code", "math"])
+    assert len(warned(others)) == 1
+    unknown = build(method, **kwargs)
+    unknown.set_evaluated_domains(["validation"])  # no training domain: which ones are wanted stays unknown
+    assert unknown.evaluated is None and len(warned(unknown)) == 1
+    assert warned(build(method, watch=False, **kwargs)) == []

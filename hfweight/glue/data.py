@@ -74,6 +74,17 @@ def check_declared_domains(args, found: list, source: str) -> None:
     )
 
 
+def evaluated_domains(eval_dataset, column: str, names: dict | None = None) -> list[str]:
+    """The domain names an ``eval_dataset`` measures separately: a dict's keys, or the values of a map-style
+    dataset's ``column`` named by ``names`` (value → name); ``[]`` for anything else (None, a stream, no column)."""
+    if isinstance(eval_dataset, dict):
+        return [str(k) for k in eval_dataset]
+    if not (is_map_dataset(eval_dataset) and column in eval_dataset.column_names):
+        return []
+    names = names or {}
+    return sorted({names.get(v, str(v)) for v in eval_dataset.unique(column)})
+
+
 def split_by_domain(eval_dataset, column: str, names: dict | None = None) -> dict:
     """``{name: held-out dataset}``: the entries of a dict ``eval_dataset`` (keys as strings), or the rows of a
     map-style dataset grouped by their ``column`` value, named by ``names`` (value → name; the value as a string

@@ -25,7 +25,7 @@ from ..config import REF_LOGPS_COLUMN, SAMPLE_WEIGHT_COLUMN, TOKEN_WEIGHTS_COLUM
 from ..loss import enable_fused_log_probs
 from ..reference import load_reference_model
 from .core import WeightingCore
-from .data import check_declared_domains, is_map_dataset, is_mixture_stream
+from .data import check_declared_domains, evaluated_domains, is_map_dataset, is_mixture_stream
 from .drivers import build_drivers
 from .drivers.sampler import DomainResampling
 from .step import BATCH_V, WeightedStep, model_inputs
@@ -154,6 +154,9 @@ class WeightingMixin(WeightingCore):
         if self.mixture is None:
             return
         self.mixture.bind(self.domain_names, sizes)
+        # which domains the user measures: a run-time watch treats them as wanted (ConcentratedDomainWatch)
+        self.mixture.set_evaluated_domains(evaluated_domains(
+            self.eval_dataset, self.args.domain_column, dict(zip(values, self.domain_names))))
         if self.args.mixture_mode == "upweight":
             if sizes is None:
                 raise ValueError(

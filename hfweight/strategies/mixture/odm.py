@@ -18,7 +18,17 @@ from ...registry import register_mixture
 from ..base import DomainStats
 from ..checks import in_range, integer, number
 from ..watch import load_watch_state, watch_state
-from .base import F64, INITIAL_WEIGHTS, Controller, StuckDomainWatch, kwarg, warn_if_stuck, weight_spec
+from .base import (
+    F64,
+    INITIAL_WEIGHTS,
+    NOT_WANTED,
+    ConcentratedDomainWatch,
+    Controller,
+    StuckDomainWatch,
+    kwarg,
+    warn_if_stuck,
+    weight_spec,
+)
 
 
 @register_mixture("odm")
@@ -63,7 +73,9 @@ class ODMMixture(Controller):
         reward_scale: Loss-to-reward scale (default 0.1, the code's ``reward/10``).
         initial_weights: Mixture during warm-up and the first π (default uniform).
         min_prob: Floor (default 1e-4).
-        watch: Warn once when a domain ODM upweights is not being learned (default True; :class:`StuckDomainWatch`).
+        watch: Warn once when a domain ODM upweights is not being learned (default True; :class:`StuckDomainWatch`),
+            and once when it concentrates the data on the hardest domain that no eval set measures
+            (:class:`ConcentratedDomainWatch`).
 
     What ODM does at this scale (issue 23). In the mixed-minibatch form every domain is seen every step, so the
     importance weight ``1/π_d`` (meant for a bandit that sees one arm) makes the rewards grow equally exactly when
@@ -98,6 +110,7 @@ class ODMMixture(Controller):
         self._eps = 1.0 / self.k
         self._initial_probs = self._probs.clone()
         self._watch = StuckDomainWatch() if self.watch_enabled else None
+        self._focus = ConcentratedDomainWatch() if self.watch_enabled else None
 
     def set_total_steps(self, n: int) -> None:
         """Fit the default warm-up to the run (``min(2000, ⌊n/10⌋)``); warn when a given warm-up outlasts it."""
@@ -135,13 +148,21 @@ class ODMMixture(Controller):
                       "ODM's reward is the training loss, so it favours data the model cannot learn (random or "
                       "corrupted text?); mixture='doremi' (excess loss over a reference) or 'learning_progress' (loss "
                       "decrease) do not reward an irreducible loss.")
+        if self._focus is not None:
+            self._focus.evaluated = self.evaluated
+        warn_if_stuck(self._focus, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
+                      self._probs, self._initial_probs,
+                      "ODM's reward is the training loss, so the hardest domain gets the most data; on mostly random "
+                      "data in a learnable layout (random bytes, hashes, dumps) that loss falls slowly and the budget "
+                      "goes there (docs/guidance.md: 0.07 nats worse than stratified on such a corpus).", NOT_WANTED)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps,
-                "watch": watch_state(self._watch)}
+                "watch": watch_state(self._watch), "focus_watch": watch_state(self._focus)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._rewards, self._eps = state["rewards"].clone(), float(state["eps"])
         load_watch_state(self._watch, state)  # an older checkpoint has no watch state: the watch starts afresh
+        load_watch_state(self._focus, state, "focus_watch")
 
