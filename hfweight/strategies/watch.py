@@ -77,6 +77,33 @@ class WindowWatch:
         self.updates, self.fired = int(state["updates"]), bool(state["fired"])
 
 
+class StreakWatch(WindowWatch):
+    """A window watch whose signature must hold for ``patience`` consecutive updates on the same domain before it
+    fires (a transient episode does not count): :meth:`streak` keeps the count, the state saves it."""
+
+    def __init__(self, window: int, patience: int):
+        super().__init__(window)
+        self.patience = patience
+        self.held, self.domain = 0, None
+
+    def streak(self, holds: bool, d: int) -> bool:
+        """Count one update (the signature ``holds`` on domain ``d``, or not); True, once, when the count reaches
+        ``patience``."""
+        self.held = self.held + 1 if holds and d == self.domain else int(holds)
+        self.domain = d if holds else None
+        if self.held >= self.patience:
+            self.fire()
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "held": self.held, "domain": self.domain}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.held, self.domain = int(state["held"]), state["domain"]
+
+
 def watch_state(watch) -> dict | None:
     """The state of an optional watch (``None``: watching is off) for a controller's ``state_dict``."""
     return None if watch is None else watch.state_dict()

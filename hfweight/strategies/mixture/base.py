@@ -52,7 +52,7 @@ import torch
 
 from ..base import DomainStats, MixtureController
 from ..checks import in_range, integer, is_finite_number, kwargs_field, spec_items
-from ..watch import WindowWatch
+from ..watch import StreakWatch, WindowWatch
 
 F64 = torch.float64
 
@@ -380,7 +380,7 @@ class StuckDomainWatch(WindowWatch):
                 f"domains' fell by {self.others_drop:.2f})")
 
 
-class MemorizedDomainWatch(WindowWatch):
+class MemorizedDomainWatch(StreakWatch):
     """The failure signature of a mixture that keeps feeding a domain the model has already learned far better than
     the rest (memorizable data: near-duplicates, templates, boilerplate), seen once per run.
 
@@ -408,9 +408,8 @@ class MemorizedDomainWatch(WindowWatch):
     """
 
     def __init__(self, window: int = 20, lift: float = 1.3, ratio: float = 0.3, patience: int = 80):
-        super().__init__(window)
-        self.lift, self.ratio, self.patience = lift, ratio, patience
-        self.held, self.domain = 0, None
+        super().__init__(window, patience)
+        self.lift, self.ratio = lift, ratio
 
     def observe(self, step: int, loss: torch.Tensor, probs: torch.Tensor, initial: torch.Tensor) -> int | None:
         """Record one update's domain losses (NaN: absent) and mixture; the index of the memorized, upweighted domain
@@ -427,12 +426,7 @@ class MemorizedDomainWatch(WindowWatch):
         self.others_median = float(others.median()) if others.numel() else math.nan
         holds = (others.numel() > 0 and float(lift[d]) >= self.lift and math.isfinite(float(drop[d]))
                  and float(self.late_loss[d]) <= self.ratio * self.others_median and int(drop.argmax()) == d)
-        self.held = self.held + 1 if holds and d == self.domain else int(holds)
-        self.domain = d if holds else None
-        if self.held >= self.patience:
-            self.fire()
-            return d
-        return None
+        return d if self.streak(holds, d) else None
 
     def describe(self, d: int, name: str, probs: torch.Tensor, initial: torch.Tensor) -> str:
         return (f"domain {name!r} has got {float(self.late_probs[d]):.2f} of the data (initial "
@@ -441,15 +435,8 @@ class MemorizedDomainWatch(WindowWatch):
                 f"{self.first_step} and {self.last_step}, the fastest fall; the others' median is "
                 f"{self.others_median:.2f})")
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "held": self.held, "domain": self.domain}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.held, self.domain = int(state["held"]), state["domain"]
-
-
-class ConcentratedDomainWatch(WindowWatch):
+class ConcentratedDomainWatch(StreakWatch):
     """The failure signature of a mixture that spends the data on the domain the model is worst at, when that domain
     is not one the user evaluates, seen once per run.
 
@@ -477,9 +464,8 @@ class ConcentratedDomainWatch(WindowWatch):
     """
 
     def __init__(self, window: int = 10, lift: float = 1.5, patience: int = 50):
-        super().__init__(window)
-        self.lift, self.patience = lift, patience
-        self.held, self.domain = 0, None
+        super().__init__(window, patience)
+        self.lift = lift
         self.evaluated: torch.Tensor | None = None  # bool per domain, set by the controller; None: not known
 
     def observe(self, step: int, loss: torch.Tensor, probs: torch.Tensor, initial: torch.Tensor) -> int | None:
@@ -497,12 +483,7 @@ class ConcentratedDomainWatch(WindowWatch):
         self.others_median = float(others.median()) if others.numel() else math.nan
         wanted = self.evaluated is not None and bool(self.evaluated[d])
         holds = others.numel() > 0 and float(lift[d]) >= self.lift and hardest == d and not wanted
-        self.held = self.held + 1 if holds and d == self.domain else int(holds)
-        self.domain = d if holds else None
-        if self.held >= self.patience:
-            self.fire()
-            return d
-        return None
+        return d if self.streak(holds, d) else None
 
     def describe(self, d: int, name: str, probs: torch.Tensor, initial: torch.Tensor) -> str:
         measured = ("it is not one of the domains your eval_dataset measures" if self.evaluated is not None else
@@ -510,13 +491,6 @@ class ConcentratedDomainWatch(WindowWatch):
         return (f"domain {name!r} has got {float(self.late_probs[d]):.2f} of the data (initial {float(initial[d]):.2f}) "
                 f"for the last {self.held} updates because its training loss is the highest "
                 f"({float(self.late_loss[d]):.2f}; the others' median {self.others_median:.2f}), and {measured}")
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "held": self.held, "domain": self.domain}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.held, self.domain = int(state["held"]), state["domain"]
 
 
 NOT_WANTED = ("If you do not want the model to learn that domain, leave it out (a static weight of 0) or use "
