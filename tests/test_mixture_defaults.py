@@ -227,7 +227,7 @@ def _odm_losses(step: int, stuck: bool) -> tuple[float, float, float]:
 
 def test_odm_warns_once_when_it_upweights_a_domain_that_does_not_learn():
     m = build("odm", warmup_steps=0)
-    m.set_evaluated_domains(m.domain_names)  # a measured domain: the concentration watch stays out of this test
+    m._focus = None  # the stuck-domain watch alone (the concentration watch: tests/test_watches.py)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(120):
@@ -255,7 +255,7 @@ def test_doremi_warns_once_when_it_feeds_a_domain_that_does_not_learn():
     """Excess loss that stays positive on a domain both models fail on (the clipped per-token excess of noise), while
     its training loss does not fall and the others' do: DoReMi's weight on it grows, and it says so once."""
     m = build("doremi", eta=0.1)
-    m.set_evaluated_domains(m.domain_names)  # a measured domain: the concentration watch stays out of this test
+    m._focus = None  # the stuck-domain watch alone (the concentration watch: tests/test_watches.py)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(120):

@@ -227,19 +227,19 @@ def test_inert_watch_by_hand():
 # ---- resume: the watches are part of the state --------------------------------------------------------------------
 
 
-def _evaluating_all(m):
-    """The stuck-domain sequences also concentrate the data on the stuck domain; marking every domain as evaluated
-    keeps the concentration watch out of the tests of the stuck-domain watch."""
-    m.set_evaluated_domains(m.domain_names)
+def _only_stuck(m):
+    """The stuck-domain sequences also concentrate the data on the stuck domain: without the concentration watch,
+    these controllers test the stuck-domain watch alone ("odm_concentrated" tests the other)."""
+    m._focus = None
     return m
 
 
 def _odm():
-    return _evaluating_all(build("odm", warmup_steps=0))
+    return _only_stuck(build("odm", warmup_steps=0))
 
 
 def _doremi():
-    return _evaluating_all(build("doremi", eta=0.1))
+    return _only_stuck(build("doremi", eta=0.1))
 
 
 def _slow_losses(step: int) -> tuple[float, float, float]:
@@ -411,3 +411,22 @@ def test_odm_and_doremi_warn_once_when_they_concentrate_on_an_unmeasured_hard_do
     unknown.set_evaluated_domains(["validation"])  # no training domain: which ones are wanted stays unknown
     assert unknown.evaluated is None and len(warned(unknown)) == 1
     assert warned(build(method, watch=False, **kwargs)) == []
+
+
+@pytest.mark.parametrize("method", ["odm", "doremi"])
+def test_the_stuck_domain_watch_spares_a_domain_the_user_measures(method):
+    """The stuck sequence on a domain an eval set measures (a hard domain the user wants, not junk): no warning from
+    either watch; measuring only the other domains, both name it."""
+    kwargs = {"warmup_steps": 0} if method == "odm" else {"eta": 0.1}
+
+    def warned(m):
+        return [text for _, text in caught_from(f"{method}:", lambda: [m.observe(_stuck_stats(s)) for s in range(120)])]
+
+    measured = build(method, **kwargs)
+    measured.set_evaluated_domains(["prose"])
+    assert warned(measured) == []
+    others = build(method, **kwargs)
+    others.set_evaluated_domains(["code", "math"])
+    seen = warned(others)
+    assert len(seen) == 2 and all("domain 'prose'" in text for text in seen)
+    assert sum("does not fall" in text for text in seen) == 1

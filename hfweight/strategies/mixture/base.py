@@ -270,6 +270,12 @@ class Controller(MixtureController):
     def _on_bind(self) -> None:
         """Subclass hook: build the initial state once the domains are known."""
 
+    def _share_evaluated(self, *watches) -> None:
+        """Tell the domain watches (None: off) which domains the user measures (:meth:`set_evaluated_domains`)."""
+        for watch in watches:
+            if watch is not None:
+                watch.evaluated = self.evaluated
+
     def set_evaluated_domains(self, names) -> None:
         """The domains the user measures (the trainer passes the names of its per-domain held-out sets). A run-time
         watch treats a domain among them as wanted (:class:`ConcentratedDomainWatch`). Names that are not training
@@ -348,12 +354,16 @@ class StuckDomainWatch(WindowWatch):
     comparing the mean of the first ``window`` updates with the last ``window``, once ``3·window`` were seen
     (:class:`~hfweight.strategies.watch.WindowWatch`), the other domains' losses fell (median fall ≥ ``min_drop``)
     while the upweighted domain's fell by at most ``tail_ratio`` × that, its loss is the highest, and it gets ≥
-    ``lift`` × its initial weight.
+    ``lift`` × its initial weight — unless a per-domain eval set measures that domain (:attr:`evaluated`, set by the
+    controller from the trainer's eval sets): a hard domain the user wants is not junk. On the tuning corpora that
+    spared one false alarm (ODM on ``builtin``, seed 2: its clean ``code`` domain, in a run better than stratified;
+    ``benchmarks/results/concentration_watch.json`` holds the traces).
     """
 
     def __init__(self, window: int = 10, min_drop: float = 0.05, tail_ratio: float = 0.2, lift: float = 1.2):
         super().__init__(window)
         self.min_drop, self.tail_ratio, self.lift = min_drop, tail_ratio, lift
+        self.evaluated: torch.Tensor | None = None  # bool per domain, set by the controller; None: not known
 
     def observe(self, step: int, loss: torch.Tensor, probs: torch.Tensor, initial: torch.Tensor) -> int | None:
         """Record one update's domain losses (NaN: absent); the index of a stuck, upweighted domain the first time
@@ -367,8 +377,9 @@ class StuckDomainWatch(WindowWatch):
         if others.numel() == 0 or not math.isfinite(float(drop[d])):
             return None
         self.others_drop = float(others.median())
+        wanted = self.evaluated is not None and bool(self.evaluated[d])  # a domain the user measures is not junk
         if (self.others_drop >= self.min_drop and float(drop[d]) <= self.tail_ratio * self.others_drop
-                and float(probs[d]) >= self.lift * float(initial[d])):
+                and float(probs[d]) >= self.lift * float(initial[d]) and not wanted):
             self.fire()
             return d
         return None

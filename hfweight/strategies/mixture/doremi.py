@@ -157,12 +157,11 @@ class DoReMiMixture(Controller):
         self._set_probs(torch.exp(self._log_p))
         self._updates += 1
         self._avg = (self._avg * (self._updates - 1) + self._probs) / self._updates
+        self._share_evaluated(self._watch, self._focus)
         warn_if_stuck(self._watch, "doremi", self.domain_names, int(stats.step) + 1, stats.mean_loss.to(F64),
                       self._probs, self._initial_probs,
                       "DoReMi's score is the excess loss over the reference clipped at 0 per token, which stays positive "
                       "on data neither model can learn (random or corrupted text?), so such a domain keeps gaining weight.")
-        if self._focus is not None:
-            self._focus.evaluated = self.evaluated
         warn_if_stuck(self._focus, "doremi", self.domain_names, int(stats.step) + 1, stats.mean_loss.to(F64),
                       self._probs, self._initial_probs,
                       "DoReMi gives the most data to the domain where the proxy lags the reference most; on mostly "

@@ -143,13 +143,12 @@ class ODMMixture(Controller):
         self._eps = min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
         w = torch.softmax(prev_eps * self._rewards, dim=0) * (1 - k * self._eps) + self._eps
         self._set_probs(w / w.sum())
+        self._share_evaluated(self._watch, self._focus)
         warn_if_stuck(self._watch, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
                       self._probs, self._initial_probs,
                       "ODM's reward is the training loss, so it favours data the model cannot learn (random or "
                       "corrupted text?); mixture='doremi' (excess loss over a reference) or 'learning_progress' (loss "
                       "decrease) do not reward an irreducible loss.")
-        if self._focus is not None:
-            self._focus.evaluated = self.evaluated
         warn_if_stuck(self._focus, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
                       self._probs, self._initial_probs,
                       "ODM's reward is the training loss, so the hardest domain gets the most data; on mostly random "
