@@ -378,3 +378,6 @@ def test_sft_aioli_and_dga_with_per_domain_evals_and_plot(tmp_path):
         assert (out / "weighting.png").exists() and (out / "mixture_weights.json").exists()
         p = trainer.mixture.probabilities()
         assert not torch.allclose(p, torch.full((3,), 1 / 3, dtype=torch.float64))
+        # the domains the eval rows measure, named back from TRL's indices (what the domain watches spare)
+        measured = {row["domain"] for row in sft_rows(9, seed=1)}
+        assert trainer.mixture.evaluated.tolist() == [name in measured for name in trainer.domain_names]

@@ -156,7 +156,7 @@ class WeightingMixin(WeightingCore):
         self.mixture.bind(self.domain_names, sizes)
         # which domains the user measures: a run-time watch treats them as wanted (ConcentratedDomainWatch)
         self.mixture.set_evaluated_domains(evaluated_domains(
-            self.eval_dataset, self.args.domain_column, dict(zip(values, self.domain_names))))
+            self.eval_dataset, self.args.domain_column, dict(zip(self._domain_values, self.domain_names))))
         if self.args.mixture_mode == "upweight":
             if sizes is None:
                 raise ValueError(
