@@ -113,6 +113,7 @@ DEFAULT_VARIANTS: dict[str, dict] = {
     "truncation_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"recompute_every": 1}},
     "truncation_hot16_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 16, "recompute_every": 1}},
     "truncation_hot96_recompute1": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 96, "recompute_every": 1}},
+    "truncation_gap": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"cutoff": "gap"}},
     "truncation_authors_window": {"sample_weighting": "truncation", "sample_weighting_kwargs": {"min_samples": 10000, "buffer_size": 10000}},
     "storm_meta_lr1e-2": {"sample_weighting": "storm", "sample_weighting_kwargs": {"meta_lr": 1e-2}},
 }

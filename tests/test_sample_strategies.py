@@ -33,6 +33,7 @@ from hfweight.strategies.sample import (
     unnormalized_softmax_weights,
 )
 from hfweight.strategies.sample.loss import tail_stats
+from hfweight.strategies.sample.truncation import largest_gap_cutoff
 
 STRATEGIES = ("linupper", "quadratic", "mid", "extremes", "upper")
 TEMPERATURES = (0.05, 0.4, 1.0, 3.0, 25.0)
@@ -266,6 +267,53 @@ def test_truncation_matches_reference(dropc, size, min_samples, recompute):
         assert got == ref(losses)
         dropped += got.count(0.0) - sum(math.isnan(x) for x in losses)
     assert (dropped == 0) == (dropc == 0.0)
+
+
+def _widest_gap_by_brute_force(values, drop_fraction):
+    """Independent of largest_gap_cutoff: scan every split between two neighbouring sorted values whose upper value is
+    at or above numpy's (1 − drop_fraction) percentile; the widest one (the first, on a tie) gives the midpoint."""
+    x = sorted(values)
+    q = float(np.percentile(x, 100 * (1 - drop_fraction)))
+    best = None
+    for i in range(len(x) - 1):
+        if x[i + 1] < q:  # both neighbours below the quantile's tail: not a candidate
+            continue
+        gap = x[i + 1] - x[i]
+        if best is None or gap > best[0]:
+            best = (gap, (x[i] + x[i + 1]) / 2)
+    return best[1]
+
+
+def test_largest_gap_cutoff_hand_worked_and_against_brute_force():
+    # clean losses 1-2.6 and a cluster of three near 8: the widest gap in the top 40% is 2.6 → 8.0; cut at 5.3
+    losses = torch.tensor([1.0, 1.2, 1.5, 2.0, 2.2, 2.4, 2.6, 8.0, 8.1, 8.3])
+    assert largest_gap_cutoff(losses, 0.4) == pytest.approx(5.3)
+    # evenly spread with a slightly wider last step: only the top value goes (the quantile rule would drop 4)
+    assert largest_gap_cutoff(torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10.5]), 0.4) == pytest.approx(9.75)
+    # the gap just under the quantile counts: the rule never drops *more* than drop_fraction
+    assert largest_gap_cutoff(torch.tensor([1.0, 1.1, 1.2, 5.0, 5.1]), 0.4) == pytest.approx(3.1)
+    assert largest_gap_cutoff(torch.tensor([3.0]), 0.4) == math.inf
+    g = np.random.default_rng(3)
+    for _ in range(200):
+        values = np.concatenate([g.normal(3, 1, int(g.integers(5, 40))), g.normal(8, 0.3, int(g.integers(0, 12)))])
+        dropc = float(g.choice([0.1, 0.25, 0.4, 0.6]))
+        cut = largest_gap_cutoff(torch.tensor(values), dropc)
+        assert cut == pytest.approx(_widest_gap_by_brute_force(values.tolist(), dropc))
+        assert (values > cut).mean() <= dropc + 1 / len(values)  # at most the quantile's share (up to one row)
+
+
+def test_truncation_gap_cutoff_drops_the_separate_cluster_only():
+    quantile = LossTruncation(drop_fraction=0.4, buffer_size=20, min_samples=20, recompute_every=20)
+    gap = LossTruncation(drop_fraction=0.4, buffer_size=20, min_samples=20, recompute_every=20, cutoff="gap")
+    clean = [1.0 + 0.1 * i for i in range(14)]  # 1.0 .. 2.3
+    first = clean + [8.0, 8.2, 8.4, 8.1, 8.3, 8.5]  # 30% garbage
+    for t in (quantile, gap):
+        t.weights(ctx(first))
+    step = [1.5, 2.2, 2.3, 8.1]
+    assert quantile.weights(ctx(step)).tolist() == [1.0, 0.0, 0.0, 0.0]  # 60th percentile 2.26: takes clean rows too
+    assert gap.weights(ctx(step)).tolist() == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"cutoff.*must be one of \['quantile', 'gap'\]"):
+        LossTruncation(cutoff="largest")
 
 
 def test_truncation_drops_nothing_before_min_samples():

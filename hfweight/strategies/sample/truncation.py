@@ -14,7 +14,7 @@ import torch
 
 from ...registry import register_sample_weighting
 from ..base import SampleContext, SampleWeighting
-from ..checks import in_range, integer
+from ..checks import choice, in_range, integer
 from .base import arg, check_mode, finish_weights, global_losses
 
 TRUNCATION_AUTHORS_WINDOW = 10000
@@ -25,6 +25,30 @@ def truncation_window(run_samples: int) -> int:
     """Buffer length, hot start and recompute period of loss truncation for a run of ``run_samples`` samples:
     ``min(10 000, ceil(run_samples / 10))``, at least 1 (see :class:`LossTruncation`)."""
     return max(1, min(TRUNCATION_AUTHORS_WINDOW, -(-int(run_samples) // 10)))
+
+
+CUTOFF_RULES = ("quantile", "gap")
+
+
+def largest_gap_cutoff(losses: torch.Tensor, drop_fraction: float) -> float:
+    """The cutoff of ``cutoff="gap"`` (ours; not in the paper): the midpoint of the widest gap between consecutive
+    sorted ``losses`` at or above their ``(1 − drop_fraction)`` quantile, so at most ``drop_fraction`` of them lie
+    above it. When the highest losses form a separate cluster (corrupted rows: random tokens sit near ``log(vocab)``
+    while clean rows spread below), the widest gap is the one between the clusters, and only that cluster is dropped
+    instead of a fixed share that also takes the hardest clean rows. 1-D "natural breaks" with a single break,
+    restricted to the quantile's tail. ``+inf`` (drop nothing) for fewer than 2 losses."""
+    x = torch.sort(losses.to(torch.float64)).values
+    n = x.numel()
+    if n < 2:
+        return float("inf")
+    q = float(torch.quantile(x, 1.0 - drop_fraction, interpolation="linear"))
+    first = int(torch.searchsorted(x, torch.tensor([q], dtype=torch.float64), right=False)[0])  # first value ≥ q
+    start = max(first - 1, 0)  # the gap just below the quantile counts too (what the quantile rule would cut)
+    gaps = x[start + 1 :] - x[start:-1]
+    if gaps.numel() == 0:
+        return float("inf")
+    j = start + int(torch.argmax(gaps))
+    return float((x[j] + x[j + 1]) / 2)
 
 
 @register_sample_weighting("truncation")
@@ -50,6 +74,8 @@ class LossTruncation(SampleWeighting):
             run's window; the authors use 10 000 (``min_count``).
         recompute_every: losses pushed between two cutoff computations; ``None`` (default) = the buffer length, the
             authors' behaviour (their ``recompute`` is both the buffer length and the period).
+        cutoff: ``"quantile"`` (default, the paper's: drop the top ``drop_fraction``) or ``"gap"`` (ours:
+            :func:`largest_gap_cutoff`, drop only above the widest gap within that top share).
         mode: ``"auto"`` (default), ``"rescale"`` or ``"score"`` (:data:`SAMPLE_MODES`). The cutoff applied to a step
             comes from earlier steps only, so both modes give the *same* weights: 1-2 above happen in
             :meth:`begin_step` and :meth:`local_weights` (each micro-batch from its own forward, the glue dividing by
@@ -106,9 +132,11 @@ class LossTruncation(SampleWeighting):
         buffer_size: int | None = None,
         min_samples: int | None = None,
         recompute_every: int | None = None,
+        cutoff: str = "quantile",
         mode: str = "auto",
     ):
         self.mode = check_mode(mode, "truncation")
+        self.cutoff_rule = choice(cutoff, arg("truncation", "cutoff"), CUTOFF_RULES)
         self.drop_fraction = in_range(drop_fraction, arg("truncation", "drop_fraction"), 0, 1, high_open=True,
                                       hint=" (the fraction of samples dropped)")
         # The sizes left to the run (None): resolved by set_run_length, or to the authors' 10 000 if it never comes.
@@ -157,8 +185,11 @@ class LossTruncation(SampleWeighting):
             return
         if self.has_cutoff and self.since_recompute < self.recompute_every:
             return
-        q = torch.quantile(self.buffer[: self.filled], 1.0 - self.drop_fraction, interpolation="linear")
-        self.cutoff = float(q)
+        filled = self.buffer[: self.filled]
+        if self.cutoff_rule == "gap":
+            self.cutoff = largest_gap_cutoff(filled, self.drop_fraction)
+        else:
+            self.cutoff = float(torch.quantile(filled, 1.0 - self.drop_fraction, interpolation="linear"))
         self.has_cutoff = True
         self.since_recompute = 0
 
