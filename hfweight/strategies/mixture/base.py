@@ -468,10 +468,10 @@ class ConcentratedDomainWatch(StreakWatch):
 
     Defaults (``window`` 10, ``lift`` 1.5, ``patience`` 50) from per-update traces of DoReMi and ODM with their
     defaults on the tuning corpora of ``benchmarks/corpora.py`` (200 steps; ``benchmarks/trace_watches.py``,
-    ``benchmarks/results/concentration_watch.md``): on ``records`` the hex dumps held the signature for the last
-    115-122 updates (seed 0); elsewhere, even replayed without eval sets, the longest episode was 33 (DoReMi on
-    ``builtin``, on its clean ``prose``, a run 0.11 nats better than stratified). The earliest warning comes after
-    ``3·window + patience − 1`` updates.
+    ``benchmarks/results/concentration_watch.md``, 3 seeds each): on ``records`` the hex dumps held the signature for
+    the last 115-136 updates (it fired at steps 114-135 in 6 of 6 runs); elsewhere the longest episode was 5 updates
+    with the run's eval sets, and 33 replayed without them (DoReMi on ``builtin``, on its clean ``prose``, a run 0.11
+    nats better than stratified). The earliest warning comes after ``3·window + patience − 1`` updates.
     """
 
     def __init__(self, window: int = 10, lift: float = 1.5, patience: int = 50):

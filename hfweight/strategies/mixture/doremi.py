@@ -166,7 +166,7 @@ class DoReMiMixture(Controller):
                       self._probs, self._initial_probs,
                       "DoReMi gives the most data to the domain where the proxy lags the reference most; on mostly "
                       "random data in a learnable layout (random bytes, hashes, dumps) that lag lasts, and the budget "
-                      "goes there (docs/guidance.md: 0.07 nats worse than stratified on such a corpus).", NOT_WANTED)
+                      "goes there (docs/guidance.md: 0.045 nats worse than stratified on such a corpus).", NOT_WANTED)
 
     def average_probabilities(self) -> torch.Tensor:
         """Time-average of ``α`` over the updates (including the starting weights): DoReMi's output mixture."""

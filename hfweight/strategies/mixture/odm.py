@@ -153,7 +153,7 @@ class ODMMixture(Controller):
                       self._probs, self._initial_probs,
                       "ODM's reward is the training loss, so the hardest domain gets the most data; on mostly random "
                       "data in a learnable layout (random bytes, hashes, dumps) that loss falls slowly and the budget "
-                      "goes there (docs/guidance.md: 0.07 nats worse than stratified on such a corpus).", NOT_WANTED)
+                      "goes there (docs/guidance.md: 0.075 nats worse than stratified on such a corpus).", NOT_WANTED)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps,
