@@ -233,6 +233,9 @@ def test_the_trainer_tells_the_mixture_which_domains_its_eval_sets_measure(tmp_p
     assert by_column.mixture.evaluated.tolist() == [n == "math" for n in NAMES]
     assert _trainer(tmp_path, toy_dataset(8), mixture="odm").mixture.evaluated is None
     assert _trainer(tmp_path, toy_dataset(8), eval_dataset={"validation": held}, mixture="odm").mixture.evaluated is None
+    # held-out sets of every domain (what `hfweight pretrain` evaluates for its report) say nothing about which matter
+    every = _trainer(tmp_path, toy_dataset(8), eval_dataset={n: held for n in NAMES}, mixture="odm")
+    assert every.mixture.evaluated is None
 
 
 # ---- the final mixture, reused by `static` ------------------------------------------------------------------------
@@ -379,5 +382,8 @@ def test_sft_aioli_and_dga_with_per_domain_evals_and_plot(tmp_path):
         p = trainer.mixture.probabilities()
         assert not torch.allclose(p, torch.full((3,), 1 / 3, dtype=torch.float64))
         # the domains the eval rows measure, named back from TRL's indices (what the domain watches spare)
-        measured = {row["domain"] for row in sft_rows(9, seed=1)}
-        assert trainer.mixture.evaluated.tolist() == [name in measured for name in trainer.domain_names]
+        measured = [name in {row["domain"] for row in sft_rows(9, seed=1)} for name in trainer.domain_names]
+        if all(measured):  # eval sets of every domain say nothing about which ones matter
+            assert trainer.mixture.evaluated is None
+        else:
+            assert trainer.mixture.evaluated.tolist() == measured

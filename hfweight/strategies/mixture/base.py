@@ -277,13 +277,15 @@ class Controller(MixtureController):
                 watch.evaluated = self.evaluated
 
     def set_evaluated_domains(self, names) -> None:
-        """The domains the user measures (the trainer passes the names of its per-domain held-out sets). A run-time
-        watch treats a domain among them as wanted (:class:`ConcentratedDomainWatch`). Names that are not training
-        domains are ignored; when none is left, which domains are wanted stays unknown (None)."""
+        """The domains the user measures (the trainer passes the names of its per-domain held-out sets). The domain
+        watches treat a domain among them as wanted (:class:`ConcentratedDomainWatch`, :class:`StuckDomainWatch`).
+        Names that are not training domains are ignored. Which domains are wanted stays unknown (None) when none is
+        left, and also when *every* domain is measured: held-out sets of all domains (what ``hfweight pretrain``
+        evaluates, for its report) say nothing about which ones matter."""
         self._require_bound()
         named = {str(n) for n in names}
         chosen = [name in named for name in self.domain_names]
-        self.evaluated = torch.tensor(chosen) if any(chosen) else None
+        self.evaluated = torch.tensor(chosen) if any(chosen) and not all(chosen) else None
 
     def _require_bound(self) -> None:
         if not self._bound:
