@@ -275,6 +275,8 @@ CONTROLLERS = {  # name -> (fresh controller, feed one step, steps, prefix of it
     "doremi": (_doremi, lambda m, step: m.observe(_stuck_stats(step)), 120, "doremi:"),
     "dga": (_dga, _dga_step, 20, "dga:"),
     "odm_concentrated": (lambda: build("odm", warmup_steps=0), lambda m, step: m.observe(_slow_stats(step)), 120, "odm:"),
+    "doremi_concentrated": (lambda: build("doremi", eta=0.1), lambda m, step: m.observe(_slow_stats(step)), 120,
+                            "doremi:"),
     "loss": (LossReweighting, lambda m, step: m.weights(ctx(synthetic_losses(step, noisy=True), step=step)), 60,
              "sample_weighting='loss':"),
 }
