@@ -270,11 +270,15 @@ class Controller(MixtureController):
     def _on_bind(self) -> None:
         """Subclass hook: build the initial state once the domains are known."""
 
-    def _share_evaluated(self, *watches) -> None:
-        """Tell the domain watches (None: off) which domains the user measures (:meth:`set_evaluated_domains`)."""
-        for watch in watches:
+    def _watch_domains(self, method: str, step: int, loss: torch.Tensor, checks) -> None:
+        """Feed one update to the domain watches, ``checks`` = ``(watch, why, instead)`` each (a None watch: off):
+        tell each which domains the user measures (:meth:`set_evaluated_domains`), then :func:`warn_if_stuck` with the
+        update's domain ``loss``, the mixture and the initial mixture (``_initial_probs``, kept by the controllers that
+        watch their domains)."""
+        for watch, why, instead in checks:
             if watch is not None:
                 watch.evaluated = self.evaluated
+            warn_if_stuck(watch, method, self.domain_names, step, loss, self._probs, self._initial_probs, why, instead)
 
     def set_evaluated_domains(self, names) -> None:
         """The domains the user measures (the trainer passes the names of its per-domain held-out sets). The domain
@@ -341,6 +345,12 @@ class Controller(MixtureController):
         self._total_steps = state.get("total_steps")
 
 
+def measured(evaluated: torch.Tensor | None, d: int) -> bool:
+    """Whether a per-domain eval set measures domain ``d`` (``evaluated``: a watch's bool per domain, None when the
+    trainer could not say): a domain the user measures is wanted, so the domain watches spare it."""
+    return evaluated is not None and bool(evaluated[d])
+
+
 def finite_others(values: torch.Tensor, d: int) -> torch.Tensor:
     """The finite entries of a per-domain vector other than domain ``d``'s (what a watch compares domain ``d`` with)."""
     others = torch.cat([values[:d], values[d + 1:]])
@@ -379,7 +389,7 @@ class StuckDomainWatch(WindowWatch):
         if others.numel() == 0 or not math.isfinite(float(drop[d])):
             return None
         self.others_drop = float(others.median())
-        wanted = self.evaluated is not None and bool(self.evaluated[d])  # a domain the user measures is not junk
+        wanted = measured(self.evaluated, d)  # a domain the user measures is not junk
         if (self.others_drop >= self.min_drop and float(drop[d]) <= self.tail_ratio * self.others_drop
                 and float(probs[d]) >= self.lift * float(initial[d]) and not wanted):
             self.fire()
@@ -494,7 +504,7 @@ class ConcentratedDomainWatch(StreakWatch):
         hardest = int(torch.nan_to_num(self.late_loss, nan=-math.inf).argmax())
         others = finite_others(self.late_loss, d)
         self.others_median = float(others.median()) if others.numel() else math.nan
-        wanted = self.evaluated is not None and bool(self.evaluated[d])
+        wanted = measured(self.evaluated, d)
         holds = others.numel() > 0 and float(lift[d]) >= self.lift and hardest == d and not wanted
         return d if self.streak(holds, d) else None
 

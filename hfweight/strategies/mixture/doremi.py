@@ -21,13 +21,13 @@ from ..watch import load_watch_state, watch_state
 from .base import (
     F64,
     INITIAL_WEIGHTS,
+    LEAVE_IT_OUT,
     NOT_WANTED,
     ConcentratedDomainWatch,
     Controller,
     StuckDomainWatch,
     kwarg,
     mix_update,
-    warn_if_stuck,
     weight_spec,
 )
 
@@ -157,16 +157,15 @@ class DoReMiMixture(Controller):
         self._set_probs(torch.exp(self._log_p))
         self._updates += 1
         self._avg = (self._avg * (self._updates - 1) + self._probs) / self._updates
-        self._share_evaluated(self._watch, self._focus)
-        warn_if_stuck(self._watch, "doremi", self.domain_names, int(stats.step) + 1, stats.mean_loss.to(F64),
-                      self._probs, self._initial_probs,
-                      "DoReMi's score is the excess loss over the reference clipped at 0 per token, which stays positive "
-                      "on data neither model can learn (random or corrupted text?), so such a domain keeps gaining weight.")
-        warn_if_stuck(self._focus, "doremi", self.domain_names, int(stats.step) + 1, stats.mean_loss.to(F64),
-                      self._probs, self._initial_probs,
-                      "DoReMi gives the most data to the domain where the proxy lags the reference most; on mostly "
-                      "random data in a learnable layout (random bytes, hashes, dumps) that lag lasts, and the budget "
-                      "goes there (docs/guidance.md: 0.045 nats worse than stratified on such a corpus).", NOT_WANTED)
+        self._watch_domains("doremi", int(stats.step) + 1, stats.mean_loss.to(F64), (
+            (self._watch,
+             "DoReMi's score is the excess loss over the reference clipped at 0 per token, which stays positive on data "
+             "neither model can learn (random or corrupted text?), so such a domain keeps gaining weight.", LEAVE_IT_OUT),
+            (self._focus,
+             "DoReMi gives the most data to the domain where the proxy lags the reference most; on mostly random data "
+             "in a learnable layout (random bytes, hashes, dumps) that lag lasts, and the budget goes there "
+             "(docs/guidance.md: 0.045 nats worse than stratified on such a corpus).", NOT_WANTED),
+        ))
 
     def average_probabilities(self) -> torch.Tensor:
         """Time-average of ``α`` over the updates (including the starting weights): DoReMi's output mixture."""

@@ -21,12 +21,12 @@ from ..watch import load_watch_state, watch_state
 from .base import (
     F64,
     INITIAL_WEIGHTS,
+    LEAVE_IT_OUT,
     NOT_WANTED,
     ConcentratedDomainWatch,
     Controller,
     StuckDomainWatch,
     kwarg,
-    warn_if_stuck,
     weight_spec,
 )
 
@@ -143,17 +143,16 @@ class ODMMixture(Controller):
         self._eps = min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
         w = torch.softmax(prev_eps * self._rewards, dim=0) * (1 - k * self._eps) + self._eps
         self._set_probs(w / w.sum())
-        self._share_evaluated(self._watch, self._focus)
-        warn_if_stuck(self._watch, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
-                      self._probs, self._initial_probs,
-                      "ODM's reward is the training loss, so it favours data the model cannot learn (random or "
-                      "corrupted text?); mixture='doremi' (excess loss over a reference) or 'learning_progress' (loss "
-                      "decrease) do not reward an irreducible loss.")
-        warn_if_stuck(self._focus, "odm", self.domain_names, t, torch.where(seen, loss, torch.full_like(loss, math.nan)),
-                      self._probs, self._initial_probs,
-                      "ODM's reward is the training loss, so the hardest domain gets the most data; on mostly random "
-                      "data in a learnable layout (random bytes, hashes, dumps) that loss falls slowly and the budget "
-                      "goes there (docs/guidance.md: 0.075 nats worse than stratified on such a corpus).", NOT_WANTED)
+        self._watch_domains("odm", t, torch.where(seen, loss, torch.full_like(loss, math.nan)), (
+            (self._watch,
+             "ODM's reward is the training loss, so it favours data the model cannot learn (random or corrupted "
+             "text?); mixture='doremi' (excess loss over a reference) or 'learning_progress' (loss decrease) do not "
+             "reward an irreducible loss.", LEAVE_IT_OUT),
+            (self._focus,
+             "ODM's reward is the training loss, so the hardest domain gets the most data; on mostly random data in a "
+             "learnable layout (random bytes, hashes, dumps) that loss falls slowly and the budget goes there "
+             "(docs/guidance.md: 0.075 nats worse than stratified on such a corpus).", NOT_WANTED),
+        ))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rewards": self._rewards.clone(), "eps": self._eps,
